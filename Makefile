@@ -1,0 +1,57 @@
+# tupper — set-up, tests, a demo run and benchmarks. Every target installs what it needs itself.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TUPPER := $(VENV)/bin/tupper
+APT_PACKAGES := systemd-container btrfs-progs libbtrfsutil-dev libsystemd-dev pkg-config debootstrap dbus python3-venv gcc
+STAMP_APT := $(VENV)/.apt-done
+STAMP_PIP := $(VENV)/.pip-done
+SPEC ?= examples/web.toml
+
+.PHONY: setup test unit run bench image clean help
+
+help:
+	@echo "make setup   install Debian packages and the venv (idempotent)"
+	@echo "make run     set up, build the base image if missing, and boot $(SPEC)"
+	@echo "make test    set up and run the whole test suite (needs root)"
+	@echo "make unit    only the fast unit tests"
+	@echo "make bench   benchmarks against plain systemd-nspawn; see docs/benchmarks.md"
+
+setup: $(STAMP_PIP)
+
+$(STAMP_APT):
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@test -d $(VENV) || python3 -m venv $(VENV)
+	@touch $@
+
+$(STAMP_PIP): $(STAMP_APT) pyproject.toml
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+image: setup
+	$(TUPPER) image build images/debian-bookworm.toml
+
+run: setup
+	@if $(TUPPER) ps --json | $(PY) -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["name"]=="demo" for c in n) else 1)'; then \
+		echo "a container named demo exists already: tupper status demo / tupper rm -f demo"; \
+		$(TUPPER) status demo; \
+	else \
+		$(TUPPER) run $(SPEC); \
+	fi
+
+test: setup
+	$(PY) -m pytest tests -v
+
+unit: setup
+	$(PY) -m pytest tests/unit -q
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

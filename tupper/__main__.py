@@ -1,0 +1,5 @@
+import sys
+
+from tupper.cli import main
+
+sys.exit(main())

@@ -1,0 +1,300 @@
+"""`tupper`: the command line. Parses arguments, calls the runtime, renders results; turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from tupper.errors import InvalidInput, TupperError
+
+EPILOG = """\
+exit codes: 0 success, 1 runtime failure, 2 invalid input or usage.
+The store lives at /var/lib/tupper (TUPPER_ROOT or --root to change it); where that is not on btrfs,
+tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it there.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tupper",
+        description="tupper: containers that boot systemd in a btrfs snapshot, with self-contained service components.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--root", type=Path, help="store root (default: $TUPPER_ROOT or /var/lib/tupper)")
+    p.add_argument("--debug", action="store_true", help="log every command tupper runs; show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="boot a container from a spec and start its components",
+                       description="Snapshot the spec's image, bind its components, boot systemd with systemd-nspawn, "
+                                   "and wait until every component unit is active. The container keeps running after tupper returns.")
+    r.add_argument("spec", type=Path, help="spec file (TOML), see docs/spec.md")
+    r.add_argument("--name", help="container name (default: the spec's `name`, else the file's stem)")
+    r.add_argument("--keep-failed", action="store_true", help="when a unit fails, leave the container running for inspection")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    ps = sub.add_parser("ps", help="list containers", description="List every container in the store with its state.")
+    ps.add_argument("--json", action="store_true", help="JSON list of {name, state, image, leader_pid, ...}")
+
+    st = sub.add_parser("status", help="show one container and its component units",
+                        description="State, leader PID, image, start time, and each component unit's state read from systemd over D-Bus.")
+    st.add_argument("name")
+    st.add_argument("--json", action="store_true", help="JSON object with name, state, leader_pid and units")
+
+    sp = sub.add_parser("stop", help="power a container off", description="PowerOff over the container's D-Bus; SIGKILL when it is not down after the timeout.")
+    sp.add_argument("name")
+    sp.add_argument("--timeout", type=float, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
+
+    k = sub.add_parser("kill", help="SIGKILL a container at once")
+    k.add_argument("name")
+
+    rm = sub.add_parser("rm", help="remove a stopped container (its snapshot and record)")
+    rm.add_argument("name")
+    rm.add_argument("--force", "-f", action="store_true", help="kill it first if it runs")
+
+    ex = sub.add_parser("exec", help="run a command inside a running container",
+                        description="Run CMD as a transient systemd service inside the container (no shell is spawned by tupper), "
+                                    "stream its output, and exit with its exit code.")
+    ex.add_argument("name")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    lg = sub.add_parser("logs", help="show a container's journal")
+    lg.add_argument("name")
+    lg.add_argument("-u", "--unit", help="only this unit")
+    lg.add_argument("-n", "--lines", type=int, help="last N lines")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+
+    im = sub.add_parser("image", help="build, list and remove images")
+    isub = im.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    ib = isub.add_parser("build", help="build an image from its definition (debootstrap into a read-only subvolume)")
+    ib.add_argument("definition", type=Path, help="image definition, e.g. images/debian-bookworm.toml")
+    ib.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    il = isub.add_parser("ls", help="list images")
+    il.add_argument("--json", action="store_true")
+    ir = isub.add_parser("rm", help="remove an image (refused while a container uses it)")
+    ir.add_argument("name")
+
+    so = sub.add_parser("store", help="the btrfs store")
+    ssub = so.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    si = ssub.add_parser("info", help="path, backing, size and free space")
+    si.add_argument("--json", action="store_true")
+    ssub.add_parser("unmount", help="unmount the loopback pool (refused while containers run)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    try:
+        return dispatch(args)
+    except TupperError as exc:
+        print(f"tupper: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        if args.debug:
+            raise
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tupper: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the edge: one line, traceback only with --debug
+        if args.debug:
+            raise
+        print(f"tupper: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _progress(args):
+    from tupper.ui import TerminalProgress
+
+    return TerminalProgress(quiet=getattr(args, "json", False))
+
+
+def _store(args, create: bool = True):
+    from tupper.store import Store
+
+    return Store.open(args.root, create=create, progress=_progress(args))
+
+
+def _runtime(args):
+    from tupper.runtime import Runtime
+
+    return Runtime(_store(args))
+
+
+def dispatch(args) -> int:
+    cmd = args.command
+    if cmd == "run":
+        return cmd_run(args)
+    if cmd == "ps":
+        return cmd_ps(args)
+    if cmd == "status":
+        return cmd_status(args)
+    if cmd == "stop":
+        rt = _runtime(args)
+        t0 = time.monotonic()
+        rec = rt.stop(args.name, args.timeout)
+        print(f"{rec.name}: {rec.state()} ({time.monotonic() - t0:.2f}s)")
+        return 0
+    if cmd == "kill":
+        rec = _runtime(args).kill(args.name)
+        print(f"{rec.name}: {rec.state()}")
+        return 0
+    if cmd == "rm":
+        _runtime(args).remove(args.name, force=args.force)
+        print(f"{args.name}: removed")
+        return 0
+    if cmd == "exec":
+        command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not command:
+            raise InvalidInput("exec: no command given (tupper exec NAME -- CMD [ARGS...])")
+        return _runtime(args).exec(args.name, command)
+    if cmd == "logs":
+        rt = _runtime(args)
+        argv = rt.logs_argv(rt.record(args.name), unit=args.unit, lines=args.lines, follow=args.follow)
+        sys.stdout.flush()
+        os.execvp(argv[0], argv)
+    if cmd == "image":
+        return cmd_image(args)
+    if cmd == "store":
+        return cmd_store(args)
+    raise AssertionError(cmd)
+
+
+def cmd_run(args) -> int:
+    from tupper import spec as specmod
+    from tupper.runtime import RunFailed
+
+    spec = specmod.load(args.spec, name=args.name)  # all input checks happen before anything is created
+    rt = _runtime(args)
+    try:
+        result = rt.run(spec, keep_failed=args.keep_failed, progress=_progress(args))
+    except RunFailed as exc:
+        for f in exc.failures:
+            print(f"tupper: unit {f.unit} failed (result: {f.result})", file=sys.stderr)
+            for line in f.journal:
+                print(f"    {line}", file=sys.stderr)
+        state = "kept for inspection (tupper rm --force to remove)" if exc.kept else "stopped and removed"
+        print(f"tupper: {spec.name}: {state}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = dict(result.record)
+        out["units"] = [u.to_json() for u in result.units]
+        out["seconds"] = round(result.seconds, 3)
+        print(json.dumps(out, indent=2))
+        return 0
+    from tupper.ui import table
+
+    rec = result.record
+    print(f"{rec['name']} is running (leader pid {rec['leader_pid']}, image {rec['image']}) in {result.seconds:.2f}s")
+    table(["UNIT", "ACTIVE", "SUB", "MAIN PID"], [[u.name, u.active_state, u.sub_state, u.main_pid or "-"] for u in result.units])
+    return 0
+
+
+def cmd_ps(args) -> int:
+    from tupper.ui import ago, table
+
+    rt = _runtime(args)
+    recs = [r.to_json() for r in rt.records()]
+    if args.json:
+        print(json.dumps(recs, indent=2))
+        return 0
+    table(
+        ["NAME", "STATE", "IMAGE", "LEADER", "STARTED", "COMPONENTS"],
+        [[r["name"], r["state"], r["image"], r["leader_pid"] or "-", ago(r["started_at"]),
+          ",".join(c["name"] for c in r["components"]) or "-"] for r in recs],
+    )
+    return 0
+
+
+def cmd_status(args) -> int:
+    from tupper.ui import ago, table
+
+    st = _runtime(args).status(args.name)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"name:     {st['name']}")
+    print(f"state:    {st['state']}" + (f" (systemd: {st['system_state']})" if "system_state" in st else ""))
+    print(f"leader:   {st['leader_pid'] or '-'}")
+    print(f"image:    {st['image']}")
+    started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st['started_at'])) if st["started_at"] else "-"
+    print(f"started:  {started} ({ago(st['started_at'])})")
+    if "exit" in st:
+        print(f"exit:     status {st['exit']['returncode']}")
+    print()
+    table(["UNIT", "ACTIVE", "SUB", "RESULT", "MAIN PID"],
+          [[u["name"], u["active_state"], u["sub_state"], u["result"] or "-", u["main_pid"] or "-"] for u in st["units"]])
+    return 0
+
+
+def cmd_image(args) -> int:
+    from tupper.images import ImageDef, Images
+    from tupper.ui import ago, table
+
+    if args.image_command == "build":
+        definition = ImageDef.from_file(args.definition)
+        store = _store(args)
+        image = Images(store).build(definition, force=args.force, progress=_progress(args))
+        print(f"image {image.name}: {image.path}")
+        return 0
+    store = _store(args)
+    images = Images(store)
+    if args.image_command == "ls":
+        from tupper.runtime import Runtime
+
+        rt = Runtime(store)
+        rows = [dict(i.to_json(), used_by=rt.images_in_use(i.name)) for i in images.list()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            table(["NAME", "SUITE", "BUILT", "USED BY"], [[r["name"], r["suite"], ago(r["built_at"]), ",".join(r["used_by"]) or "-"] for r in rows])
+        return 0
+    if args.image_command == "rm":
+        from tupper.runtime import Runtime
+
+        images.remove(args.name, users=Runtime(store).images_in_use(args.name))
+        print(f"image {args.name}: removed")
+        return 0
+    raise AssertionError(args.image_command)
+
+
+def cmd_store(args) -> int:
+    from tupper.ui import size
+
+    store = _store(args)
+    if args.store_command == "info":
+        info = store.info()
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"path:     {info['path']}")
+        print(f"backing:  {info['backing']}" + (f" (pool file {info['pool_file']}, {size(info['pool_file_allocated'])} allocated)" if info["pool_file"] else ""))
+        print(f"device:   {info['device']}")
+        print(f"size:     {size(info['size'])}")
+        print(f"used:     {size(info['used'])}")
+        print(f"free:     {size(info['free'])}")
+        return 0
+    if args.store_command == "unmount":
+        from tupper.errors import Busy
+        from tupper.runtime import Runtime
+
+        running = [r.name for r in Runtime(store).records() if r.alive()]
+        if running:
+            raise Busy(f"containers are running: {', '.join(running)}", hint="stop them first")
+        store.unmount()
+        print(f"unmounted {store.root}")
+        return 0
+    raise AssertionError(args.store_command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Images: TOML definitions in `images/`, built with debootstrap into read-only btrfs subvolumes."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import attrs
+
+from tupper import cgroups, nspawn, proc, tomlfile
+from tupper.errors import Busy, Failed, InvalidInput, NotFound
+from tupper.progress import SILENT, Progress
+from tupper.store import Store
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+REQUIRED_PACKAGES = ("systemd", "systemd-sysv", "dbus")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+@attrs.frozen
+class ImageDef:
+    name: str
+    suite: str
+    variant: str
+    packages: tuple[str, ...]
+    mirror: str | None
+    steps: tuple[str, ...]
+    file: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> ImageDef:
+        doc, display = tomlfile.load(path, "image definition")
+        t = tomlfile.Table(doc, display)
+        name = t.get("name", str, path.stem)
+        if not NAME_RE.match(name):
+            raise t.error("name", f"invalid image name {name!r}")
+        deb = t.table("debootstrap")
+        suite = deb.get("suite", str, required=True)
+        variant = deb.get("variant", str, "minbase")
+        packages = deb.str_list("packages")
+        mirror = deb.get("mirror", str, None)
+        deb.check_unknown()
+        build = t.table("build")
+        steps = build.str_list("steps")
+        build.check_unknown()
+        t.get("description", str, "")
+        t.check_unknown()
+        for pkg in REQUIRED_PACKAGES:
+            if pkg not in packages:
+                raise deb.error("packages", f"must include {pkg!r} (containers boot systemd with a D-Bus system bus)")
+        for i, pkg in enumerate(packages):
+            if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
+                raise deb.error(f"packages[{i}]", f"invalid package name {pkg!r}")
+        if variant not in ("minbase", "buildd", "fakechroot", "-"):
+            raise deb.error("variant", f"unknown debootstrap variant {variant!r}")
+        return cls(name, suite, variant, tuple(packages), mirror, tuple(steps), display)
+
+
+@attrs.frozen
+class Image:
+    name: str
+    path: Path
+    built_at: float
+    definition: str
+    suite: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "built_at": self.built_at, "definition": self.definition, "suite": self.suite}
+
+
+def search_path(extra: list[Path] | None = None) -> list[Path]:
+    """Directories holding image definitions, in the order they are tried."""
+    dirs = list(extra or [])
+    if env := os.environ.get("TUPPER_IMAGES"):
+        dirs += [Path(p) for p in env.split(":") if p]
+    dirs.append(Path(__file__).resolve().parent.parent / "images")  # a source checkout
+    dirs.append(Path("/usr/share/tupper/images"))
+    return dirs
+
+
+def find_definition(name: str, extra: list[Path] | None = None) -> Path | None:
+    for d in search_path(extra):
+        candidate = d / f"{name}.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def host_mirror(sources: list[Path] | None = None) -> str:
+    """The Debian mirror the host's apt uses (debootstrap from the same place the machine trusts)."""
+    files = sources or [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for f in files:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for m in re.finditer(r"^\s*URIs:\s*(\S+)|^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", text, re.M):
+            uri = m.group(1) or m.group(2)
+            if "security" not in uri and re.search(r"/debian/?$", uri):
+                return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+class Images:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def path(self, name: str) -> Path:
+        return self.store.images_dir / name
+
+    def _meta(self, name: str) -> Path:
+        return self.store.images_dir / f"{name}.json"
+
+    def get(self, name: str) -> Image:
+        meta = self._meta(name)
+        if not self.path(name).is_dir() or not meta.is_file():
+            raise NotFound(f"no image {name!r}", hint=f"build it: tupper image build images/{name}.toml")
+        data = json.loads(meta.read_text())
+        return Image(name, self.path(name), data["built_at"], data["definition"], data["suite"])
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_dir() and self._meta(name).is_file()
+
+    def list(self) -> list[Image]:
+        out = []
+        for meta in sorted(self.store.images_dir.glob("*.json")):
+            try:
+                out.append(self.get(meta.stem))
+            except (NotFound, ValueError, KeyError):
+                continue
+        return out
+
+    def remove(self, name: str, users: list[str]) -> None:
+        image = self.get(name)
+        if users:
+            raise Busy(f"image {name!r} is used by container(s): {', '.join(users)}", hint="remove those containers first")
+        self.store.delete_subvolume(image.path)
+        self._meta(name).unlink(missing_ok=True)
+
+    def build(self, definition: ImageDef, *, force: bool = False, progress: Progress = SILENT) -> Image:
+        # One build per image name at a time; a second caller waits, then finds it built.
+        fd = os.open(self.store.images_dir / f".{definition.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self.exists(definition.name) and not force:
+                return self.get(definition.name)
+            return self._build(definition, progress)
+        finally:
+            os.close(fd)
+
+    def _build(self, definition: ImageDef, progress: Progress) -> Image:
+        tmp = self.store.tmp_dir / f"image-{definition.name}-{os.getpid()}"
+        self.store.delete_subvolume(tmp)
+        self.store.create_subvolume(tmp)
+        try:
+            mirror = definition.mirror or host_mirror()
+            with progress.step(f"Building image {definition.name} (debootstrap {definition.suite} from {mirror})"):
+                self._debootstrap(definition, tmp, mirror, progress)
+            with progress.step("Preparing the image for containers"):
+                _prepare_rootfs(tmp)
+            for i, step in enumerate(definition.steps):
+                with progress.step(f"Build step {i + 1}/{len(definition.steps)}: {step}"):
+                    self._run_step(definition, tmp, step, i)
+            final = self.path(definition.name)
+            if self.exists(definition.name):
+                self.remove(definition.name, users=[])
+            self.store.snapshot(tmp, final, read_only=True)
+        finally:
+            self.store.delete_subvolume(tmp)
+        meta = {"built_at": time.time(), "definition": definition.file, "suite": definition.suite}
+        self._meta(definition.name).write_text(json.dumps(meta))
+        return self.get(definition.name)
+
+    def _debootstrap(self, d: ImageDef, target: Path, mirror: str, progress: Progress) -> None:
+        argv = ["debootstrap", f"--variant={d.variant}", f"--include={','.join(d.packages)}", d.suite, str(target), mirror]
+        p = proc.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        counts = {"Retrieving": 0, "Extracting": 0, "Unpacking": 0, "Configuring": 0}
+        assert p.stdout is not None
+        for line in p.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-10:]
+            m = re.match(r"I: (Retrieving|Extracting|Unpacking|Configuring) (\S+)", line)
+            if m:
+                counts[m.group(1)] += 1
+                progress.update(f"{m.group(1).lower()} {m.group(2)} ({counts[m.group(1)]})")
+            elif line.startswith("I: "):
+                progress.update(line[3:])
+        if p.wait() != 0:
+            raise Failed(f"debootstrap failed (status {p.returncode}): {' / '.join(tail[-3:])}", hint="see the mirror and suite in the image definition")
+
+    def _run_step(self, d: ImageDef, rootfs: Path, step: str, index: int) -> None:
+        host = nspawn.Host.detect()
+        argv = nspawn.command_argv(rootfs, ["/bin/sh", "-c", step], host)
+        group = f".build-{d.name}-{os.getpid()}"
+        cgroups.create(group)
+        try:
+            p = proc.popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=None if host.systemd else (lambda: cgroups.join(group)),
+            )
+            out, _ = p.communicate()
+            if p.returncode != 0:
+                tail = " / ".join(out.strip().splitlines()[-3:])
+                raise InvalidInput(f"{d.file}: build.steps[{index}]: exited with status {p.returncode}: {tail}")
+        finally:
+            cgroups.remove(group)
+
+
+def _prepare_rootfs(root: Path) -> None:
+    """Make a debootstrapped tree a good container image."""
+    # Every container gets its own machine id at creation; the image holds none.
+    (root / "etc/machine-id").write_text("")
+    # Without /etc/hostname, nspawn gives each container its machine name as hostname.
+    (root / "etc/hostname").unlink(missing_ok=True)
+    # A persistent journal lets `tupper logs` read a container's journal after it stopped.
+    (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
+    for cache in (root / "var/cache/apt/archives").glob("*.deb"):
+        cache.unlink()
+    shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,60 @@
+"""Where the systemd-nspawn command line is built: a pure function of the container's plan and the host."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+
+@attrs.frozen
+class Bind:
+    source: Path
+    target: str
+    read_only: bool = True
+
+
+@attrs.frozen
+class Host:
+    """What nspawn must know about the host it runs on."""
+
+    systemd: bool  # systemd is PID 1 with a system bus: register with machined, let it make a scope
+
+    @classmethod
+    def detect(cls) -> Host:
+        return cls(systemd=os.path.isdir("/run/systemd/system") and os.path.exists("/run/dbus/system_bus_socket"))
+
+
+def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host) -> list[str]:
+    """argv that boots systemd in `rootfs` as container `name`."""
+    argv = [
+        "systemd-nspawn",
+        "--quiet",
+        "--directory", str(rootfs),
+        "--machine", name,
+        "--boot",
+        "--console", "pipe",
+        "--link-journal", "no",
+    ]
+    if host.systemd:
+        argv += ["--register", "yes"]
+    else:
+        # No host systemd and no system bus: nspawn must neither register nor create a scope.
+        argv += ["--register", "no", "--keep-unit"]
+    for b in binds:
+        argv += ["--bind-ro" if b.read_only else "--bind", f"{_escape(str(b.source))}:{_escape(b.target)}"]
+    return argv
+
+
+def command_argv(rootfs: Path, command: list[str], host: Host) -> list[str]:
+    """argv that runs one command in `rootfs` without booting (image build steps)."""
+    argv = ["systemd-nspawn", "--quiet", "--directory", str(rootfs), "--pipe", "--link-journal", "no"]
+    if not host.systemd:
+        argv += ["--register", "no", "--keep-unit"]
+    return argv + ["--", *command]
+
+
+def _escape(path: str) -> str:
+    # nspawn splits --bind arguments at ':'; a literal colon is written '\:'.
+    return path.replace("\\", "\\\\").replace(":", "\\:")

@@ -1,0 +1,421 @@
+"""The orchestrator: the one place that knows the order of operations for run, stop, rm, exec and logs.
+
+run: snapshot → components bound and their units written → nspawn --boot under a monitor → the
+container's bus → wait for the component units → record. The CLI (and later the daemon) calls this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import attrs
+
+from tupper import cgroups, nspawn, proc, records, unitfiles
+from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
+from tupper.images import ImageDef, Images, find_definition
+from tupper.progress import SILENT, Progress
+from tupper.records import Record
+from tupper.spec import Spec, check_name
+from tupper.store import Store
+from tupper.systemd import ContainerBus, UnitState, resolve_in_root, run_command
+
+INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
+INOTIFY_WANTED = 8192
+
+
+@attrs.frozen
+class UnitFailure:
+    unit: str
+    active_state: str
+    result: str
+    journal: list[str]
+
+
+class RunFailed(Failed):
+    def __init__(self, message: str, failures: list[UnitFailure], kept: bool) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.kept = kept
+
+
+@attrs.frozen
+class RunResult:
+    record: dict
+    units: list[UnitState]
+    seconds: float
+
+
+@attrs.define
+class Runtime:
+    store: Store
+    host: nspawn.Host = attrs.Factory(nspawn.Host.detect)
+
+    # ---- containers on disk -------------------------------------------------------------------
+
+    def _dir(self, name: str) -> Path:
+        return self.store.containers_dir / name
+
+    def record(self, name: str) -> Record:
+        check_name(name, "container name")
+        return Record.load(self._dir(name))
+
+    def records(self) -> list[Record]:
+        out = []
+        for d in sorted(self.store.containers_dir.iterdir()):
+            try:
+                out.append(Record.load(d))
+            except (NotFound, ValueError, KeyError, TypeError):
+                continue  # a half-created container; its creator cleans it up
+        return out
+
+    def images_in_use(self, image: str) -> list[str]:
+        return [r.name for r in self.records() if r.image == image]
+
+    # ---- run ----------------------------------------------------------------------------------
+
+    def resolve_image(self, spec: Spec, progress: Progress = SILENT) -> Path:
+        """The image subvolume for the spec, building it from its definition when missing."""
+        images = Images(self.store)
+        if images.exists(spec.image):
+            return images.path(spec.image)
+        definition = find_definition(spec.image, [spec.base_dir / "images", spec.base_dir.parent / "images"])
+        if definition is None:
+            raise InvalidInput(
+                f"{spec.file}: image: no image {spec.image!r}: not built, and no {spec.image}.toml in any images/ directory",
+                hint="build one with `tupper image build FILE`",
+            )
+        image_def = ImageDef.from_file(definition)
+        return images.build(image_def, progress=progress).path
+
+    def run(self, spec: Spec, *, keep_failed: bool = False, progress: Progress = SILENT) -> RunResult:
+        t0 = time.monotonic()
+        image_path = self.resolve_image(spec, progress)
+        self._check_inotify(progress)
+        cdir = self._dir(spec.name)
+        with contextlib.ExitStack() as undo:
+            with self.store.lock():
+                if cdir.exists():
+                    raise Exists(f"{spec.file}: name: a container named {spec.name!r} already exists", hint=f"pick another name, or `tupper rm {spec.name}`")
+                cdir.mkdir(mode=0o700)
+            undo.callback(self._discard, cdir, spec.name)
+            rec = Record(
+                name=spec.name,
+                dir=cdir,
+                image=spec.image,
+                spec_file=spec.file,
+                created_at=time.time(),
+                stop_timeout=spec.stop_timeout,
+                components=[
+                    {"name": u.component.name, "version": u.component.version, "mount": u.component.mount,
+                     "units": list(u.component.units), "source": str(u.component.root)}
+                    for u in spec.components
+                ],
+            )
+            with progress.step(f"Snapshotting image {spec.image}"):
+                self.store.snapshot(image_path, rec.rootfs)
+                self._prepare_rootfs(rec.rootfs, spec)
+            rec.save()
+            binds = [nspawn.Bind(u.component.root, u.component.mount) for u in spec.components]
+            argv = nspawn.boot_argv(spec.name, rec.rootfs, binds, self.host)
+            with progress.step(f"Booting {spec.name}"):
+                self._start(rec, argv)
+                bus = ContainerBus.connect(rec.leader_pid, timeout=spec.start_timeout, alive=rec.alive)
+            undo.callback(bus.close)
+            with progress.step(f"Starting {len(spec.units)} unit(s)"):
+                states, failures = self._wait_units(rec, bus, spec.units, spec.start_timeout, progress)
+            if failures:
+                if keep_failed:
+                    rec.phase = "failed"
+                    rec.save()
+                    undo.pop_all()
+                    bus.close()
+                else:
+                    self._halt(rec, bus, spec.stop_timeout)
+                names = ", ".join(f"{f.unit} ({f.result or f.active_state})" for f in failures)
+                raise RunFailed(f"{spec.name}: unit(s) failed: {names}", failures, kept=keep_failed)
+            rec.phase = "running"
+            rec.save()
+            undo.pop_all()
+            bus.close()
+        return RunResult(rec.to_json(), states, time.monotonic() - t0)
+
+    def _prepare_rootfs(self, rootfs: Path, spec: Spec) -> None:
+        # A machine id of its own: journald files and `journalctl --root` find the container's journal by it.
+        (rootfs / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+        for use in spec.components:
+            (rootfs / use.component.mount.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        unitfiles.write(rootfs, unitfiles.plan(spec))
+
+    def _start(self, rec: Record, argv: list[str]) -> None:
+        """Fork a monitor that owns nspawn (waits for it, records its exit, removes its cgroups)."""
+        if not self.host.systemd:
+            cgroups.create(rec.name)
+        console = rec.dir / "console.log"
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.setsid()
+                if os.fork() == 0:
+                    _monitor(rec.name, rec.dir, argv, w, console, join_cgroup=not self.host.systemd)
+                os._exit(0)
+            except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
+                os._exit(1)
+        os.close(w)
+        os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            reply = f.read().split()
+        if len(reply) != 2 or not all(x.isdigit() for x in reply):
+            raise Failed(f"could not start systemd-nspawn: {' '.join(reply) or 'the monitor died'}")
+        rec.monitor_pid, rec.nspawn_pid = int(reply[0]), int(reply[1])
+        rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
+        rec.started_at = time.time()
+        rec.phase = "starting"
+        rec.leader_pid = self._find_leader(rec)
+        rec.save()
+
+    @staticmethod
+    def _find_leader(rec: Record, timeout: float = 10.0) -> int:
+        """The container's PID 1 as the host sees it: nspawn's child that is PID 1 in its own namespace."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for child in proc.children(rec.nspawn_pid):
+                try:
+                    with open(f"/proc/{child}/status") as f:
+                        nspid = next((l.split()[1:] for l in f if l.startswith("NSpid:")), [])
+                except OSError:
+                    continue
+                if len(nspid) >= 2 and nspid[-1] == "1":
+                    return child
+            if not rec.alive():
+                tail = _tail(rec.dir / "console.log")
+                raise Failed(f"systemd-nspawn exited before the container started: {tail}")
+            time.sleep(0.005)
+        raise Failed(f"systemd-nspawn (pid {rec.nspawn_pid}) did not start a container within {timeout:.0f}s")
+
+    def _wait_units(self, rec: Record, bus: ContainerBus, units: list[str], timeout: float, progress: Progress):
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [bus.unit_state(u) for u in units]
+            active = [s for s in states if s.active_state == "active"]
+            progress.update(f"{len(active)}/{len(units)} active")
+            if len(active) == len(units):
+                return states, []
+            failed = [s for s in states if s.active_state == "failed"]
+            if not failed and bus.system_state() not in ("initializing", "starting"):
+                # Boot is over: a unit that is neither active nor on its way will not start (e.g. a
+                # dependency failed, so its job was cancelled).
+                failed = [s for s in states if s.active_state == "inactive" and not bus.has_job(s.name)]
+            if not failed and time.monotonic() > deadline:
+                failed = [s for s in states if s.active_state != "active"]
+            if failed:
+                return states, [self._failure(rec, s) for s in failed]
+            if not rec.alive():
+                raise Failed(f"{rec.name}: the container exited while its units were starting")
+            time.sleep(0.01)
+
+    def _failure(self, rec: Record, s: UnitState) -> UnitFailure:
+        result = s.result if s.result and s.result != "success" else ("dependency" if s.active_state == "inactive" else s.active_state)
+        return UnitFailure(s.name, s.active_state, result, self.journal_tail(rec, s.name, 10))
+
+    def journal_tail(self, rec: Record, unit: str | None, lines: int) -> list[str]:
+        argv = self.logs_argv(rec, unit=unit, lines=lines, follow=False)
+        out = proc.run(argv, check=False)
+        return [l for l in out.stdout.splitlines() if l and not l.startswith("-- ")]
+
+    def _check_inotify(self, progress: Progress) -> None:
+        # systemd in each container takes inotify instances; the usual 128 runs out after a few containers.
+        try:
+            current = int(INOTIFY_SYSCTL.read_text())
+            if current < INOTIFY_WANTED and proc.is_root():
+                INOTIFY_SYSCTL.write_text(str(INOTIFY_WANTED))
+                progress.note(f"raised fs.inotify.max_user_instances from {current} to {INOTIFY_WANTED} (each container's systemd needs some)")
+        except OSError:
+            pass
+
+    def _discard(self, cdir: Path, name: str) -> None:
+        """Undo a failed run: nothing of it may remain."""
+        try:
+            rec = Record.load(cdir)
+            if rec.alive():
+                self._kill(rec)
+        except NotFound:
+            pass
+        if not self.host.systemd:
+            cgroups.remove(name)
+        self.store.delete_subvolume(cdir / "rootfs")
+        import shutil
+
+        shutil.rmtree(cdir, ignore_errors=True)
+
+    # ---- stop / kill / rm ---------------------------------------------------------------------
+
+    def stop(self, name: str, timeout: float | None = None) -> Record:
+        rec = self.record(name)
+        if not rec.alive():
+            return rec
+        timeout = rec.stop_timeout if timeout is None else timeout
+        rec.phase = "stopping"
+        rec.save()
+        bus = None
+        try:
+            bus = ContainerBus.connect(rec.leader_pid, timeout=1.0, alive=rec.alive)
+        except Failed:
+            pass
+        self._halt(rec, bus, timeout)
+        if bus is not None:
+            bus.close()
+        return rec
+
+    def _halt(self, rec: Record, bus: ContainerBus | None, timeout: float) -> None:
+        """PowerOff over D-Bus; SIGKILL the container when it is not down within `timeout`."""
+        if bus is not None:
+            try:
+                bus.power_off()
+            except Exception:  # noqa: BLE001 - the bus may go away mid-call as the container shuts down
+                pass
+        if not _wait_gone(rec, timeout):
+            self._kill(rec)
+        self._wait_monitor(rec)
+
+    def _kill(self, rec: Record) -> None:
+        """SIGKILL the container's PID 1 (the kernel then kills its whole PID namespace), then nspawn."""
+        for pid, start in ((rec.leader_pid, None), (rec.nspawn_pid, rec.nspawn_starttime)):
+            if pid and proc.pid_alive(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        _wait_gone(rec, 5.0)
+        self._wait_monitor(rec)
+
+    def _wait_monitor(self, rec: Record, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while rec.monitor_pid and proc.pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not self.host.systemd:
+            cgroups.remove(rec.name)
+
+    def kill(self, name: str) -> Record:
+        rec = self.record(name)
+        rec.phase = "stopping"
+        rec.save()
+        self._kill(rec)
+        return rec
+
+    def remove(self, name: str, *, force: bool = False) -> None:
+        rec = self.record(name)
+        if rec.alive():
+            if not force:
+                raise Busy(f"container {name!r} is {rec.state()}", hint=f"stop it first (`tupper stop {name}`) or use --force")
+            rec.phase = "stopping"
+            rec.save()
+            self._kill(rec)
+        with self.store.lock():
+            self._discard(rec.dir, name)
+
+    # ---- inside the container -----------------------------------------------------------------
+
+    def running(self, name: str) -> Record:
+        rec = self.record(name)
+        if not rec.alive() or not rec.leader_pid:
+            raise Failed(f"container {name!r} is not running (state: {rec.state()})")
+        return rec
+
+    def status(self, name: str) -> dict:
+        rec = self.record(name)
+        out = rec.to_json()
+        units = []
+        if rec.alive() and rec.leader_pid:
+            try:
+                with ContainerBus.connect(rec.leader_pid, timeout=2.0, alive=rec.alive) as bus:
+                    out["system_state"] = bus.system_state()
+                    units = [bus.unit_state(u).to_json() for u in rec.units]
+            except Failed:
+                pass
+        if not units:
+            units = [{"name": u, "active_state": "inactive", "sub_state": "dead", "result": "", "main_pid": 0, "active_enter_usec": 0} for u in rec.units]
+        out["units"] = units
+        return out
+
+    def exec(self, name: str, argv: list[str]) -> int:
+        rec = self.running(name)
+        root = Path(f"/proc/{rec.leader_pid}/root")
+        path = resolve_in_root(root, argv[0])
+        if path is None:
+            raise InvalidInput(f"{argv[0]}: command not found in container {name!r}")
+        return run_command(rec.leader_pid, [path, *argv[1:]], stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno())
+
+    def logs_argv(self, rec: Record, *, unit: str | None, lines: int | None, follow: bool) -> list[str]:
+        """journalctl on the host, reading the container's journal files (no process inside)."""
+        root = f"/proc/{rec.leader_pid}/root" if rec.alive() and rec.leader_pid else str(rec.rootfs)
+        argv = ["journalctl", f"--root={root}", "--no-pager", "--output=short-precise"]
+        if unit:
+            argv += ["--unit", unit]
+        if lines is not None:
+            argv += ["--lines", str(lines)]
+        if follow:
+            argv.append("--follow")
+        return argv
+
+
+def _wait_gone(rec: Record, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while rec.alive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "(no output)"
+    return " / ".join(lines[-n:]) or "(no output)"
+
+
+def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, join_cgroup: bool) -> None:
+    """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        # Keep nothing of the caller's open: a pipe held here would keep the caller's reader waiting.
+        os.closerange(3, reply_fd)
+        os.closerange(reply_fd + 1, 65536)
+        out = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            p = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=proc.environment(),
+                close_fds=True,
+                preexec_fn=(lambda: cgroups.join(name)) if join_cgroup else None,
+            )
+        except OSError as exc:
+            os.write(reply_fd, f"error: {exc}".encode())
+            os._exit(1)
+        os.write(reply_fd, f"{os.getpid()} {p.pid}\n".encode())
+        os.close(reply_fd)
+        rc = p.wait()
+        if cdir.exists():
+            records.mark_exit(cdir, rc)
+        if join_cgroup:
+            cgroups.remove(name)
+        code = 0
+    finally:
+        os._exit(code)

@@ -1,0 +1,171 @@
+"""The container spec (`spec.toml`): parsed into frozen values, with every cross-component rule checked up front."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import attrs
+
+from tupper import components as comp
+from tupper import tomlfile
+from tupper.errors import InvalidInput
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]+$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DEFAULT_IMAGE = "debian-bookworm"
+
+
+@attrs.frozen
+class ComponentUse:
+    """One `[[components]]` entry: a component and the environment the spec gives it."""
+
+    component: comp.Component
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen
+class Spec:
+    name: str
+    image: str
+    components: tuple[ComponentUse, ...]
+    stop_timeout: float = 10.0
+    start_timeout: float = 60.0
+    file: str = "<spec>"
+    base_dir: Path = Path(".")
+
+    def component(self, name: str) -> comp.Component:
+        for use in self.components:
+            if use.component.name == name:
+                return use.component
+        raise KeyError(name)
+
+    @property
+    def units(self) -> list[str]:
+        return [u for use in self.components for u in use.component.units]
+
+
+def check_name(name: str, where: str) -> str:
+    if not name or not NAME_RE.match(name) or name in (".", "..") or name.startswith(("-", ".")) or len(name) > 64:
+        raise InvalidInput(f"{where}: invalid container name {name!r}: use letters, digits, '_', '.', '-' (at most 64, not starting with '.' or '-')")
+    return name
+
+
+def load(path: Path, name: str | None = None) -> Spec:
+    """Parse and validate the spec at `path`. `name` (from --name) overrides the file's."""
+    doc, display = tomlfile.load(path, "spec file")
+    return from_document(doc, display, path.resolve().parent, default_name=path.stem, name=name)
+
+
+def from_text(text: str, base_dir: Path, display: str = "<spec>", name: str | None = None) -> Spec:
+    import tomllib
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"{display}: malformed TOML: {exc}") from None
+    return from_document(doc, display, base_dir, default_name=None, name=name)
+
+
+def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str | None, name: str | None) -> Spec:
+    t = tomlfile.Table(doc, display)
+    file_name = t.get("name", str, default_name)
+    image = t.get("image", str, DEFAULT_IMAGE)
+    if not re.match(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$", image):
+        raise t.error("image", f"invalid image name {image!r}")
+    uses: list[ComponentUse] = []
+    entries = t.tables("components")
+    stop = t.table("stop")
+    stop_timeout = _positive(stop, "timeout", 10.0)
+    stop.check_unknown()
+    start = t.table("start")
+    start_timeout = _positive(start, "timeout", 60.0)
+    start.check_unknown()
+    t.check_unknown()
+
+    final_name = name if name is not None else file_name
+    if final_name is None:
+        raise t.error("name", "missing (required when the spec is not a file)")
+    check_name(final_name, f"{display}: name" if name is None else "--name")
+
+    for entry in entries:
+        rel = entry.get("path", str, required=True)
+        env_table = entry.table("env")
+        env = []
+        for key, value in env_table.data.items():
+            env_table.get(key, str)
+            if not ENV_KEY_RE.match(key):
+                raise env_table.error(key, "invalid environment variable name")
+            env.append((key, value))
+        entry.check_unknown()
+        component = comp.load(base_dir / rel, entry.where("path"))
+        uses.append(ComponentUse(component=component, env=tuple(env)))
+
+    _check_components(uses, display)
+    return Spec(
+        name=final_name,
+        image=image,
+        components=tuple(uses),
+        stop_timeout=stop_timeout,
+        start_timeout=start_timeout,
+        file=display,
+        base_dir=base_dir,
+    )
+
+
+def _positive(t: tomlfile.Table, key: str, default: float) -> float:
+    value = t.get(key, (int, float), default)
+    if value <= 0:
+        raise t.error(key, f"must be positive, got {value}")
+    return float(value)
+
+
+def _check_components(uses: list[ComponentUse], display: str) -> None:
+    names: dict[str, int] = {}
+    units: dict[str, str] = {}
+    mounts: dict[str, str] = {}
+    for i, use in enumerate(uses):
+        c = use.component
+        where = f"{display}: components[{i}]"
+        if c.name in names:
+            raise InvalidInput(f"{where}: component {c.name!r} is already listed as components[{names[c.name]}]")
+        names[c.name] = i
+        for unit in c.units:
+            if unit == "tupper.target":
+                raise InvalidInput(f"{where}: unit name tupper.target is reserved")
+            if unit in units:
+                raise InvalidInput(f"{where}: unit {unit} is provided by both {units[unit]!r} and {c.name!r}")
+            units[unit] = c.name
+        if c.mount in mounts:
+            raise InvalidInput(f"{where}: mount {c.mount} is also used by {mounts[c.mount]!r}")
+        mounts[c.mount] = c.name
+    for i, use in enumerate(uses):
+        for j, req in enumerate(use.component.requires):
+            if req not in names:
+                raise InvalidInput(
+                    f"{use.component.manifest_file}: requires[{j}]: no component {req!r} in {display}"
+                )
+    order_by_requires([u.component for u in uses], display)
+
+
+def order_by_requires(components: list[comp.Component], display: str) -> list[comp.Component]:
+    """Topological order (required first); raises on a cycle, naming it."""
+    by_name = {c.name: c for c in components}
+    done: list[comp.Component] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(c: comp.Component, trail: list[str]) -> None:
+        if state.get(c.name) == 2:
+            return
+        if state.get(c.name) == 1:
+            cycle = trail[trail.index(c.name) :] + [c.name]
+            raise InvalidInput(f"{display}: components: requires cycle: {' -> '.join(cycle)}")
+        state[c.name] = 1
+        for req in c.requires:
+            visit(by_name[req], trail + [c.name])
+        state[c.name] = 2
+        done.append(c)
+
+    for c in components:
+        visit(c, [])
+    return done

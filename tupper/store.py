@@ -1,0 +1,206 @@
+"""The store: a btrfs filesystem at the tupper root holding images, container snapshots and records.
+
+All subvolume operations go through btrfsutil. Where the root is not on btrfs, the store is a sparse
+loopback pool file beside it (`<root>.img`), created once and mounted at the root on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import btrfsutil
+
+from tupper import proc
+from tupper.errors import Failed, InvalidInput
+from tupper.progress import SILENT, Progress
+
+DEFAULT_ROOT = Path("/var/lib/tupper")
+DEFAULT_POOL_SIZE = "20G"
+BTRFS_MAGIC_NAME = "btrfs"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("TUPPER_ROOT") or DEFAULT_ROOT)
+
+
+def mount_of(path: Path) -> tuple[str, str, str]:
+    """(mount point, fs type, source) of the mount holding `path`, from /proc/self/mountinfo."""
+    path = Path(os.path.realpath(path))
+    best = ("/", "", "")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            mnt = fields[4].encode().decode("unicode_escape")
+            fstype, source = right.split()[:2]
+            if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, fstype, source)
+    return best
+
+
+def pool_file_for(root: Path) -> Path:
+    return root.parent / f"{root.name}.img"
+
+
+@attrs.define
+class Store:
+    root: Path
+    backing: str  # "btrfs" (a btrfs mount given to us) or "loopback" (our pool file)
+    pool_file: Path | None = None
+
+    # ---- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: Path | None = None, *, create: bool = True, progress: Progress = SILENT) -> Store:
+        """Open the store at `root`, creating or mounting the loopback pool when `create`."""
+        root = Path(os.path.abspath(root or default_root()))
+        pool = pool_file_for(root)
+        mnt, fstype, source = mount_of(root) if root.exists() else ("", "", "")
+        if fstype == BTRFS_MAGIC_NAME:
+            backing = "loopback" if mnt == str(root) and pool.exists() else "btrfs"
+            store = cls(root, backing, pool if backing == "loopback" else None)
+        elif not create:
+            raise Failed(f"no tupper store at {root}", hint="run `tupper store init` or any command that creates one")
+        else:
+            store = cls._mount_pool(root, pool, progress)
+        store._ensure_layout()
+        return store
+
+    @classmethod
+    def _mount_pool(cls, root: Path, pool: Path, progress: Progress) -> Store:
+        if not proc.is_root():
+            raise Failed("creating or mounting the store needs root", hint="run tupper as root")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # The pool file doubles as the lock that keeps two tuppers from creating or mounting it at once.
+        fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if mount_of(root)[1] == BTRFS_MAGIC_NAME if root.exists() else False:
+                return cls(root, "loopback", pool)
+            root.mkdir(parents=True, exist_ok=True)
+            if any(root.iterdir()):
+                raise Failed(
+                    f"{root} is not on btrfs and is not empty",
+                    hint=f"empty it, mount btrfs there, or pick another root with --root / TUPPER_ROOT",
+                )
+            fresh = os.fstat(fd).st_size == 0
+            if fresh:
+                size = os.environ.get("TUPPER_POOL_SIZE", DEFAULT_POOL_SIZE)
+                with progress.step(f"Creating loopback btrfs pool {pool} ({size}, sparse)"):
+                    proc.run(["truncate", "-s", size, str(pool)])
+                    proc.run(["mkfs.btrfs", "-q", "-L", "tupper", str(pool)])
+            try:
+                proc.run(["mount", "-o", "loop", str(pool), str(root)])
+            except Failed:
+                if fresh:
+                    pool.unlink(missing_ok=True)
+                raise
+            if fresh:
+                progress.note(f"{root} is not on btrfs: created a loopback btrfs pool {pool} and mounted it there")
+            else:
+                progress.note(f"mounted the loopback btrfs pool {pool} at {root}")
+            return cls(root, "loopback", pool)
+        finally:
+            os.close(fd)
+
+    def _ensure_layout(self) -> None:
+        for d in (self.images_dir, self.containers_dir, self.tmp_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+
+    # ---- layout --------------------------------------------------------------------------------
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def containers_dir(self) -> Path:
+        return self.root / "containers"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise name allocation and removal across tupper processes."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # ---- subvolumes (btrfsutil only) -----------------------------------------------------------
+
+    def create_subvolume(self, path: Path) -> None:
+        self._call(btrfsutil.create_subvolume, path)
+
+    def snapshot(self, source: Path, dest: Path, *, read_only: bool = False) -> None:
+        self._call(btrfsutil.create_snapshot, source, dest, read_only=read_only)
+
+    def set_read_only(self, path: Path, read_only: bool = True) -> None:
+        self._call(btrfsutil.set_subvolume_read_only, path, read_only)
+
+    def is_subvolume(self, path: Path) -> bool:
+        try:
+            return btrfsutil.is_subvolume(str(path))
+        except btrfsutil.BtrfsUtilError:
+            return False
+
+    def delete_subvolume(self, path: Path) -> None:
+        """Delete `path` and any subvolumes nested in it (systemd-tmpfiles makes some inside containers)."""
+        if not path.exists():
+            return
+        if not self.is_subvolume(path):
+            shutil.rmtree(path)
+            return
+        if btrfsutil.get_subvolume_read_only(str(path)):
+            self.set_read_only(path, False)
+        for nested, _ in list(btrfsutil.SubvolumeIterator(str(path), post_order=True)):
+            nested_path = path / nested
+            if btrfsutil.get_subvolume_read_only(str(nested_path)):
+                self.set_read_only(nested_path, False)
+        self._call(btrfsutil.delete_subvolume, path, recursive=True)
+
+    def subvolumes(self) -> list[str]:
+        """Paths (relative to the root) of every subvolume in the store."""
+        return [p for p, _ in btrfsutil.SubvolumeIterator(str(self.root))]
+
+    @staticmethod
+    def _call(fn, path: Path, *args, **kwargs):
+        try:
+            return fn(str(path), *args, **kwargs)
+        except btrfsutil.BtrfsUtilError as exc:
+            raise Failed(f"btrfs: {fn.__name__}({path}): {exc}") from None
+
+    # ---- reporting -----------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        st = os.statvfs(self.root)
+        size = st.f_blocks * st.f_frsize
+        free = st.f_bavail * st.f_frsize
+        info = {
+            "path": str(self.root),
+            "backing": self.backing,
+            "size": size,
+            "free": free,
+            "used": size - st.f_bfree * st.f_frsize,
+            "pool_file": str(self.pool_file) if self.pool_file else None,
+            "device": mount_of(self.root)[2],
+        }
+        if self.pool_file:
+            info["pool_file_allocated"] = os.stat(self.pool_file).st_blocks * 512
+        return info
+
+    def unmount(self) -> None:
+        """Unmount a loopback pool (the loop device is released with it)."""
+        if self.backing != "loopback":
+            raise InvalidInput(f"{self.root} is a btrfs mount tupper did not create; unmount it yourself")
+        proc.run(["umount", str(self.root)])

@@ -1,0 +1,99 @@
+"""The one place TOML is read: parse a file, walk its tables by key path, name the file and key in every error."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tupper.errors import InvalidInput
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "a table"}
+
+
+def load(path: Path, what: str = "file") -> tuple[dict[str, Any], str]:
+    """Parse `path`; return (document, display name). Raises InvalidInput on any problem."""
+    display = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidInput(f"{display}: no such {what}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{display}: is a directory, expected a {what}") from None
+    except PermissionError:
+        raise InvalidInput(f"{display}: permission denied") from None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{display}: not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"{display}: malformed TOML: {exc}") from None
+    return doc, display
+
+
+class Table:
+    """A TOML table being read: every key must be claimed, or check_unknown() complains."""
+
+    def __init__(self, data: dict[str, Any], file: str, path: str = "") -> None:
+        self.data = data
+        self.file = file
+        self.path = path
+        self._known: set[str] = set()
+
+    def where(self, key: str | None = None) -> str:
+        parts = [p for p in (self.path, key) if p]
+        return f"{self.file}: {'.'.join(parts)}" if parts else self.file
+
+    def error(self, key: str | None, message: str) -> InvalidInput:
+        return InvalidInput(f"{self.where(key)}: {message}")
+
+    def get(self, key: str, typ: type | tuple[type, ...], default: Any = None, *, required: bool = False) -> Any:
+        self._known.add(key)
+        if key not in self.data:
+            if required:
+                raise self.error(key, "missing (required)")
+            return default
+        value = self.data[key]
+        types = typ if isinstance(typ, tuple) else (typ,)
+        # bool is an int in Python; TOML keeps them apart, so do we.
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            raise self.error(key, f"expected {expected}, got {_describe(value)}")
+        return value
+
+    def str_list(self, key: str, default: list[str] | None = None) -> list[str]:
+        items = self.get(key, list, default if default is not None else [])
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise self.error(f"{key}[{i}]", f"expected a string, got {_describe(item)}")
+        return list(items)
+
+    def table(self, key: str) -> Table:
+        value = self.get(key, dict, {})
+        return Table(value, self.file, f"{self.path}.{key}" if self.path else key)
+
+    def tables(self, key: str) -> list[Table]:
+        items = self.get(key, list, [])
+        out = []
+        for i, item in enumerate(items):
+            sub = f"{self.path}.{key}[{i}]" if self.path else f"{key}[{i}]"
+            if not isinstance(item, dict):
+                raise InvalidInput(f"{self.file}: {sub}: expected a table, got {_describe(item)}")
+            out.append(Table(item, self.file, sub))
+        return out
+
+    def check_unknown(self) -> None:
+        for key in self.data:
+            if key not in self._known:
+                close = difflib.get_close_matches(key, sorted(self._known), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                known = ", ".join(sorted(self._known))
+                raise self.error(key, f"unknown key{hint}; known keys: {known}")
+
+
+def _describe(value: Any) -> str:
+    for t, name in _TYPE_NAMES.items():
+        if type(value) is t:
+            return f"{name} ({value!r})" if t in (str, int, float, bool) else name
+    return type(value).__name__

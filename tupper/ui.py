@@ -1,0 +1,95 @@
+"""Terminal output for the CLI: step progress, tables, sizes. rich is imported only when something is drawn."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+
+from tupper.progress import Progress
+
+
+class TerminalProgress(Progress):
+    """A spinner with the current step on a terminal; one line per finished step otherwise."""
+
+    def __init__(self, stream=None, quiet: bool = False) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = self.stream.isatty()
+        self._status = None
+        self._text = ""
+
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        if self.quiet:
+            yield
+            return
+        t0 = time.monotonic()
+        self._text = text
+        if self.tty:
+            from rich.console import Console
+
+            console = Console(file=self.stream)
+            with console.status(text) as status:
+                self._status = status
+                try:
+                    yield
+                finally:
+                    self._status = None
+            ok = sys.exc_info()[0] is None
+        else:
+            try:
+                yield
+            except BaseException:
+                self._line(f"✗ {text}")
+                raise
+            ok = True
+        if ok:
+            self._line(f"✓ {text} ({time.monotonic() - t0:.2f}s)")
+
+    def update(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(f"{self._text}: {text}")
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self._line(f"note: {text}")
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def size(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0, time.time() - ts)
+    if s < 60:
+        return f"{s:.0f}s ago"
+    if s < 3600:
+        return f"{s / 60:.0f}m ago"
+    if s < 86400:
+        return f"{s / 3600:.1f}h ago"
+    return f"{s / 86400:.1f}d ago"
+
+
+def table(headers: list[str], rows: list[list[str]], stream=None) -> None:
+    """A plain aligned table (no rich import: listing commands stay fast)."""
+    stream = stream or sys.stdout
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(str(c))) for w, c in zip(widths, row)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*headers).rstrip(), file=stream)
+    for row in rows:
+        print(fmt.format(*[str(c) for c in row]).rstrip(), file=stream)

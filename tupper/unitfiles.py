@@ -1,0 +1,61 @@
+"""The files tupper writes into a container's /etc/systemd/system: component units, drop-ins, tupper.target.
+
+`plan()` is pure (spec in, {path: text} out) so it is tested as a value; `write()` puts it in a rootfs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tupper.spec import Spec
+
+UNIT_DIR = "etc/systemd/system"
+TARGET = "tupper.target"
+
+
+def _quote_env(key: str, value: str) -> str:
+    # systemd unit syntax: a double-quoted word with C escapes; '%' starts a specifier and is doubled.
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("%", "%%")
+    return f'"{key}={escaped}"'
+
+
+def plan(spec: Spec) -> dict[str, str]:
+    """Every file to write, keyed by its path relative to the rootfs."""
+    files: dict[str, str] = {}
+    by_name = {u.component.name: u.component for u in spec.components}
+    for use in spec.components:
+        c = use.component
+        required_units = [u for req in c.requires for u in by_name[req].units]
+        for unit in c.units:
+            files[f"{UNIT_DIR}/{unit}"] = c.unit_path(unit).read_text()
+            dropin = [f"# written by tupper for component {c.name} {c.version}", "[Unit]", f"PartOf={TARGET}"]
+            if required_units:
+                joined = " ".join(required_units)
+                dropin += [f"After={joined}", f"Requires={joined}"]
+            if use.env and unit.endswith(".service"):
+                dropin += ["", "[Service]"] + [f"Environment={_quote_env(k, v)}" for k, v in use.env]
+            files[f"{UNIT_DIR}/{unit}.d/50-tupper.conf"] = "\n".join(dropin) + "\n"
+    wants = " ".join(spec.units)
+    files[f"{UNIT_DIR}/{TARGET}"] = "\n".join(
+        [
+            "[Unit]",
+            f"Description=tupper components of {spec.name}",
+            f"Wants={wants}",
+            "",
+        ]
+    )
+    return files
+
+
+def write(rootfs: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = rootfs / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        os.chmod(path, 0o644)
+    wants = rootfs / UNIT_DIR / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / TARGET
+    if not link.is_symlink():
+        link.symlink_to(f"/{UNIT_DIR}/{TARGET}")
