@@ -41,7 +41,14 @@ def paths(name: str, root: Path = CGROUP_ROOT) -> list[Path]:
 def create(name: str, root: Path = CGROUP_ROOT) -> list[Path]:
     made = paths(name, root)
     for p in made:
-        p.mkdir(parents=True, exist_ok=True)
+        for attempt in range(5):
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+                break
+            except FileNotFoundError:
+                # remove() of another container took the shared parent away between our two mkdirs.
+                if attempt == 4:
+                    raise
     return made
 
 

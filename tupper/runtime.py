@@ -149,6 +149,8 @@ class Runtime:
     def _prepare_rootfs(self, rootfs: Path, spec: Spec) -> None:
         # A machine id of its own: journald files and `journalctl --root` find the container's journal by it.
         (rootfs / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+        # nspawn sets the hostname to the machine name only where the image has no /etc/hostname.
+        (rootfs / "etc/hostname").unlink(missing_ok=True)
         for use in spec.components:
             (rootfs / use.component.mount.lstrip("/")).mkdir(parents=True, exist_ok=True)
         unitfiles.write(rootfs, unitfiles.plan(spec))
@@ -287,12 +289,15 @@ class Runtime:
         self._wait_monitor(rec)
 
     def _kill(self, rec: Record) -> None:
-        """SIGKILL the container's PID 1 (the kernel then kills its whole PID namespace), then nspawn."""
-        for pid, start in ((rec.leader_pid, None), (rec.nspawn_pid, rec.nspawn_starttime)):
-            if pid and proc.pid_alive(pid, start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        _wait_gone(rec, 5.0)
+        """SIGKILL the container's PID 1 (the kernel then kills its whole PID namespace); nspawn then
+        exits by itself, cleaning up after it. nspawn is killed too only if it does not."""
+        if rec.leader_pid and rec.alive() and proc.pid_alive(rec.leader_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.leader_pid, signal.SIGKILL)
+        if not _wait_gone(rec, 3.0) and rec.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.nspawn_pid, signal.SIGKILL)
+            _wait_gone(rec, 3.0)
         self._wait_monitor(rec)
 
     def _wait_monitor(self, rec: Record, timeout: float = 5.0) -> None:
@@ -340,7 +345,7 @@ class Runtime:
             except Failed:
                 pass
         if not units:
-            units = [{"name": u, "active_state": "inactive", "sub_state": "dead", "result": "", "main_pid": 0, "active_enter_usec": 0} for u in rec.units]
+            units = [{"name": u, "active_state": "inactive", "sub_state": "dead", "result": "", "main_pid": 0, "active_enter_usec": 0, "inactive_exit_usec": 0} for u in rec.units]
         out["units"] = units
         return out
 

@@ -31,6 +31,7 @@ class UnitState:
     result: str = ""  # Service.Result ("success", "exit-code", "timeout", …); "" for non-services
     main_pid: int = 0
     active_enter_usec: int = 0  # CLOCK_MONOTONIC µs of the last entry to "active"
+    inactive_exit_usec: int = 0  # CLOCK_MONOTONIC µs of the last start (leaving "inactive")
 
     def to_json(self) -> dict:
         return attrs.asdict(self)
@@ -96,11 +97,12 @@ class ContainerBus:
         active = _s(self._get(path, UNIT, b"ActiveState", b"s"))
         sub = _s(self._get(path, UNIT, b"SubState", b"s"))
         enter = int(self._get(path, UNIT, b"ActiveEnterTimestampMonotonic", b"t"))
+        leave = int(self._get(path, UNIT, b"InactiveExitTimestampMonotonic", b"t"))
         result, main_pid = "", 0
         if name.endswith(".service"):
             result = _s(self._get(path, SERVICE, b"Result", b"s"))
             main_pid = int(self._get(path, SERVICE, b"MainPID", b"u"))
-        return UnitState(name, active, sub, result, main_pid, enter)
+        return UnitState(name, active, sub, result, main_pid, enter, leave)
 
     def unit_active_state(self, name: str) -> str:
         path = path_encode(b"/org/freedesktop/systemd1/unit", name.encode())
@@ -132,8 +134,9 @@ class ContainerBus:
 def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None) -> int:
     """Run argv as a transient service in the container with our fds; return its exit code."""
     address = f"unix:path={bus_socket(leader)}".encode()
+    # systemd expands $VAR in ExecStart; "$$" is its escape for a literal "$".
     unit = pystemd.run(
-        [a.encode() for a in argv],
+        [a.replace("$", "$$").encode() for a in argv],
         address=address,
         stdin=stdin,
         stdout=stdout,

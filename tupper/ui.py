@@ -53,8 +53,8 @@ class TerminalProgress(Progress):
             self._status.update(f"{self._text}: {text}")
 
     def note(self, text: str) -> None:
-        if not self.quiet:
-            self._line(f"note: {text}")
+        # Notes go to stderr even with --json: they say something changed on the host.
+        self._line(f"note: {text}")
 
     def _line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
