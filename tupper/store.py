@@ -61,12 +61,14 @@ class Store:
         """Open the store at `root`, creating or mounting the loopback pool when `create`."""
         root = Path(os.path.abspath(root or default_root()))
         pool = pool_file_for(root)
-        mnt, fstype, source = mount_of(root) if root.exists() else ("", "", "")
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        mnt, fstype, _ = mount_of(existing)
         if fstype == BTRFS_MAGIC_NAME:
             backing = "loopback" if mnt == str(root) and pool.exists() else "btrfs"
+            root.mkdir(parents=True, exist_ok=True)
             store = cls(root, backing, pool if backing == "loopback" else None)
         elif not create:
-            raise Failed(f"no tupper store at {root}", hint="run `tupper store init` or any command that creates one")
+            raise Failed(f"no tupper store at {root}", hint="run any tupper command as root to create it")
         else:
             store = cls._mount_pool(root, pool, progress)
         store._ensure_layout()
@@ -81,7 +83,7 @@ class Store:
         fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if mount_of(root)[1] == BTRFS_MAGIC_NAME if root.exists() else False:
+            if root.exists() and mount_of(root)[1] == BTRFS_MAGIC_NAME:
                 return cls(root, "loopback", pool)
             root.mkdir(parents=True, exist_ok=True)
             if any(root.iterdir()):

@@ -68,3 +68,27 @@ def test_store_refuses_a_non_empty_non_btrfs_root(scratch_root):
     assert "not on btrfs and is not empty" in p.stderr
     assert not _mounted(scratch_root)
     assert (scratch_root / "precious").read_text() == "x"
+
+
+def test_store_on_a_real_btrfs_mount_is_used_directly(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    # A btrfs filesystem the admin mounted (here: made by the test), with the root a directory in it.
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    subprocess.run(["truncate", "-s", "300M", str(image)], check=True)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        root = mnt / "tupper"
+        p = _tupper(root, "store", "info", "--json")
+        assert p.returncode == 0, p.stderr
+        info = json.loads(p.stdout)
+        assert info["backing"] == "btrfs" and info["pool_file"] is None
+        assert not (mnt / "tupper.img").exists(), "no pool file on a real btrfs"
+        assert not _mounted(root)
+        refused = _tupper(root, "store", "unmount")
+        assert refused.returncode == 2 and "did not create" in refused.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert not _loops_backed_by(image)
