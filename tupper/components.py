@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path, PurePosixPath
 
 import attrs
@@ -17,6 +18,9 @@ VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
 UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.(service|socket|timer|path|target|mount)$")
 # Mount points a component may not take over: the container would not boot, or would lose its own files.
 RESERVED_MOUNTS = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var"}
+# ...nor anything below these: kernel API file systems, and systemd's configuration (a bind over
+# /etc/systemd/system would hide the units tupper writes there).
+RESERVED_TREES = tuple(PurePosixPath(d) for d in ("/dev", "/proc", "/sys", "/etc/systemd", "/lib/systemd", "/usr/lib/systemd"))
 
 
 @attrs.frozen
@@ -46,13 +50,15 @@ def load(directory: Path, where: str) -> Component:
     if not manifest.is_file():
         raise InvalidInput(f"{where}: {directory} has no {MANIFEST}")
     root = directory.resolve()
+    # Before reading anything: the manifest itself may be a symlink out of the component.
+    check_tree(root, str(manifest))
     doc, display = tomlfile.load(manifest, "component manifest")
     t = tomlfile.Table(doc, display)
     name = t.get("name", str, required=True)
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise t.error("name", f"invalid component name {name!r}: use lowercase letters, digits, '_', '.', '-' (at most 64)")
     version = t.get("version", str, required=True)
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise t.error("version", f"invalid version {version!r}")
     description = t.get("description", str, "")
     units = t.str_list("units")
@@ -64,7 +70,7 @@ def load(directory: Path, where: str) -> Component:
 
     for i, unit in enumerate(units):
         key = f"units[{i}]"
-        if "/" in unit or unit in (".", "..") or not UNIT_RE.match(unit):
+        if "/" in unit or unit in (".", "..") or not UNIT_RE.fullmatch(unit):
             raise t.error(key, f"{unit!r} is not a unit file name (like 'hello.service'); paths are not allowed")
         if units.index(unit) != i:
             raise t.error(key, f"{unit} is listed twice")
@@ -72,11 +78,16 @@ def load(directory: Path, where: str) -> Component:
         inside(root, path, t.where(key))
         if not path.is_file():
             raise t.error(key, f"missing unit file units/{unit}")
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise t.error(key, f"units/{unit} is not valid UTF-8") from None
     for i, req in enumerate(requires):
         if req == name:
             raise t.error(f"requires[{i}]", "a component cannot require itself")
+        if requires.index(req) != i:
+            raise t.error(f"requires[{i}]", f"{req} is listed twice")
     check_mount(mount, t.where("mount"))
-    check_tree(root, display)
     return Component(
         name=name,
         version=version,
@@ -101,23 +112,31 @@ def check_mount(mount: str, where: str) -> None:
     p = PurePosixPath(mount)
     if not p.is_absolute():
         raise InvalidInput(f"{where}: {mount!r} must be an absolute path in the container")
-    if ".." in p.parts or "//" in mount:
+    if ".." in p.parts:
         raise InvalidInput(f"{where}: {mount!r} must not contain '..'")
-    if str(p) in RESERVED_MOUNTS:
+    if "//" in mount or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in mount):
+        raise InvalidInput(f"{where}: {mount!r} is not a clean path (no '//', no control characters)")
+    if str(p) in RESERVED_MOUNTS or any(p == d or d in p.parents for d in RESERVED_TREES):
         raise InvalidInput(f"{where}: {mount!r} is a system directory; use a path such as /opt/NAME")
 
 
 def check_tree(root: Path, display: str) -> None:
-    """Refuse symlinks that point outside the component (absolute ones, or relative ones climbing out)."""
+    """Refuse symlinks that point outside the component (absolute ones, or relative ones climbing out), and device nodes."""
     for dirpath, dirnames, filenames in os.walk(root):
         for entry in dirnames + filenames:
             path = Path(dirpath) / entry
-            if not path.is_symlink():
+            rel = path.relative_to(root)
+            mode = path.lstat().st_mode
+            if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+                raise InvalidInput(f"{display}: {rel}: device node (a component holds files, directories and symlinks)")
+            if not stat.S_ISLNK(mode):
                 continue
             target = os.readlink(path)
-            rel = path.relative_to(root)
             if os.path.isabs(target):
                 raise InvalidInput(f"{display}: {rel}: absolute symlink to {target} (symlinks must stay inside the component)")
             lexical = os.path.normpath(os.path.join(os.path.dirname(str(rel)), target))
-            if lexical == ".." or lexical.startswith("../"):
+            # The lexical check alone is not enough: '..' after a symlinked component climbs from where
+            # that symlink points (`a/up -> ..` plus `x -> a/up/..` is lexically inside, really outside).
+            real = Path(os.path.realpath(path))
+            if lexical == ".." or lexical.startswith("../") or (real != root and root not in real.parents):
                 raise InvalidInput(f"{display}: {rel}: symlink to {target} leaves the component directory")

@@ -38,7 +38,7 @@ class ImageDef:
         doc, display = tomlfile.load(path, "image definition")
         t = tomlfile.Table(doc, display)
         name = t.get("name", str, path.stem)
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise t.error("name", f"invalid image name {name!r}")
         deb = t.table("debootstrap")
         suite = deb.get("suite", str, required=True)
@@ -55,10 +55,15 @@ class ImageDef:
             if pkg not in packages:
                 raise deb.error("packages", f"must include {pkg!r} (containers boot systemd with a D-Bus system bus)")
         for i, pkg in enumerate(packages):
-            if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
+            if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", pkg):
                 raise deb.error(f"packages[{i}]", f"invalid package name {pkg!r}")
         if variant not in ("minbase", "buildd", "fakechroot", "-"):
             raise deb.error("variant", f"unknown debootstrap variant {variant!r}")
+        # Both land on debootstrap's command line: a leading '-' would make them options.
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", suite):
+            raise deb.error("suite", f"invalid suite {suite!r} (like 'bookworm' or 'stable')")
+        if mirror is not None and not re.fullmatch(r"(https?|ftp|file)://[^\s]+", mirror):
+            raise deb.error("mirror", f"invalid mirror {mirror!r}: expected an http://, https://, ftp:// or file:// URL")
         return cls(name, suite, variant, tuple(packages), mirror, tuple(steps), display)
 
 
@@ -93,18 +98,52 @@ def find_definition(name: str, extra: list[Path] | None = None) -> Path | None:
 
 
 def host_mirror(sources: list[Path] | None = None) -> str:
-    """The Debian mirror the host's apt uses (debootstrap from the same place the machine trusts)."""
-    files = sources or [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for f in files:
+    """The Debian mirror the host's apt uses (debootstrap from the same place the machine trusts).
+
+    `.sources` files are deb822, anything else one-line. Like apt, the default search reads only
+    sources.list.d/*.list and *.sources (not backups such as *.save or *.disabled).
+    """
+    if sources is None:
+        d = Path("/etc/apt/sources.list.d")
+        sources = [Path("/etc/apt/sources.list"), *sorted(p for p in d.glob("*") if p.suffix in (".list", ".sources"))]
+    for f in sources:
         try:
             text = f.read_text()
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             continue
-        for m in re.finditer(r"^\s*URIs:\s*(\S+)|^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", text, re.M):
-            uri = m.group(1) or m.group(2)
+        uris = _deb822_uris(text) if f.suffix == ".sources" else _one_line_uris(text)
+        for uri in uris:
             if "security" not in uri and re.search(r"/debian/?$", uri):
                 return uri.rstrip("/")
     return DEFAULT_MIRROR
+
+
+def _one_line_uris(text: str) -> list[str]:
+    """URIs of the `deb` lines of a one-line sources.list (not deb-src, not comments)."""
+    return re.findall(r"^[ \t]*deb[ \t]+(?:\[[^\]]*\][ \t]+)?(\S+)", text, re.M)
+
+
+def _deb822_uris(text: str) -> list[str]:
+    """URIs of the enabled paragraphs with Types including `deb` of a deb822 .sources file."""
+    out = []
+    for para in re.split(r"\n[ \t]*\n", text):
+        fields: dict[str, str] = {}
+        key = None
+        for line in para.splitlines():
+            if line.startswith("#"):
+                continue
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += " " + line.strip()  # a continuation line
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()  # field names are case-insensitive
+                fields[key] = value.strip()
+        if fields.get("enabled", "yes").lower() in ("no", "false", "0"):
+            continue
+        if "deb" not in fields.get("types", "").split():
+            continue
+        out += fields.get("uris", "").split()
+    return out
 
 
 class Images:

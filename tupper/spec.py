@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import attrs
 
@@ -11,9 +11,13 @@ from tupper import components as comp
 from tupper import tomlfile
 from tupper.errors import InvalidInput
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]+$")
+# The container name is also nspawn's machine name, which must be a valid hostname (systemd's
+# hostname_is_valid()): dot-separated labels of letters, digits and '-', no label starting or ending
+# with '-', at most 64 characters. nspawn refuses anything else ("Invalid machine name"), '_' included.
+NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_IMAGE = "debian-bookworm"
+MAX_TIMEOUT = 86400  # a day: larger is a typo, and inf or nan would make waits never end
 
 
 @attrs.frozen
@@ -45,9 +49,13 @@ class Spec:
         return [u for use in self.components for u in use.component.units]
 
 
-def check_name(name: str, where: str) -> str:
-    if not name or not NAME_RE.match(name) or name in (".", "..") or name.startswith(("-", ".")) or len(name) > 64:
-        raise InvalidInput(f"{where}: invalid container name {name!r}: use letters, digits, '_', '.', '-' (at most 64, not starting with '.' or '-')")
+def check_name(name: str, where: str, hint: str | None = None) -> str:
+    if not NAME_RE.fullmatch(name) or len(name) > 64:
+        raise InvalidInput(
+            f"{where}: invalid container name {name!r}: use letters, digits, '-' and '.' "
+            "(at most 64; no '_'; each dot-separated part starts and ends with a letter or digit)",
+            hint=hint,
+        )
     return name
 
 
@@ -71,7 +79,8 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
     t = tomlfile.Table(doc, display)
     file_name = t.get("name", str, default_name)
     image = t.get("image", str, DEFAULT_IMAGE)
-    if not re.match(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$", image):
+    # fullmatch, not match: `$` would let a trailing newline through.
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}", image):
         raise t.error("image", f"invalid image name {image!r}")
     uses: list[ComponentUse] = []
     entries = t.tables("components")
@@ -86,7 +95,13 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
     final_name = name if name is not None else file_name
     if final_name is None:
         raise t.error("name", "missing (required when the spec is not a file)")
-    check_name(final_name, f"{display}: name" if name is None else "--name")
+    if name is not None:
+        check_name(final_name, "--name")
+    elif "name" in doc:
+        check_name(final_name, f"{display}: name")
+    else:
+        # No `name` key: the name is the file's stem, so say where it came from.
+        check_name(final_name, f"{display}: name (from the file name)", hint="set `name = \"...\"` in the spec or pass --name")
 
     for entry in entries:
         rel = entry.get("path", str, required=True)
@@ -94,8 +109,10 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         env = []
         for key, value in env_table.data.items():
             env_table.get(key, str)
-            if not ENV_KEY_RE.match(key):
+            if not ENV_KEY_RE.fullmatch(key):
                 raise env_table.error(key, "invalid environment variable name")
+            if "\0" in value:
+                raise env_table.error(key, "an environment value cannot contain a NUL character")
             env.append((key, value))
         entry.check_unknown()
         component = comp.load(base_dir / rel, entry.where("path"))
@@ -115,8 +132,9 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
 
 def _positive(t: tomlfile.Table, key: str, default: float) -> float:
     value = t.get(key, (int, float), default)
-    if value <= 0:
-        raise t.error(key, f"must be positive, got {value}")
+    # Written as `not (0 < value <= MAX)` so that nan, which compares false with everything, fails too.
+    if not 0 < value <= MAX_TIMEOUT:
+        raise t.error(key, f"must be a positive number of seconds (at most {MAX_TIMEOUT}), got {value}")
     return float(value)
 
 
@@ -138,6 +156,11 @@ def _check_components(uses: list[ComponentUse], display: str) -> None:
             units[unit] = c.name
         if c.mount in mounts:
             raise InvalidInput(f"{where}: mount {c.mount} is also used by {mounts[c.mount]!r}")
+        for other, owner in mounts.items():
+            # One read-only bind inside another: nspawn cannot create the inner mount point.
+            mine, theirs = PurePosixPath(c.mount), PurePosixPath(other)
+            if theirs in mine.parents or mine in theirs.parents:
+                raise InvalidInput(f"{where}: mount {c.mount} overlaps mount {other} of {owner!r}")
         mounts[c.mount] = c.name
     for i, use in enumerate(uses):
         for j, req in enumerate(use.component.requires):

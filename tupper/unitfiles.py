@@ -14,9 +14,15 @@ UNIT_DIR = "etc/systemd/system"
 TARGET = "tupper.target"
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "%": "%%"}
+
+
 def _quote_env(key: str, value: str) -> str:
     # systemd unit syntax: a double-quoted word with C escapes; '%' starts a specifier and is doubled.
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("%", "%%")
+    # systemd ends a unit-file line at '\n', '\r' and NUL, so no raw control character may be written.
+    escaped = "".join(
+        _ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch) for ch in value
+    )
     return f'"{key}={escaped}"'
 
 
@@ -28,7 +34,7 @@ def plan(spec: Spec) -> dict[str, str]:
         c = use.component
         required_units = [u for req in c.requires for u in by_name[req].units]
         for unit in c.units:
-            files[f"{UNIT_DIR}/{unit}"] = c.unit_path(unit).read_text()
+            files[f"{UNIT_DIR}/{unit}"] = c.unit_path(unit).read_text(encoding="utf-8")
             dropin = [f"# written by tupper for component {c.name} {c.version}", "[Unit]", f"PartOf={TARGET}"]
             if required_units:
                 joined = " ".join(required_units)
@@ -52,7 +58,13 @@ def write(rootfs: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         path = rootfs / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        # The image may hold a symlink here (`systemctl mask` makes UNIT -> /dev/null, aliases point
+        # to /lib/systemd/system/...): writing through it would follow the link on the host.
+        if path.is_symlink():
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.chmod(path, 0o644)
     wants = rootfs / UNIT_DIR / "multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)

@@ -90,5 +90,5 @@ def test_store_on_a_real_btrfs_mount_is_used_directly(tmp_path):
         refused = _tupper(root, "store", "unmount")
         assert refused.returncode == 2 and "did not create" in refused.stderr
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["umount", "-R", str(mnt)], check=True)
     assert not _loops_backed_by(image)
