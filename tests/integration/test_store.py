@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,15 @@ def scratch_root(tmp_path):
         subprocess.run(["umount", str(root)], check=False)
 
 
-def _loops_backed_by(path: Path) -> list[str]:
-    out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
-    return [l for l in out.splitlines() if str(path) in l]
+def _loops_backed_by(path: Path, settle: float = 0.0) -> list[str]:
+    """Loop devices on `path`; with `settle`, wait that long for the kernel's asynchronous autoclear."""
+    deadline = time.monotonic() + settle
+    while True:
+        out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
+        found = [l for l in out.splitlines() if str(path) in l]
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
 
 
 def test_store_on_a_non_btrfs_root_becomes_a_sparse_loopback_pool(scratch_root):
@@ -53,7 +60,7 @@ def test_store_on_a_non_btrfs_root_becomes_a_sparse_loopback_pool(scratch_root):
 
     assert _tupper(scratch_root, "store", "unmount").returncode == 0
     assert not _mounted(scratch_root)
-    assert not _loops_backed_by(pool), "unmounting releases the loop device"
+    assert not _loops_backed_by(pool, settle=3), "unmounting releases the loop device"
 
     remount = _tupper(scratch_root, "store", "info", "--json")
     assert remount.returncode == 0 and "mounted the loopback btrfs pool" in remount.stderr
@@ -91,4 +98,4 @@ def test_store_on_a_real_btrfs_mount_is_used_directly(tmp_path):
         assert refused.returncode == 2 and "did not create" in refused.stderr
     finally:
         subprocess.run(["umount", "-R", str(mnt)], check=True)
-    assert not _loops_backed_by(image)
+    assert not _loops_backed_by(image, settle=3)
