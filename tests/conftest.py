@@ -36,7 +36,7 @@ def store_root() -> Path:
     if not was_mounted and _mounted(root):
         running = [c for c in _ps(root) if c["state"] in ("running", "starting", "stopping", "failed")]
         if not running:
-            subprocess.run(["umount", str(root)], check=False)
+            subprocess.run([sys.executable, "-m", "tupper", "--root", str(root), "store", "unmount"], check=False)
 
 
 def _mounted(root: Path) -> bool:

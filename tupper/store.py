@@ -205,4 +205,8 @@ class Store:
         """Unmount a loopback pool (the loop device is released with it)."""
         if self.backing != "loopback":
             raise InvalidInput(f"{self.root} is a btrfs mount tupper did not create; unmount it yourself")
+        device = mount_of(self.root)[2]
         proc.run(["umount", str(self.root)])
+        # autoclear releases the loop device only when btrfs lets go of it, which can lag; detach now.
+        if device.startswith("/dev/loop"):
+            proc.run(["losetup", "--detach", device], check=False)

@@ -52,7 +52,10 @@ class Table:
         self._known.add(key)
         if key not in self.data:
             if required:
-                raise self.error(key, "missing (required)")
+                # A misspelt required key is reported here, before check_unknown() could see the typo.
+                close = difflib.get_close_matches(key, sorted(k for k in self.data if k not in self._known), n=1)
+                typo = f"; there is an unknown key '{close[0]}' (did you mean '{key}'?)" if close else ""
+                raise self.error(key, f"missing (required){typo}")
             return default
         value = self.data[key]
         types = typ if isinstance(typ, tuple) else (typ,)

@@ -28,7 +28,7 @@ def scratch_root(tmp_path):
     root = tmp_path / "store"
     yield root
     if _mounted(root):
-        subprocess.run(["umount", str(root)], check=False)
+        _tupper(root, "store", "unmount")
 
 
 def _loops_backed_by(path: Path, settle: float = 0.0) -> list[str]:
@@ -97,5 +97,7 @@ def test_store_on_a_real_btrfs_mount_is_used_directly(tmp_path):
         refused = _tupper(root, "store", "unmount")
         assert refused.returncode == 2 and "did not create" in refused.stderr
     finally:
+        device = next(l.split()[0] for l in open("/proc/self/mounts") if l.split()[1] == str(mnt))
         subprocess.run(["umount", "-R", str(mnt)], check=True)
+        subprocess.run(["losetup", "--detach", device], check=False)
     assert not _loops_backed_by(image, settle=3)
