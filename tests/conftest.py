@@ -144,7 +144,10 @@ def system_snapshot(root: Path, only: str = "") -> dict:
     for h in (Path("/sys/fs/cgroup/systemd/tupper"), Path("/sys/fs/cgroup/unified/tupper"), Path("/sys/fs/cgroup/tupper")):
         if h.is_dir():
             cgroup_dirs += [str(p) for p in h.iterdir() if p.is_dir()]
+    propagate = Path("/run/systemd/nspawn/propagate")
+    nspawn_dirs = [str(p) for p in propagate.iterdir()] if propagate.is_dir() else []
     return {
+        "nspawn_dirs": sorted(d for d in nspawn_dirs if only in d),
         "mounts": sorted(mounts),
         "loops": sorted(l for l in loops if l.strip()),
         "subvolumes": sorted(l.split(" path ", 1)[1] for l in subvols if " path " in l and only in l),

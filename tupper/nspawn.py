@@ -58,3 +58,18 @@ def command_argv(rootfs: Path, command: list[str], host: Host) -> list[str]:
 def _escape(path: str) -> str:
     # nspawn splits --bind arguments at ':'; a literal colon is written '\:'.
     return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def runtime_dirs(name: str) -> list[Path]:
+    """Directories nspawn keeps for a running machine. Where /run is not a tmpfs (as on hosts without
+    systemd) nspawn refuses to delete them when a container is killed, so tupper removes them."""
+    base = Path("/run/systemd/nspawn")
+    return [base / "propagate" / name, base / "unix-export" / name]
+
+
+def remove_runtime_dirs(name: str) -> None:
+    import shutil
+
+    for d in runtime_dirs(name):
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)

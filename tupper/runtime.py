@@ -306,6 +306,7 @@ class Runtime:
             time.sleep(0.005)
         if not self.host.systemd:
             cgroups.remove(rec.name)
+        nspawn.remove_runtime_dirs(rec.name)
 
     def kill(self, name: str) -> Record:
         rec = self.record(name)
@@ -421,6 +422,7 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
             records.mark_exit(cdir, rc)
         if join_cgroup:
             cgroups.remove(name)
+        nspawn.remove_runtime_dirs(name)
         code = 0
     finally:
         os._exit(code)

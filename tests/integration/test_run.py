@@ -223,3 +223,15 @@ def test_twenty_run_stop_rm_cycles_leave_nothing_behind(tupper, names, store_roo
         tupper("rm", name, check=True)
         assert not (store_root / "containers" / name).exists()
     assert system_snapshot(store_root, only="t-test_twenty") == before
+
+
+def test_rm_force_of_a_running_container_leaves_nothing(tupper, names, store_root):
+    name = names()
+    before = system_snapshot(store_root, only=name)
+    tupper("run", REPO / "examples/hello.toml", "--name", name, check=True)
+    leader = tupper.json("status", name)["leader_pid"]
+    assert system_snapshot(store_root, only=name) != before, "the check sees a running container"
+    tupper("rm", "--force", name, check=True)
+    assert gone(leader)
+    assert not (store_root / "containers" / name).exists()
+    assert system_snapshot(store_root, only=name) == before
