@@ -35,15 +35,17 @@ class Record:
     spec_file: str
     created_at: float
     stop_timeout: float
+    start_timeout: float = 60.0
+    restart_policy: str = "no"
     components: list[dict] = attrs.Factory(list)  # {name, version, mount, units}
-    phase: str = "creating"  # creating → starting → running | failed; stopping
+    phase: str = "creating"  # creating → starting → running | failed; stopping; crash-loop
     nspawn_pid: int = 0
     nspawn_starttime: int = 0
     monitor_pid: int = 0
     leader_pid: int = 0
     started_at: float = 0.0
 
-    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "components", "phase",
+    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "components", "phase",
               "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
 
     @property
@@ -81,8 +83,8 @@ class Record:
         if self.nspawn_pid == 0:
             return "created" if self.phase == "creating" else "stopped"
         info = self.exit_info()
-        if self.phase == "failed":
-            return "failed"
+        if self.phase in ("failed", "crash-loop"):
+            return self.phase
         if self.phase == "stopping":
             return "stopped"
         if info is None:
@@ -102,6 +104,7 @@ class Record:
             "started_at": self.started_at or None,
             "spec": self.spec_file,
             "components": [{k: c[k] for k in ("name", "version", "mount")} for c in self.components],
+            "restart_policy": self.restart_policy,
         }
         if (info := self.exit_info()) and not running:
             out["exit"] = info

@@ -95,9 +95,25 @@ class Runtime:
         return images.build(image_def, progress=progress).path
 
     def run(self, spec: Spec, *, keep_failed: bool = False, progress: Progress = SILENT) -> RunResult:
+        """create + start; a failed run leaves nothing behind unless `keep_failed`."""
         t0 = time.monotonic()
+        rec = self.create(spec, progress)
+        try:
+            states = self.start(rec, keep_failed=keep_failed, progress=progress)
+        except RunFailed as exc:
+            if not exc.kept:
+                with self.store.lock():
+                    self._discard(rec.dir, rec.name)
+            raise
+        except BaseException:
+            with self.store.lock():
+                self._discard(rec.dir, rec.name)
+            raise
+        return RunResult(rec.to_json(), states, time.monotonic() - t0)
+
+    def create(self, spec: Spec, progress: Progress = SILENT) -> Record:
+        """Snapshot the image, write the components' units, save the record. Nothing runs yet."""
         image_path = self.resolve_image(spec, progress)
-        self._check_inotify(progress)
         cdir = self._dir(spec.name)
         with contextlib.ExitStack() as undo:
             with self.store.lock():
@@ -112,6 +128,8 @@ class Runtime:
                 spec_file=spec.file,
                 created_at=time.time(),
                 stop_timeout=spec.stop_timeout,
+                start_timeout=spec.start_timeout,
+                restart_policy=spec.restart_policy,
                 components=[
                     {"name": u.component.name, "version": u.component.version, "mount": u.component.mount,
                      "units": list(u.component.units), "source": str(u.component.root)}
@@ -122,29 +140,52 @@ class Runtime:
                 self.store.snapshot(image_path, rec.rootfs)
                 self._prepare_rootfs(rec.rootfs, spec)
             rec.save()
-            binds = [nspawn.Bind(u.component.root, u.component.mount) for u in spec.components]
-            argv = nspawn.boot_argv(spec.name, rec.rootfs, binds, self.host)
-            with progress.step(f"Booting {spec.name}"):
+            undo.pop_all()
+        return rec
+
+    def start(self, rec: Record, *, keep_failed: bool = False, progress: Progress = SILENT) -> list[UnitState]:
+        """Boot an existing container and wait for its units. On a unit failure the container is
+        stopped (or kept running in state `failed`) and RunFailed is raised."""
+        if rec.alive():
+            raise Busy(f"container {rec.name!r} is already {rec.state()}")
+        self._check_inotify(progress)
+        (rec.dir / records.EXIT).unlink(missing_ok=True)
+        binds = [nspawn.Bind(Path(c["source"]), c["mount"]) for c in rec.components]
+        argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host)
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._abort_start, rec)
+            with progress.step(f"Booting {rec.name}"):
                 self._start(rec, argv)
-                bus = ContainerBus.connect(rec.leader_pid, timeout=spec.start_timeout, alive=rec.alive)
+                bus = ContainerBus.connect(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
             undo.callback(bus.close)
-            with progress.step(f"Starting {len(spec.units)} unit(s)"):
-                states, failures = self._wait_units(rec, bus, spec.units, spec.start_timeout, progress)
+            with progress.step(f"Starting {len(rec.units)} unit(s)"):
+                states, failures = self._wait_units(rec, bus, rec.units, rec.start_timeout, progress)
             if failures:
                 if keep_failed:
                     rec.phase = "failed"
                     rec.save()
-                    undo.pop_all()
-                    bus.close()
                 else:
-                    self._halt(rec, bus, spec.stop_timeout)
+                    rec.phase = "stopping"
+                    rec.save()
+                    self._halt(rec, bus, rec.stop_timeout)
+                    rec.phase = "failed"
+                    rec.save()
+                bus.close()
+                undo.pop_all()
                 names = ", ".join(f"{f.unit} ({f.result or f.active_state})" for f in failures)
-                raise RunFailed(f"{spec.name}: unit(s) failed: {names}", failures, kept=keep_failed)
+                raise RunFailed(f"{rec.name}: unit(s) failed: {names}", failures, kept=keep_failed)
             rec.phase = "running"
             rec.save()
-            undo.pop_all()
             bus.close()
-        return RunResult(rec.to_json(), states, time.monotonic() - t0)
+            undo.pop_all()
+        return states
+
+    def _abort_start(self, rec: Record) -> None:
+        """A start that broke half-way (an exception, Ctrl-C): the container must not keep running."""
+        if rec.alive():
+            self._kill(rec)
+        rec.phase = "failed"
+        rec.save()
 
     def _prepare_rootfs(self, rootfs: Path, spec: Spec) -> None:
         # A machine id of its own: journald files and `journalctl --root` find the container's journal by it.

@@ -17,6 +17,7 @@ from tupper.errors import InvalidInput
 NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_IMAGE = "debian-bookworm"
+RESTART_POLICIES = ("no", "on-failure", "always")
 MAX_TIMEOUT = 86400  # a day: larger is a typo, and inf or nan would make waits never end
 
 
@@ -35,6 +36,7 @@ class Spec:
     components: tuple[ComponentUse, ...]
     stop_timeout: float = 10.0
     start_timeout: float = 60.0
+    restart_policy: str = "no"
     file: str = "<spec>"
     base_dir: Path = Path(".")
 
@@ -90,6 +92,11 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
     start = t.table("start")
     start_timeout = _positive(start, "timeout", 60.0)
     start.check_unknown()
+    restart = t.table("restart")
+    restart_policy = restart.get("policy", str, "no")
+    if restart_policy not in RESTART_POLICIES:
+        raise restart.error("policy", f"must be one of {', '.join(RESTART_POLICIES)}, got {restart_policy!r}")
+    restart.check_unknown()
     t.check_unknown()
 
     final_name = name if name is not None else file_name
@@ -125,6 +132,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         components=tuple(uses),
         stop_timeout=stop_timeout,
         start_timeout=start_timeout,
+        restart_policy=restart_policy,
         file=display,
         base_dir=base_dir,
     )
