@@ -29,6 +29,7 @@ SD_PATH = b"/org/freedesktop/systemd1"
 MANAGER = b"org.freedesktop.systemd1.Manager"
 UNIT = b"org.freedesktop.systemd1.Unit"
 
+NSPAWN_RUN = Path("/run/systemd/nspawn")
 POLL = 0.01  # the same polling interval tupper uses while it waits for the bus and the units
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -165,3 +166,11 @@ class RawContainer:
             self.cgroup_made = False
         if self.snap.exists():
             btrfsutil.delete_subvolume(str(self.snap), recursive=True)
+        for d in runtime_dirs(self.name):
+            # nspawn leaves these behind when its container is killed where /run is not a tmpfs.
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def runtime_dirs(name: str) -> list[Path]:
+    """What systemd-nspawn keeps under /run for a running machine."""
+    return [NSPAWN_RUN / "propagate" / name, NSPAWN_RUN / "unix-export" / name]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import btrfsutil
 
-from baseline import RawContainer
+from baseline import NSPAWN_RUN, RawContainer
 from tupper import cgroups
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,6 +141,7 @@ class Cleanup:
         found = [str(p) for p in SCRATCH.glob(f"{PREFIX}-*")]
         found += [str(p) for p in (STORE / "containers").glob(f"{PREFIX}-*")]
         found += [str(p) for h in cgroups.hierarchies() for p in (h / cgroups.PARENT).glob(f"{PREFIX}-*")]
+        found += [str(p) for d in ("propagate", "unix-export") for p in (NSPAWN_RUN / d).glob(f"{PREFIX}-*")]
         return found
 
 
