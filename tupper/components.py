@@ -18,9 +18,14 @@ VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
 UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.(service|socket|timer|path|target|mount)$")
 # Mount points a component may not take over: the container would not boot, or would lose its own files.
 RESERVED_MOUNTS = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var"}
-# ...nor anything below these: kernel API file systems, and systemd's configuration (a bind over
-# /etc/systemd/system would hide the units tupper writes there).
-RESERVED_TREES = tuple(PurePosixPath(d) for d in ("/dev", "/proc", "/sys", "/etc/systemd", "/lib/systemd", "/usr/lib/systemd"))
+# ...nor anything below these: kernel API file systems; systemd's configuration (a bind over
+# /etc/systemd/system would hide the units tupper writes there); and /run, a tmpfs in the container,
+# whose aliases /var/run and /var/lock are absolute symlinks in Debian images (a mount point created
+# through them would land on the host).
+RESERVED_TREES = tuple(
+    PurePosixPath(d)
+    for d in ("/dev", "/proc", "/sys", "/etc/systemd", "/lib/systemd", "/usr/lib/systemd", "/run", "/var/run", "/var/lock")
+)
 
 
 @attrs.frozen
@@ -74,6 +79,9 @@ def load(directory: Path, where: str) -> Component:
             raise t.error(key, f"{unit!r} is not a unit file name (like 'hello.service'); paths are not allowed")
         if units.index(unit) != i:
             raise t.error(key, f"{unit} is listed twice")
+        if "@." in unit:
+            # tupper starts and waits for every listed unit; a template cannot be started without an instance.
+            raise t.error(key, f"{unit} is a template unit; list an instance instead (a unit file named like {unit.replace('@.', '@main.')})")
         path = root / "units" / unit
         inside(root, path, t.where(key))
         if not path.is_file():

@@ -148,11 +148,17 @@ def mount_on_system_dir(tmp: Path, name: str):
     return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), "mount: '/etc' is a system directory"]
 
 
+def mount_through_image_symlink(tmp: Path, name: str):
+    """/var/run is an absolute symlink to /run in the image: a mount point made through it would land on the host."""
+    c = write_component(tmp / "c", "c", {"c.service": UNIT}, extra=f'mount = "/var/run/{name}"\n')
+    return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), f"mount: '/var/run/{name}' is a system directory"]
+
+
 CASES: list[Callable] = [
     malformed_toml, unknown_key, wrong_type, bool_for_number, missing_image, missing_component_dir, dir_without_manifest,
     missing_unit_file, same_unit_twice, requires_unknown, requires_cycle, bad_name_characters, underscore_in_file_stem,
     unit_path_with_dotdot, unit_absolute_path, unit_symlink_pointing_out, payload_absolute_symlink,
-    payload_symlink_climbing_out, mount_with_dotdot, mount_on_system_dir,
+    payload_symlink_climbing_out, mount_with_dotdot, mount_on_system_dir, mount_through_image_symlink,
 ]  # fmt: skip
 
 
@@ -169,6 +175,7 @@ def test_run_refuses_bad_spec_with_exit_2_naming_file_and_key_and_leaves_nothing
     assert system_snapshot(store_root, only=token) == before
     assert not (store_root / "containers" / name).exists()
     assert not any(token in c for c in os.listdir(store_root / "containers"))
+    assert not Path("/run", name).exists(), "nothing may be created on the host outside the store"
 
 
 def test_run_refuses_bad_name_option(tupper, names, store_root, tmp_path):

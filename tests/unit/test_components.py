@@ -174,6 +174,19 @@ def test_units_dir_symlinked_outside_the_component_is_refused(tmp_path):
     assert "leaves the component directory" in msg or "absolute symlink" in msg
 
 
+def test_template_unit_is_refused_with_the_instance_to_list_instead(tmp_path):
+    root = manifest(tmp_path / "c", 'name = "c"\nversion = "1"\nunits = ["worker@.service"]\n', {"worker@.service": UNIT})
+    assert load_error(root) == (
+        f"{root / 'component.toml'}: units[0]: worker@.service is a template unit; "
+        "list an instance instead (a unit file named like worker@main.service)"
+    )
+
+
+def test_instance_unit_is_accepted(tmp_path):
+    root = manifest(tmp_path / "c", 'name = "c"\nversion = "1"\nunits = ["worker@main.service"]\n', {"worker@main.service": UNIT})
+    assert components.load(root, WHERE).units == ("worker@main.service",)
+
+
 def test_unit_file_that_is_not_utf8_is_refused(tmp_path):
     root = manifest(tmp_path / "c", 'name = "c"\nversion = "1"\nunits = ["x.service"]\n')
     (root / "units" / "x.service").write_bytes(b"[Service]\nExecStart=/bin/\xff\n")
@@ -269,6 +282,9 @@ def test_device_node_in_the_tree_is_refused(tmp_path):
         ("/dev/shm/x", "is a system directory"),
         ("/etc/systemd/system", "is a system directory"),
         ("/usr/lib/systemd/system", "is a system directory"),
+        ("/run/app", "is a system directory"),
+        ("/var/run/app", "is a system directory"),
+        ("/var/lock/app", "is a system directory"),
     ],
 )
 def test_bad_mount_is_refused(tmp_path, mount, problem):
