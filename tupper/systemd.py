@@ -63,12 +63,15 @@ class ContainerBus:
             if alive is not None and not alive():
                 raise Failed("the container exited before its system bus came up")
             if bus_socket(leader).exists():
+                bus = None
                 try:
                     bus = cls(leader)
                     bus.system_state()
                     return bus
                 except Exception as exc:  # noqa: BLE001 - pystemd raises several kinds while dbus starts
                     last = exc
+                    if bus is not None:
+                        bus.close()  # pystemd does not close a bus when it is collected
             time.sleep(0.01)
         raise Failed(f"the container's system bus did not answer within {timeout:.0f}s ({last})")
 
