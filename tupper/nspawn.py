@@ -26,13 +26,18 @@ class Host:
         return cls(systemd=os.path.isdir("/run/systemd/system") and os.path.exists("/run/dbus/system_bus_socket"))
 
 
+def machine_name(name: str) -> str:
+    """nspawn's machine name (also the hostname) for a container: hostnames have no '_'."""
+    return name.replace("_", "-")
+
+
 def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host) -> list[str]:
     """argv that boots systemd in `rootfs` as container `name`."""
     argv = [
         "systemd-nspawn",
         "--quiet",
         "--directory", str(rootfs),
-        "--machine", name,
+        "--machine", machine_name(name),
         "--boot",
         "--console", "pipe",
         "--link-journal", "no",
@@ -64,7 +69,7 @@ def runtime_dirs(name: str) -> list[Path]:
     """Directories nspawn keeps for a running machine. Where /run is not a tmpfs (as on hosts without
     systemd) nspawn refuses to delete them when a container is killed, so tupper removes them."""
     base = Path("/run/systemd/nspawn")
-    return [base / "propagate" / name, base / "unix-export" / name]
+    return [base / "propagate" / machine_name(name), base / "unix-export" / machine_name(name)]
 
 
 def remove_runtime_dirs(name: str) -> None:

@@ -113,12 +113,13 @@ class Runtime:
 
     def create(self, spec: Spec, progress: Progress = SILENT) -> Record:
         """Snapshot the image, write the components' units, save the record. Nothing runs yet."""
-        image_path = self.resolve_image(spec, progress)
         cdir = self._dir(spec.name)
+        self._check_name_free(spec)  # before a possibly long image build; checked again under the lock
+        image_path = self.resolve_image(spec, progress)
+        self._check_units_do_not_shadow_the_image(spec, image_path)
         with contextlib.ExitStack() as undo:
             with self.store.lock():
-                if cdir.exists():
-                    raise Exists(f"{spec.file}: name: a container named {spec.name!r} already exists", hint=f"pick another name, or `tupper rm {spec.name}`")
+                self._check_name_free(spec)
                 cdir.mkdir(mode=0o700)
             undo.callback(self._discard, cdir, spec.name)
             rec = Record(
@@ -142,6 +143,25 @@ class Runtime:
             rec.save()
             undo.pop_all()
         return rec
+
+    def _check_name_free(self, spec: Spec) -> None:
+        if self._dir(spec.name).exists():
+            raise Exists(f"{spec.file}: name: a container named {spec.name!r} already exists", hint=f"pick another name, or `tupper rm {spec.name}`")
+        machine = nspawn.machine_name(spec.name)
+        for other in self.store.containers_dir.iterdir():
+            if nspawn.machine_name(other.name) == machine:
+                raise Exists(f"{spec.file}: name: {spec.name!r} and the existing container {other.name!r} would have the same "
+                             f"machine name {machine!r} ('_' becomes '-')", hint="pick another name")
+
+    @staticmethod
+    def _check_units_do_not_shadow_the_image(spec: Spec, image: Path) -> None:
+        """A component unit named like one of the image's own (dbus.service, …) would replace it."""
+        for use in spec.components:
+            for i, unit in enumerate(use.component.units):
+                for d in ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system"):
+                    if os.path.lexists(image / d / unit):
+                        raise InvalidInput(f"{use.component.manifest_file}: units[{i}]: {unit} would replace the image's own /{d}/{unit}",
+                                           hint="rename the unit")
 
     def start(self, rec: Record, *, keep_failed: bool = False, progress: Progress = SILENT) -> list[UnitState]:
         """Boot an existing container and wait for its units. On a unit failure the container is
@@ -192,8 +212,8 @@ class Runtime:
         (rootfs / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
         # nspawn sets the hostname to the machine name only where the image has no /etc/hostname.
         (rootfs / "etc/hostname").unlink(missing_ok=True)
-        for use in spec.components:
-            (rootfs / use.component.mount.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        # Mount points are left to nspawn, which creates them resolving symlinks inside the container's
+        # root; creating them from here would follow an absolute symlink in the image onto the host.
         unitfiles.write(rootfs, unitfiles.plan(spec))
 
     def _start(self, rec: Record, argv: list[str]) -> None:
@@ -392,12 +412,20 @@ class Runtime:
         return out
 
     def exec(self, name: str, argv: list[str]) -> int:
+        return self.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
+
+    def exec_fds(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
+        """exec with the caller's file descriptors (the daemon receives them over D-Bus)."""
         rec = self.running(name)
-        root = Path(f"/proc/{rec.leader_pid}/root")
-        path = resolve_in_root(root, argv[0])
+        path = resolve_in_root(Path(f"/proc/{rec.leader_pid}/root"), argv[0]) if argv else None
         if path is None:
-            raise InvalidInput(f"{argv[0]}: command not found in container {name!r}")
-        return run_command(rec.leader_pid, [path, *argv[1:]], stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno())
+            raise InvalidInput(f"{argv[0] if argv else '(empty)'}: command not found in container {name!r}")
+        return run_command(rec.leader_pid, [path, *argv[1:]], stdin=stdin, stdout=stdout, stderr=stderr)
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send `sig` to the container's PID 1 (systemd: SIGRTMIN+3 halts, SIGTERM re-executes, …)."""
+        rec = self.running(name)
+        os.kill(rec.leader_pid, sig)
 
     def logs_argv(self, rec: Record, *, unit: str | None, lines: int | None, follow: bool) -> list[str]:
         """journalctl on the host, reading the container's journal files (no process inside)."""

@@ -14,7 +14,9 @@ from tupper.errors import InvalidInput
 # The container name is also nspawn's machine name, which must be a valid hostname (systemd's
 # hostname_is_valid()): dot-separated labels of letters, digits and '-', no label starting or ending
 # with '-', at most 64 characters. nspawn refuses anything else ("Invalid machine name"), '_' included.
-NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*$")
+# Each dot-separated part starts and ends with a letter or digit. '_' is allowed in tupper names;
+# nspawn's machine name (a hostname) gets '-' in its place, see nspawn.machine_name().
+NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9_-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9_-]*[a-zA-Z0-9])?)*$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_IMAGE = "debian-bookworm"
 RESTART_POLICIES = ("no", "on-failure", "always")
@@ -54,8 +56,8 @@ class Spec:
 def check_name(name: str, where: str, hint: str | None = None) -> str:
     if not NAME_RE.fullmatch(name) or len(name) > 64:
         raise InvalidInput(
-            f"{where}: invalid container name {name!r}: use letters, digits, '-' and '.' "
-            "(at most 64; no '_'; each dot-separated part starts and ends with a letter or digit)",
+            f"{where}: invalid container name {name!r}: use letters, digits, '_', '-' and '.' "
+            "(at most 64; each dot-separated part starts and ends with a letter or digit)",
             hint=hint,
         )
     return name

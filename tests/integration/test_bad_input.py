@@ -98,9 +98,9 @@ def bad_name_characters(tmp: Path, name: str):
     return spec, [str(spec), f"name: invalid container name {bad!r}"]
 
 
-def underscore_in_file_stem(tmp: Path, name: str):
-    """Without a name key the file's stem is the name; nspawn refuses '_' in machine names."""
-    spec = write_spec(tmp / f"{name.replace('-', '_')}.toml", [SERVICES / "hello"])
+def space_in_file_stem(tmp: Path, name: str):
+    """Without a name key the file's stem is the name, and must be a valid one."""
+    spec = write_spec(tmp / f"{name} x.toml", [SERVICES / "hello"])
     return spec, [str(spec), "name (from the file name): invalid container name"]
 
 
@@ -156,7 +156,7 @@ def mount_through_image_symlink(tmp: Path, name: str):
 
 CASES: list[Callable] = [
     malformed_toml, unknown_key, wrong_type, bool_for_number, missing_image, missing_component_dir, dir_without_manifest,
-    missing_unit_file, same_unit_twice, requires_unknown, requires_cycle, bad_name_characters, underscore_in_file_stem,
+    missing_unit_file, same_unit_twice, requires_unknown, requires_cycle, bad_name_characters, space_in_file_stem,
     unit_path_with_dotdot, unit_absolute_path, unit_symlink_pointing_out, payload_absolute_symlink,
     payload_symlink_climbing_out, mount_with_dotdot, mount_on_system_dir, mount_through_image_symlink,
 ]  # fmt: skip

@@ -275,7 +275,7 @@ def test_requires_cycle_not_through_the_first_component_shows_only_the_cycle(tmp
 
 @pytest.mark.parametrize(
     "bad",
-    ["has space", "semi;colon", "slash/name", "under_score", "-leading", "trailing-", ".dot", "a..b", "a.-b", "a-.b",
+    ["has space", "semi;colon", "slash/name", "_leading", "trailing_", "-leading", "trailing-", ".dot", "a..b", "a.-b", "a-.b",
      "ünïcode", "x" * 65, "line\n"],
 )
 def test_invalid_container_name_in_spec_is_refused(tmp_path, bad):
@@ -284,7 +284,7 @@ def test_invalid_container_name_in_spec_is_refused(tmp_path, bad):
     assert msg.startswith(f"{path}: name: invalid container name {bad!r}")
 
 
-@pytest.mark.parametrize("good", ["a", "A1", "web-1", "web.example", "t--x", "9", "x" * 64])
+@pytest.mark.parametrize("good", ["a", "A1", "web-1", "web.example", "t--x", "9", "x" * 64, "my_app", "a_b.c_d"])
 def test_valid_container_names_are_accepted(tmp_path, good):
     assert specmod.load(spec_file(tmp_path, f'name = "{good}"\n')).name == good
 
@@ -295,13 +295,17 @@ def test_invalid_name_option_is_blamed_on_the_option(tmp_path):
 
 
 def test_invalid_name_from_the_file_stem_says_where_it_came_from(tmp_path):
-    path = spec_file(tmp_path, "", "my_spec.toml")
+    path = spec_file(tmp_path, "", "my spec.toml")
     with pytest.raises(InvalidInput) as info:
         specmod.load(path)
-    assert info.value.message.startswith(f"{path}: name (from the file name): invalid container name 'my_spec'")
+    assert info.value.message.startswith(f"{path}: name (from the file name): invalid container name 'my spec'")
     assert "--name" in info.value.hint
     # ... and --name makes such a file usable.
     assert specmod.load(path, name="my-spec").name == "my-spec"
+
+
+def test_underscore_file_stem_is_a_valid_name(tmp_path):
+    assert specmod.load(spec_file(tmp_path, "", "my_spec.toml")).name == "my_spec"
 
 
 @pytest.mark.parametrize(("bad", "shown"), [('"has space"', "'has space'"), ('"-x"', "'-x'"), ('"a/b"', "'a/b'")])
