@@ -8,7 +8,11 @@ STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
 SPEC ?= examples/web.toml
 
-.PHONY: setup test unit run bench image clean help
+DBUS_POLICY := /etc/dbus-1/system.d/org.tupper1.conf
+DBUS_SERVICE := /usr/share/dbus-1/system-services/org.tupper1.service
+TUPPERD := $(abspath $(VENV))/bin/tupperd
+
+.PHONY: setup bus test unit run bench image clean help
 
 help:
 	@echo "make setup   install Debian packages and the venv (idempotent)"
@@ -17,7 +21,22 @@ help:
 	@echo "make unit    only the fast unit tests"
 	@echo "make bench   benchmarks against plain systemd-nspawn; see docs/benchmarks.md"
 
-setup: $(STAMP_PIP)
+setup: $(STAMP_PIP) bus
+
+# tupperd's D-Bus policy and activation file, and a system bus where none runs (hosts without systemd).
+bus: $(STAMP_PIP)
+	@install -D -m 644 dbus/org.tupper1.conf $(DBUS_POLICY)
+	@sed 's|@TUPPERD@|$(TUPPERD)|' dbus/org.tupper1.service.in > $(DBUS_SERVICE).tmp && mv $(DBUS_SERVICE).tmp $(DBUS_SERVICE)
+	@if [ -d /run/systemd/system ]; then \
+		sed -e 's|@TUPPERD@|$(TUPPERD)|' -e 's|@PREFIX@|$(CURDIR)|' systemd/tupperd.service.in > /etc/systemd/system/tupperd.service; \
+		systemctl daemon-reload; \
+	fi
+	@if dbus-send --system --print-reply --dest=org.freedesktop.DBus / org.freedesktop.DBus.ReloadConfig >/dev/null 2>&1; then \
+		true; \
+	else \
+		echo "no system bus is running: starting one (dbus-daemon --system)"; \
+		rm -f /run/dbus/pid /run/dbus/system_bus_socket; mkdir -p /run/dbus; dbus-daemon --system --fork; \
+	fi
 
 $(STAMP_APT):
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \

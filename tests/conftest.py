@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -45,20 +49,103 @@ def _mounted(root: Path) -> bool:
 
 
 def _ps(root: Path) -> list[dict]:
-    p = subprocess.run([sys.executable, "-m", "tupper", "--root", str(root), "ps", "--json"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(root), "ps", "--json"], capture_output=True, text=True)
     return json.loads(p.stdout) if p.returncode == 0 else []
 
 
-class Tupper:
-    """Runs the real CLI as a subprocess against the test store."""
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>tupper-test</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <servicedir>{services}</servicedir>
+  <policy context="default">
+    <!-- as Debian's system.conf: deny, then punch holes -->
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_destination="org.freedesktop.DBus"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+  </policy>
+  <include>{policy}</include>
+  <limit name="reply_timeout">1200000</limit>
+</busconfig>
+"""
 
-    def __init__(self, root: Path) -> None:
+
+class Bus:
+    """A real dbus-daemon for the test session, with tupper's own policy file and tupperd bus-activated
+    from this checkout (so the tests never talk to a tupperd of another checkout)."""
+
+    def __init__(self, store_root: Path) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="tupper-test-bus-", dir="/run"))
+        self.dir.chmod(0o755)  # a caller running as nobody must reach the socket
+        self.socket = self.dir / "bus"
+        self.address = f"unix:path={self.socket}"
+        services = self.dir / "services"
+        services.mkdir()
+        (services / "org.tupper1.service").write_text(
+            f"[D-BUS Service]\nName=org.tupper1\nExec={sys.executable} -m tupper.daemon --root {store_root} --debug\nUser=root\n")
+        config = self.dir / "bus.conf"
+        config.write_text(BUS_CONFIG.format(socket=self.socket, services=services, policy=REPO / "dbus" / "org.tupper1.conf"))
+        self.log = self.dir / "bus.log"
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.address, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env, cwd="/")
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"test dbus-daemon did not start: {self.log.read_text()}")
+            time.sleep(0.01)
+
+    def tupperd_pid(self) -> int | None:
+        p = subprocess.run(["busctl", f"--address={self.address}", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                            "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s", "org.tupper1"], capture_output=True, text=True)
+        return int(p.stdout.split()[1]) if p.returncode == 0 else None
+
+    def stop_tupperd(self, sig: int = signal.SIGTERM) -> None:
+        pid = self.tupperd_pid()
+        if pid:
+            os.kill(pid, sig)
+            deadline = time.monotonic() + 10
+            while self.tupperd_pid() == pid and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    def close(self) -> None:
+        self.stop_tupperd()
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bus(store_root: Path):
+    b = Bus(store_root)
+    yield b
+    b.close()
+
+
+class Tupper:
+    """Runs the real CLI as a subprocess: container verbs through tupperd on the test bus, store and
+    image commands on the test store."""
+
+    def __init__(self, root: Path, bus: Bus) -> None:
         self.root = root
+        self.bus = bus
+        self.env = dict(os.environ, TUPPER_ROOT=str(root), DBUS_SYSTEM_BUS_ADDRESS=bus.address)
+        self.env.pop("TUPPER_DIRECT", None)
 
     def __call__(self, *args: str, check: bool = False, timeout: float = 600, input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
         p = subprocess.run(
-            [sys.executable, "-m", "tupper", "--root", str(self.root), *map(str, args)],
-            capture_output=True, text=True, timeout=timeout, input=input, cwd=cwd or REPO,
+            [sys.executable, "-m", "tupper", *map(str, args)],
+            capture_output=True, text=True, timeout=timeout, input=input, cwd=cwd or REPO, env=self.env,
         )
         if check and p.returncode != 0:
             raise AssertionError(f"tupper {' '.join(map(str, args))} exited {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
@@ -69,8 +156,8 @@ class Tupper:
 
 
 @pytest.fixture(scope="session")
-def tupper_session(store_root: Path) -> Tupper:
-    t = Tupper(store_root)
+def tupper_session(store_root: Path, bus: Bus) -> Tupper:
+    t = Tupper(store_root, bus)
     # Build the base image once for the whole session (debootstrap, about a minute on a fresh machine).
     t("image", "build", str(REPO / "images" / f"{IMAGE}.toml"), check=True, timeout=1200)
     return t

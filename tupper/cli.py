@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from tupper.backends import finite_seconds
 from tupper.errors import InvalidInput, TupperError
 
 EPILOG = """\
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", type=Path, help="store root (default: $TUPPER_ROOT or /var/lib/tupper)")
     p.add_argument("--debug", action="store_true", help="log every command tupper runs; show tracebacks")
+    p.add_argument("--direct", action="store_true", default=os.environ.get("TUPPER_DIRECT") == "1",
+                   help="run container verbs in this process instead of through tupperd (hosts without a system bus; $TUPPER_DIRECT=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     r = sub.add_parser("run", help="boot a container from a spec and start its components",
@@ -48,10 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("stop", help="power a container off", description="PowerOff over the container's D-Bus; SIGKILL when it is not down after the timeout.")
     sp.add_argument("name")
-    sp.add_argument("--timeout", type=float, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
+    sp.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
 
-    k = sub.add_parser("kill", help="SIGKILL a container at once")
+    sa = sub.add_parser("start", help="boot a stopped container again", description="Boot an existing (stopped, failed or crash-looping) container and wait for its units.")
+    sa.add_argument("name")
+
+    k = sub.add_parser("kill", help="send a signal to a container's PID 1 (default SIGKILL: stop it now)")
     k.add_argument("name")
+    k.add_argument("--signal", "-s", default="KILL", help="signal name or number (default KILL)")
+
+    sh = sub.add_parser("shutdown", help="stop containers, the last started first")
+    sh.add_argument("--all", action="store_true", required=True, help="every running container")
+
+    ev = sub.add_parser("events", help="stream container and unit state changes as they happen")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    sub.add_parser("daemon", help="run tupperd in the foreground (usually started by D-Bus activation)")
 
     rm = sub.add_parser("rm", help="remove a stopped container (its snapshot and record)")
     rm.add_argument("name")
@@ -130,80 +145,96 @@ def _runtime(args):
     return Runtime(_store(args))
 
 
+def _backend(args):
+    from tupper.backends import DaemonBackend, DirectBackend
+
+    if args.direct:
+        return DirectBackend(args.root, _progress(args))
+    if args.root is not None:
+        raise InvalidInput("--root works with --direct only; tupperd serves the store it was started with (tupperd --root)")
+    return DaemonBackend()
+
+
+def _signal_number(text: str) -> int:
+    import signal
+
+    if text.isdigit():
+        return int(text)
+    name = text.upper() if text.upper().startswith("SIG") else f"SIG{text.upper()}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise InvalidInput(f"--signal: unknown signal {text!r}") from None
+
+
 def dispatch(args) -> int:
     cmd = args.command
-    if cmd == "run":
-        return cmd_run(args)
-    if cmd == "ps":
-        return cmd_ps(args)
-    if cmd == "status":
-        return cmd_status(args)
-    if cmd == "stop":
-        rt = _runtime(args)
-        t0 = time.monotonic()
-        rec = rt.stop(args.name, args.timeout)
-        print(f"{rec.name}: {rec.state()} ({time.monotonic() - t0:.2f}s)")
-        return 0
-    if cmd == "kill":
-        rec = _runtime(args).kill(args.name)
-        print(f"{rec.name}: {rec.state()}")
-        return 0
-    if cmd == "rm":
-        _runtime(args).remove(args.name, force=args.force)
-        print(f"{args.name}: removed")
-        return 0
-    if cmd == "exec":
-        command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        if not command:
-            raise InvalidInput("exec: no command given (tupper exec NAME -- CMD [ARGS...])")
-        return _runtime(args).exec(args.name, command)
+    if cmd == "daemon":
+        from tupper.daemon import main as daemon_main
+
+        return daemon_main(["--root", str(args.root)] if args.root else [])
+    if cmd == "image":
+        return cmd_image(args)
+    if cmd == "store":
+        return cmd_store(args)
     if cmd == "logs":
         rt = _runtime(args)
         argv = rt.logs_argv(rt.record(args.name), unit=args.unit, lines=args.lines, follow=args.follow)
         sys.stdout.flush()
         os.execvp(argv[0], argv)
-    if cmd == "image":
-        return cmd_image(args)
-    if cmd == "store":
-        return cmd_store(args)
-    raise AssertionError(cmd)
-
-
-def cmd_run(args) -> int:
-    from tupper import spec as specmod
-    from tupper.runtime import RunFailed
-
-    spec = specmod.load(args.spec, name=args.name)  # all input checks happen before anything is created
-    rt = _runtime(args)
-    try:
-        result = rt.run(spec, keep_failed=args.keep_failed, progress=_progress(args))
-    except RunFailed as exc:
-        for f in exc.failures:
-            print(f"tupper: unit {f.unit} failed (result: {f.result})", file=sys.stderr)
-            for line in f.journal:
-                print(f"    {line}", file=sys.stderr)
-        state = "kept for inspection (tupper rm --force to remove)" if exc.kept else "stopped and removed"
-        print(f"tupper: {spec.name}: {state}", file=sys.stderr)
-        return 1
-    if args.json:
-        out = dict(result.record)
-        out["units"] = [u.to_json() for u in result.units]
-        out["seconds"] = round(result.seconds, 3)
-        print(json.dumps(out, indent=2))
-        return 0
-    from tupper.ui import table
-
-    rec = result.record
-    print(f"{rec['name']} is running (leader pid {rec['leader_pid']}, image {rec['image']}) in {result.seconds:.2f}s")
-    table(["UNIT", "ACTIVE", "SUB", "MAIN PID"], [[u.name, u.active_state, u.sub_state, u.main_pid or "-"] for u in result.units])
+    if cmd == "exec":
+        command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not command:
+            raise InvalidInput("exec: no command given (tupper exec NAME -- CMD [ARGS...])")
+        sys.stdout.flush()
+        return _backend(args).exec(args.name, command)
+    if cmd == "events":
+        return cmd_events(args)
+    backend = _backend(args)
+    if cmd == "run":
+        return cmd_run(args, backend)
+    if cmd == "ps":
+        return cmd_ps(args, backend)
+    if cmd == "status":
+        return cmd_status(args, backend)
+    t0 = time.monotonic()
+    if cmd == "stop":
+        state = backend.stop(args.name, args.timeout)
+        print(f"{args.name}: {state} ({time.monotonic() - t0:.2f}s)")
+    elif cmd == "start":
+        state = backend.start(args.name)
+        print(f"{args.name}: {state} ({time.monotonic() - t0:.2f}s)")
+    elif cmd == "kill":
+        print(f"{args.name}: {backend.kill(args.name, _signal_number(args.signal))}")
+    elif cmd == "rm":
+        backend.remove(args.name, args.force)
+        print(f"{args.name}: removed")
+    elif cmd == "shutdown":
+        for name in backend.shutdown_all():
+            print(f"{name}: stopped")
+    else:
+        raise AssertionError(cmd)
     return 0
 
 
-def cmd_ps(args) -> int:
+def cmd_run(args, backend) -> int:
+    from tupper.ui import table
+
+    if not args.spec.is_file():
+        raise InvalidInput(f"{args.spec}: no such spec file")
+    result = backend.run(args.spec, args.name, args.keep_failed, _progress(args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['name']} is running (leader pid {result['leader_pid']}, image {result['image']}) in {result['seconds']:.2f}s")
+    table(["UNIT", "ACTIVE", "SUB", "MAIN PID"], [[u["name"], u["active_state"], u["sub_state"], u["main_pid"] or "-"] for u in result["units"]])
+    return 0
+
+
+def cmd_ps(args, backend) -> int:
     from tupper.ui import ago, table
 
-    rt = _runtime(args)
-    recs = [r.to_json() for r in rt.records()]
+    recs = backend.list()
     if args.json:
         print(json.dumps(recs, indent=2))
         return 0
@@ -215,10 +246,10 @@ def cmd_ps(args) -> int:
     return 0
 
 
-def cmd_status(args) -> int:
+def cmd_status(args, backend) -> int:
     from tupper.ui import ago, table
 
-    st = _runtime(args).status(args.name)
+    st = backend.status(args.name)
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -228,11 +259,45 @@ def cmd_status(args) -> int:
     print(f"image:    {st['image']}")
     started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st['started_at'])) if st["started_at"] else "-"
     print(f"started:  {started} ({ago(st['started_at'])})")
+    print(f"restart:  {st.get('restart_policy', 'no')}")
     if "exit" in st:
         print(f"exit:     status {st['exit']['returncode']}")
     print()
     table(["UNIT", "ACTIVE", "SUB", "RESULT", "MAIN PID"],
           [[u["name"], u["active_state"], u["sub_state"], u["result"] or "-", u["main_pid"] or "-"] for u in st["units"]])
+    return 0
+
+
+def cmd_events(args) -> int:
+    from tupper.client import Client
+
+    client = Client()
+
+    def show(msg) -> None:
+        if msg.member == "ContainerStateChanged":
+            event = {"type": "container", "name": msg.body[0], "state": msg.body[1]}
+        elif msg.member in ("ContainerAdded", "ContainerRemoved"):
+            event = {"type": "container", "name": msg.body[0], "event": msg.member[len("Container"):].lower()}
+        elif msg.member == "UnitStateChanged":
+            from tupper.api import CONTAINER_PREFIX, unescape_label
+
+            name = unescape_label(msg.path[len(CONTAINER_PREFIX) + 1:])
+            event = {"type": "unit", "name": name, "unit": msg.body[0], "active_state": msg.body[1], "sub_state": msg.body[2]}
+        else:
+            return
+        event["time"] = round(time.time(), 3)
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            if event["type"] == "unit":
+                print(f"{stamp}  {event['name']}  {event['unit']}: {event['active_state']}/{event['sub_state']}", flush=True)
+            else:
+                print(f"{stamp}  {event['name']}  {event.get('state') or event.get('event')}", flush=True)
+
+    client.subscribe("type='signal',sender='org.tupper1',path_namespace='/org/tupper1'", show)
+    client.call("Ping", path="/org/tupper1", interface="org.freedesktop.DBus.Peer")  # start tupperd if needed
+    client.wait_forever()
     return 0
 
 

@@ -44,6 +44,16 @@ class RunFailed(Failed):
         self.failures = failures
         self.kept = kept
 
+    def describe(self) -> str:
+        """The whole story for the user: which units, their result, their last journal lines."""
+        lines = [self.message]
+        for f in self.failures:
+            lines.append(f"unit {f.unit} failed (result: {f.result})")
+            lines += [f"    {line}" for line in f.journal]
+        lines.append("the container was kept for inspection (tupper rm --force to remove)" if self.kept
+                     else "the container was stopped and removed")
+        return "\n".join(lines)
+
 
 @attrs.frozen
 class RunResult:

@@ -93,3 +93,33 @@ def table(headers: list[str], rows: list[list[str]], stream=None) -> None:
     print(fmt.format(*headers).rstrip(), file=stream)
     for row in rows:
         print(fmt.format(*[str(c) for c in row]).rstrip(), file=stream)
+
+
+class RemoteProgress:
+    """Renders progress signals from tupperd (kind, text) with a local Progress."""
+
+    def __init__(self, local: Progress) -> None:
+        self.local = local
+        self._open: contextlib.ExitStack | None = None
+
+    def handle(self, kind: str, text: str) -> None:
+        if kind == "step":
+            self.close()
+            self._open = contextlib.ExitStack()
+            self._open.enter_context(self.local.step(text))
+        elif kind in ("done", "failed"):
+            if self._open is not None:
+                stack, self._open = self._open, None
+                if kind == "done":
+                    stack.close()
+                else:
+                    stack.__exit__(RuntimeError, RuntimeError(text), None)
+        elif kind == "update":
+            self.local.update(text)
+        elif kind == "note":
+            self.local.note(text)
+
+    def close(self) -> None:
+        if self._open is not None:
+            stack, self._open = self._open, None
+            stack.close()

@@ -1,0 +1,324 @@
+"""The D-Bus API of tupperd (bus name org.tupper1), with dbus-next: the one module that exports objects.
+
+/org/tupper1                      org.tupper1.Manager    run, list, get, stop, kill, remove, start, shutdown, exec
+/org/tupper1/container/<label>    org.tupper1.Container  properties, stop/kill, unit control; UnitStateChanged
+
+Methods that change anything are @privileged: the caller's uid, as the bus daemon reports it, must be
+root or in the admin group; others get org.freedesktop.DBus.Error.AccessDenied.
+"""
+# No `from __future__ import annotations`: dbus-next reads the signature strings from the annotations.
+
+import asyncio
+import grp
+import json
+import logging
+import os
+import pwd
+
+from dbus_next import BusType, Message, MessageType
+from dbus_next.aio import MessageBus
+from dbus_next.errors import DBusError
+from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+
+from tupper.errors import TupperError
+
+log = logging.getLogger("tupperd")
+
+BUS_NAME = "org.tupper1"
+MANAGER_PATH = "/org/tupper1"
+MANAGER_IFACE = "org.tupper1.Manager"
+CONTAINER_IFACE = "org.tupper1.Container"
+CONTAINER_PREFIX = "/org/tupper1/container"
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+
+
+def escape_label(name: str) -> str:
+    """Object path label for a name, as systemd escapes unit names: [A-Za-z0-9] kept, others _xx."""
+    if not name:
+        return "_"
+    return "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in name)
+
+
+def unescape_label(label: str) -> str:
+    out, i = [], 0
+    while i < len(label):
+        if label[i] == "_" and i + 2 < len(label) + 0 and len(label) >= i + 3:
+            out.append(chr(int(label[i + 1 : i + 3], 16)))
+            i += 3
+        else:
+            out.append(label[i])
+            i += 1
+    return "".join(out)
+
+
+def container_path(name: str) -> str:
+    return f"{CONTAINER_PREFIX}/{escape_label(name)}"
+
+
+def privileged(fn):
+    """Mark a method as changing state: only root or the admin group may call it."""
+    fn.__tupper_privileged__ = True
+    return fn
+
+
+def dbus_error(exc: TupperError) -> DBusError:
+    text = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
+    return DBusError(exc.dbus_name, text)
+
+
+class TupperBus(MessageBus):
+    """A MessageBus that checks the caller of @privileged methods before dispatching them."""
+
+    def __init__(self, *args, admin_group: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.admin_group = admin_group
+
+    def _make_method_handler(self, interface, method_):
+        inner = super()._make_method_handler(interface, method_)
+        if not getattr(method_.fn, "__tupper_privileged__", False):
+            return inner
+
+        def handler(msg, send_reply):
+            async def check():
+                try:
+                    allowed = await self.caller_allowed(msg.sender)
+                except Exception as exc:  # noqa: BLE001 - a caller we cannot identify is refused
+                    log.warning("cannot identify caller %s: %s", msg.sender, exc)
+                    allowed = False
+                if allowed:
+                    inner(msg, send_reply)
+                else:
+                    send_reply(Message.new_error(msg, ACCESS_DENIED, f"{method_.name} changes state: only root or members of group "
+                                                                     f"{self.admin_group or '(none)'} may call it"))
+
+            asyncio.ensure_future(check())
+
+        return handler
+
+    async def caller_allowed(self, sender: str) -> bool:
+        reply = await self.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                        interface="org.freedesktop.DBus", member="GetConnectionUnixUser",
+                                        signature="s", body=[sender]))
+        if reply.message_type == MessageType.ERROR:
+            return False
+        uid = reply.body[0]
+        if uid == 0:
+            return True
+        if not self.admin_group:
+            return False
+        try:
+            group = grp.getgrnam(self.admin_group)
+            user = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return user.pw_gid == group.gr_gid or user.pw_name in group.gr_mem
+
+
+class ManagerInterface(ServiceInterface):
+    def __init__(self, daemon) -> None:
+        super().__init__(MANAGER_IFACE)
+        self.daemon = daemon
+
+    async def _guard(self, coro):
+        try:
+            return await coro
+        except TupperError as exc:
+            raise dbus_error(exc) from None
+
+    # ---- methods ------------------------------------------------------------------------------
+
+    @method()
+    @privileged
+    async def Run(self, spec_path: "s", name: "s", keep_failed: "b") -> "os":
+        """Run the spec file at spec_path (absolute); name overrides the spec's when not empty.
+        Returns the container's object path and its record as JSON."""
+        rec = await self._guard(self.daemon.run_file(spec_path, name or None, keep_failed))
+        return [container_path(rec["name"]), json.dumps(rec)]
+
+    @method()
+    @privileged
+    async def RunText(self, toml: "s", base_dir: "s", name: "s", keep_failed: "b") -> "os":
+        """Run a spec given as TOML text; component paths are relative to base_dir."""
+        rec = await self._guard(self.daemon.run_text(toml, base_dir, name or None, keep_failed))
+        return [container_path(rec["name"]), json.dumps(rec)]
+
+    @method()
+    def List(self) -> "a(ssuso)":
+        """Every container: name, state, leader PID (0 when not running), image, object path."""
+        return [[r["name"], r["state"], r["leader_pid"] or 0, r["image"], container_path(r["name"])] for r in self.daemon.list()]
+
+    @method()
+    def ListJSON(self) -> "s":
+        """The same as `tupper ps --json`."""
+        return json.dumps(self.daemon.list())
+
+    @method()
+    def GetContainer(self, name: "s") -> "o":
+        try:
+            self.daemon.get(name)
+        except TupperError as exc:
+            raise dbus_error(exc) from None
+        return container_path(name)
+
+    @method()
+    async def GetJSON(self, name: "s") -> "s":
+        """The same as `tupper status NAME --json` (units read from the container's systemd)."""
+        return json.dumps(await self._guard(self.daemon.status(name)))
+
+    @method()
+    @privileged
+    async def Start(self, name: "s") -> "s":
+        """Boot a stopped (or crash-looping) container again; returns its state."""
+        return await self._guard(self.daemon.start(name))
+
+    @method()
+    @privileged
+    async def Stop(self, name: "s", timeout: "d") -> "s":
+        """PowerOff, SIGKILL after timeout seconds (< 0: the spec's [stop] timeout); returns the state."""
+        return await self._guard(self.daemon.stop(name, None if timeout < 0 else timeout))
+
+    @method()
+    @privileged
+    async def Kill(self, name: "s", signal_number: "i") -> "s":
+        """Send a signal to the container's PID 1 (9 = SIGKILL: stop it now); returns the state."""
+        return await self._guard(self.daemon.kill(name, signal_number))
+
+    @method()
+    @privileged
+    async def Remove(self, name: "s", force: "b") -> None:
+        await self._guard(self.daemon.remove(name, force))
+
+    @method()
+    @privileged
+    async def Shutdown(self, all_containers: "b") -> "as":
+        """Stop every running container, the last started first; returns their names in stop order."""
+        return await self._guard(self.daemon.shutdown_all()) if all_containers else []
+
+    @method()
+    @privileged
+    async def Exec(self, name: "s", argv: "as", stdin: "h", stdout: "h", stderr: "h") -> "i":
+        """Run argv in the container as a transient unit on the given file descriptors; returns its exit code."""
+        return await self._guard(self.daemon.exec(name, argv, stdin, stdout, stderr))
+
+    # ---- properties and signals -----------------------------------------------------------------
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":
+        from tupper import __version__
+
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StoreRoot(self) -> "s":
+        return str(self.daemon.runtime.store.root)
+
+    @signal()
+    def ContainerAdded(self, name: str, path: str) -> "so":
+        return [name, path]
+
+    @signal()
+    def ContainerRemoved(self, name: str, path: str) -> "so":
+        return [name, path]
+
+    @signal()
+    def ContainerStateChanged(self, name: str, state: str) -> "ss":
+        return [name, state]
+
+    @signal()
+    def Progress(self, name: str, kind: str, text: str) -> "sss":
+        """Progress of a long operation on container `name`: kind is step, done, failed, update or note."""
+        return [name, kind, text]
+
+
+class ContainerInterface(ServiceInterface):
+    def __init__(self, daemon, name: str) -> None:
+        super().__init__(CONTAINER_IFACE)
+        self.daemon = daemon
+        self.container = name  # not `name`: ServiceInterface.name is the interface's name
+
+    def _rec(self):
+        return self.daemon.get(self.container)
+
+    async def _guard(self, coro):
+        try:
+            return await coro
+        except TupperError as exc:
+            raise dbus_error(exc) from None
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.container
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        return self.daemon.state_of(self.container)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Image(self) -> "s":
+        return self._rec().image
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LeaderPID(self) -> "u":
+        rec = self._rec()
+        return rec.leader_pid if rec.alive() else 0
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StartedAt(self) -> "t":
+        """Microseconds since the epoch (0: never started)."""
+        return int(self._rec().started_at * 1_000_000)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Components(self) -> "as":
+        return [c["name"] for c in self._rec().components]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Units(self) -> "as":
+        return self._rec().units
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RestartPolicy(self) -> "s":
+        return self._rec().restart_policy
+
+    @method()
+    @privileged
+    async def Stop(self, timeout: "d") -> "s":
+        return await self._guard(self.daemon.stop(self.container, None if timeout < 0 else timeout))
+
+    @method()
+    @privileged
+    async def Kill(self, signal_number: "i") -> "s":
+        return await self._guard(self.daemon.kill(self.container, signal_number))
+
+    @method()
+    @privileged
+    async def StartUnit(self, unit: "s") -> "s":
+        """Start one of the container's component units; returns the job result (done, failed, …)."""
+        return await self._guard(self.daemon.unit_job(self.container, unit, "StartUnit"))
+
+    @method()
+    @privileged
+    async def StopUnit(self, unit: "s") -> "s":
+        return await self._guard(self.daemon.unit_job(self.container, unit, "StopUnit"))
+
+    @method()
+    @privileged
+    async def RestartUnit(self, unit: "s") -> "s":
+        return await self._guard(self.daemon.unit_job(self.container, unit, "RestartUnit"))
+
+    @method()
+    async def ListUnits(self) -> "a(ssss)":
+        """The component units: name, ActiveState, SubState, Result."""
+        units = await self._guard(self.daemon.units(self.container))
+        return [[u["name"], u["active_state"], u["sub_state"], u["result"]] for u in units]
+
+    @signal()
+    def UnitStateChanged(self, unit: str, active_state: str, sub_state: str) -> "sss":
+        return [unit, active_state, sub_state]
+
+
+def system_bus_address() -> str:
+    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+
+
+async def connect_system_bus(admin_group: str | None) -> TupperBus:
+    return await TupperBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True, admin_group=admin_group).connect()

@@ -1,0 +1,123 @@
+"""Where the CLI's container verbs go: to tupperd over D-Bus (the default), or, with --direct, to the
+runtime in this process. Both expose the same verbs with the same results; neither orders operations
+itself: that is the runtime's job, which tupperd calls too."""
+
+from __future__ import annotations
+
+import math
+import sys
+import tomllib
+from pathlib import Path
+
+from tupper.errors import Failed
+from tupper.progress import Progress
+
+
+class DaemonBackend:
+    def __init__(self) -> None:
+        from tupper.client import Client
+
+        self.client = Client()
+
+    def run(self, spec_path: Path, name: str | None, keep_failed: bool, progress: Progress) -> dict:
+        from tupper.ui import RemoteProgress
+
+        target = name or _spec_name(spec_path)
+        remote = RemoteProgress(progress)
+        rule = "type='signal',sender='org.tupper1',interface='org.tupper1.Manager',member='Progress'"
+        if target:
+            rule += f",arg0='{target}'"
+        self.client.subscribe(rule, lambda m: remote.handle(*m.body[1:]) if m.member == "Progress" else None)
+        try:
+            return self.client.run(str(spec_path.resolve()), name, keep_failed)
+        finally:
+            remote.close()
+
+    def __getattr__(self, verb):
+        return getattr(self.client, verb)
+
+
+class DirectBackend:
+    """The runtime in this process: for hosts without a system bus, and for debugging."""
+
+    def __init__(self, root: Path | None, progress: Progress) -> None:
+        from tupper.runtime import Runtime
+        from tupper.store import Store
+
+        self.runtime = Runtime(Store.open(root, progress=progress))
+
+    def run(self, spec_path: Path, name: str | None, keep_failed: bool, progress: Progress) -> dict:
+        from tupper import spec as specmod
+        from tupper.runtime import RunFailed
+
+        spec = specmod.load(spec_path, name=name)
+        try:
+            result = self.runtime.run(spec, keep_failed=keep_failed, progress=progress)
+        except RunFailed as exc:
+            raise Failed(exc.describe()) from None
+        out = dict(result.record)
+        out["units"] = [u.to_json() for u in result.units]
+        out["seconds"] = round(result.seconds, 3)
+        return out
+
+    def list(self) -> list[dict]:
+        return [r.to_json() for r in self.runtime.records()]
+
+    def status(self, name: str) -> dict:
+        return self.runtime.status(name)
+
+    def start(self, name: str) -> str:
+        from tupper.runtime import RunFailed
+
+        try:
+            self.runtime.start(self.runtime.record(name))
+        except RunFailed as exc:
+            raise Failed(exc.describe()) from None
+        return self.runtime.record(name).state()
+
+    def stop(self, name: str, timeout: float | None) -> str:
+        return self.runtime.stop(name, timeout).state()
+
+    def kill(self, name: str, signal_number: int) -> str:
+        if signal_number == 9:
+            return self.runtime.kill(name).state()
+        self.runtime.signal(name, signal_number)
+        return self.runtime.record(name).state()
+
+    def remove(self, name: str, force: bool) -> None:
+        self.runtime.remove(name, force=force)
+
+    def shutdown_all(self) -> list[str]:
+        running = sorted((r for r in self.runtime.records() if r.alive()), key=lambda r: r.started_at, reverse=True)
+        for rec in running:
+            self.runtime.stop(rec.name)
+        return [r.name for r in running]
+
+    def exec(self, name: str, argv: list[str]) -> int:
+        return self.runtime.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
+
+    def close(self) -> None:
+        pass
+
+
+def _spec_name(path: Path) -> str | None:
+    """The container name a spec file will get, to follow its progress (the daemon validates it)."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    name = doc.get("name", path.stem)
+    return name if isinstance(name, str) and "'" not in name else None
+
+
+def finite_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds ≥ 0 (nan or inf would make a wait endless)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds ≥ 0, got {text!r}")
+    return value

@@ -1,0 +1,476 @@
+"""tupperd: owns org.tupper1 on the system bus and supervises every container of one store.
+
+The daemon keeps no state of its own that is not on disk: at start it re-adopts every container from
+its record and /proc (watching its nspawn with a pidfd, following its units over the container's own
+bus), so a SIGKILLed tupperd loses nothing. SIGTERM leaves containers running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import attrs
+from dbus_next import Message, MessageType
+from dbus_next.aio import MessageBus
+from dbus_next.constants import NameFlag, RequestNameReply
+
+from tupper import api, proc
+from tupper import spec as specmod
+from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
+from tupper.progress import Progress
+from tupper.records import Record
+from tupper.runtime import RunFailed, Runtime
+from tupper.store import Store
+from tupper.systemd import bus_socket
+
+log = logging.getLogger("tupperd")
+
+# Restart policy: the n-th consecutive failure waits RESTART_DELAY * 2**(n-1) s (at most RESTART_MAX_DELAY);
+# after CRASH_LOOP_LIMIT consecutive failures the container is left in state "crash-loop". A container
+# that ran for STABLE_AFTER s before failing starts counting from zero again.
+RESTART_DELAY = float(os.environ.get("TUPPER_RESTART_DELAY", "1.0"))
+RESTART_MAX_DELAY = 60.0
+CRASH_LOOP_LIMIT = int(os.environ.get("TUPPER_CRASH_LOOP_LIMIT", "5"))
+STABLE_AFTER = 60.0
+
+SD = "org.freedesktop.systemd1"
+SD_PATH = "/org/freedesktop/systemd1"
+SD_MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
+
+
+class SignalProgress(Progress):
+    """Progress of an operation, sent as Manager.Progress signals (from worker threads)."""
+
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        self.daemon = daemon
+        self.name = name
+
+    def _emit(self, kind: str, text: str) -> None:
+        self.daemon.call_soon(self.daemon.manager.Progress, self.name, kind, text)
+
+    @contextlib.contextmanager
+    def step(self, text: str):
+        t0 = time.monotonic()
+        self._emit("step", text)
+        try:
+            yield
+        except BaseException:
+            self._emit("failed", text)
+            raise
+        self._emit("done", f"{text} ({time.monotonic() - t0:.2f}s)")
+
+    def update(self, text: str) -> None:
+        self._emit("update", text)
+
+    def note(self, text: str) -> None:
+        self._emit("note", text)
+
+
+@attrs.define(eq=False)
+class Watched:
+    """What the daemon holds for one container it supervises."""
+
+    name: str
+    iface: api.ContainerInterface
+    pidfd: int | None = None
+    nspawn_pid: int = 0
+    cbus: MessageBus | None = None
+    unit_paths: dict[str, str] = attrs.Factory(dict)  # systemd object path -> unit name
+    jobs: dict[str, asyncio.Future] = attrs.Factory(dict)  # job path -> future of its result
+    failures: int = 0
+    restart_task: asyncio.Task | None = None
+    deliberate: bool = False  # stopped or killed on purpose: no restart
+    state: str = ""
+    lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+
+
+class Daemon:
+    def __init__(self, runtime: Runtime, bus: api.TupperBus) -> None:
+        self.runtime = runtime
+        self.bus = bus
+        self.loop = asyncio.get_running_loop()
+        self.manager = api.ManagerInterface(self)
+        self.watched: dict[str, Watched] = {}
+        self.creating: set[str] = set()
+
+    def call_soon(self, fn, *args) -> None:
+        if threading.current_thread() is threading.main_thread():
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    # ---- start-up and re-adoption ---------------------------------------------------------------
+
+    async def begin(self) -> None:
+        """Export the API, re-adopt every container on disk, then take the bus name."""
+        self.bus.export(api.MANAGER_PATH, self.manager)
+        for rec in self.runtime.records():
+            await self._track(rec, announce=False)
+        reply = await self.bus.request_name(api.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise Failed(f"cannot own {api.BUS_NAME} on the system bus ({reply.name}): another tupperd runs, or the policy forbids it")
+        log.info("tupperd ready: %d container(s) adopted, store %s", len(self.watched), self.runtime.store.root)
+
+    async def _track(self, rec: Record, *, announce: bool = True) -> Watched:
+        w = self.watched.get(rec.name)
+        if w is None:
+            w = Watched(rec.name, api.ContainerInterface(self, rec.name))
+            self.watched[rec.name] = w
+            self.bus.export(api.container_path(rec.name), w.iface)
+            if announce:
+                self.manager.ContainerAdded(rec.name, api.container_path(rec.name))
+        w.state = rec.state()
+        if rec.alive():
+            await self._attach(w, rec)
+        return w
+
+    def _untrack(self, name: str) -> None:
+        w = self.watched.pop(name, None)
+        if w is None:
+            return
+        self._detach(w)
+        if w.restart_task:
+            w.restart_task.cancel()
+        self.bus.unexport(api.container_path(name))
+        self.manager.ContainerRemoved(name, api.container_path(name))
+
+    async def _attach(self, w: Watched, rec: Record) -> None:
+        """Watch the container's nspawn (pidfd) and follow its units over its own bus."""
+        self._detach(w)
+        try:
+            fd = os.pidfd_open(rec.nspawn_pid)
+        except ProcessLookupError:
+            return
+        if not proc.pid_alive(rec.nspawn_pid, rec.nspawn_starttime):  # the pid was reused
+            os.close(fd)
+            return
+        w.pidfd, w.nspawn_pid = fd, rec.nspawn_pid
+        self.loop.add_reader(fd, lambda: asyncio.ensure_future(self._on_exit(w, fd)))
+        try:
+            await self._subscribe_units(w, rec)
+        except Exception as exc:  # noqa: BLE001 - the container runs without unit signals; say so
+            log.warning("%s: cannot follow its units over its bus: %s", rec.name, exc)
+
+    def _detach(self, w: Watched) -> None:
+        if w.pidfd is not None:
+            self.loop.remove_reader(w.pidfd)
+            os.close(w.pidfd)
+            w.pidfd = None
+        if w.cbus is not None:
+            w.cbus.disconnect()
+            w.cbus = None
+        for fut in w.jobs.values():
+            if not fut.done():
+                fut.set_result("canceled")
+        w.jobs.clear()
+
+    async def _subscribe_units(self, w: Watched, rec: Record) -> None:
+        from pystemd.dbuslib import path_encode
+
+        cbus = await MessageBus(bus_address=f"unix:path={bus_socket(rec.leader_pid)}").connect()
+        w.cbus = cbus
+        w.unit_paths = {path_encode(UNIT_PREFIX.rstrip("/").encode(), u.encode()).decode(): u for u in rec.units}
+
+        def on_message(msg: Message) -> None:
+            if msg.message_type != MessageType.SIGNAL:
+                return
+            if msg.member == "PropertiesChanged" and msg.path in w.unit_paths and msg.body[0] == "org.freedesktop.systemd1.Unit":
+                changed = msg.body[1]
+                if "ActiveState" in changed or "SubState" in changed:
+                    active = changed["ActiveState"].value if "ActiveState" in changed else ""
+                    sub = changed["SubState"].value if "SubState" in changed else ""
+                    w.iface.UnitStateChanged(w.unit_paths[msg.path], active, sub)
+            elif msg.member == "JobRemoved" and msg.interface == SD_MANAGER:
+                _, job, _, result = msg.body
+                fut = w.jobs.pop(job, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(result)
+
+        cbus.add_message_handler(on_message)
+        for rule in (
+            f"type='signal',sender='{SD}',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path_namespace='{UNIT_PREFIX.rstrip('/')}'",
+            f"type='signal',sender='{SD}',interface='{SD_MANAGER}',member='JobRemoved'",
+        ):
+            await self._call(cbus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule])
+        # systemd sends unit signals only to subscribed clients.
+        await self._call(cbus, SD, SD_PATH, SD_MANAGER, "Subscribe")
+
+    @staticmethod
+    async def _call(bus: MessageBus, dest: str, path: str, iface: str, member: str, sig: str = "", body: list | None = None):
+        reply = await bus.call(Message(destination=dest, path=path, interface=iface, member=member, signature=sig, body=body or []))
+        if reply.message_type == MessageType.ERROR:
+            raise Failed(f"{member}: {reply.error_name}: {reply.body[0] if reply.body else ''}")
+        return reply.body
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def get(self, name: str) -> Record:
+        specmod.check_name(name, "container name")
+        if name not in self.watched:
+            raise NotFound(f"no container {name!r}", hint="see `tupper ps`")
+        return self.runtime.record(name)
+
+    def state_of(self, name: str) -> str:
+        return self.get(name).state()
+
+    def _set_state(self, w: Watched) -> None:
+        try:
+            state = self.runtime.record(w.name).state()
+        except NotFound:
+            return
+        if state != w.state:
+            w.state = state
+            self.manager.ContainerStateChanged(w.name, state)
+            w.iface.emit_properties_changed({"State": state})
+
+    def list(self) -> list[dict]:
+        out = []
+        for name in sorted(self.watched):
+            try:
+                out.append(self.runtime.record(name).to_json())
+            except NotFound:
+                continue
+        return out
+
+    async def status(self, name: str) -> dict:
+        self.get(name)
+        return await asyncio.to_thread(self.runtime.status, name)
+
+    async def units(self, name: str) -> list[dict]:
+        return (await self.status(name))["units"]
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    async def run_file(self, spec_path: str, name: str | None, keep_failed: bool) -> dict:
+        path = Path(spec_path)
+        if not path.is_absolute():
+            raise InvalidInput(f"{spec_path}: the daemon needs an absolute spec path")
+        spec = await asyncio.to_thread(specmod.load, path, name)
+        return await self._run(spec, keep_failed)
+
+    async def run_text(self, text: str, base_dir: str, name: str | None, keep_failed: bool) -> dict:
+        if not os.path.isabs(base_dir):
+            raise InvalidInput(f"{base_dir}: base directory must be absolute")
+        spec = await asyncio.to_thread(specmod.from_text, text, Path(base_dir), "<spec>", name)
+        return await self._run(spec, keep_failed)
+
+    async def _run(self, spec: specmod.Spec, keep_failed: bool) -> dict:
+        if spec.name in self.creating or spec.name in self.watched:
+            raise Exists(f"{spec.file}: name: a container named {spec.name!r} already exists", hint=f"pick another name, or `tupper rm {spec.name}`")
+        self.creating.add(spec.name)
+        try:
+            progress = SignalProgress(self, spec.name)
+            try:
+                result = await asyncio.to_thread(self.runtime.run, spec, keep_failed=keep_failed, progress=progress)
+            except RunFailed as exc:
+                if exc.kept:
+                    await self._track(self.runtime.record(spec.name))
+                raise Failed(exc.describe()) from None
+            w = await self._track(self.runtime.record(spec.name))
+            self._set_state(w)
+            out = dict(result.record)
+            out["units"] = [u.to_json() for u in result.units]
+            out["seconds"] = round(result.seconds, 3)
+            return out
+        finally:
+            self.creating.discard(spec.name)
+
+    async def start(self, name: str) -> str:
+        w = self._watched(name)
+        async with w.lock:
+            if w.restart_task:
+                w.restart_task.cancel()
+                w.restart_task = None
+            w.failures, w.deliberate = 0, False
+            await self._start(w, SignalProgress(self, name))
+        return self.state_of(name)
+
+    async def _start(self, w: Watched, progress: Progress) -> None:
+        rec = self.runtime.record(w.name)
+        try:
+            await asyncio.to_thread(self.runtime.start, rec, progress=progress)
+        except RunFailed as exc:
+            self._set_state(w)
+            raise Failed(exc.describe()) from None
+        finally:
+            self._set_state(w)
+        await self._attach(w, self.runtime.record(w.name))
+        self._set_state(w)
+
+    async def stop(self, name: str, timeout: float | None) -> str:
+        w = self._watched(name)
+        w.deliberate = True
+        if w.restart_task:
+            w.restart_task.cancel()
+            w.restart_task = None
+        async with w.lock:
+            await asyncio.to_thread(self.runtime.stop, name, timeout)
+            await self._settle(w)
+        return self.state_of(name)
+
+    async def kill(self, name: str, signal_number: int) -> str:
+        w = self._watched(name)
+        try:
+            sig = signal.Signals(signal_number)
+        except ValueError:
+            raise InvalidInput(f"invalid signal number {signal_number}") from None
+        if sig == signal.SIGKILL:
+            w.deliberate = True
+            if w.restart_task:
+                w.restart_task.cancel()
+            await asyncio.to_thread(self.runtime.kill, name)
+            await self._settle(w)
+        else:
+            await asyncio.to_thread(self.runtime.signal, name, sig)
+        return self.state_of(name)
+
+    async def remove(self, name: str, force: bool) -> None:
+        w = self._watched(name)
+        rec = self.runtime.record(name)
+        if rec.alive() and not force:
+            raise Busy(f"container {name!r} is {rec.state()}", hint=f"stop it first (`tupper stop {name}`) or use --force")
+        w.deliberate = True
+        if w.restart_task:
+            w.restart_task.cancel()
+        async with w.lock:
+            await asyncio.to_thread(self.runtime.remove, name, force=force)
+        self._untrack(name)
+
+    async def shutdown_all(self) -> list[str]:
+        running = [r for r in (self.runtime.record(n) for n in list(self.watched)) if r.alive()]
+        order = sorted(running, key=lambda r: r.started_at, reverse=True)
+        for rec in order:
+            await self.stop(rec.name, None)
+        return [r.name for r in order]
+
+    async def exec(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
+        self._watched(name)
+        try:
+            return await asyncio.to_thread(self.runtime.exec_fds, name, argv, stdin, stdout, stderr)
+        finally:
+            for fd in {stdin, stdout, stderr}:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    async def unit_job(self, name: str, unit: str, method: str) -> str:
+        w = self._watched(name)
+        rec = self.runtime.record(name)
+        if unit not in rec.units:
+            raise InvalidInput(f"{unit}: not a unit of container {name!r} (its units: {', '.join(rec.units)})")
+        if w.cbus is None:
+            raise Failed(f"container {name!r} is not running (state: {rec.state()})")
+        fut = self.loop.create_future()
+        (job,) = await self._call(w.cbus, SD, SD_PATH, SD_MANAGER, method, "ss", [unit, "replace"])
+        w.jobs[job] = fut
+        try:
+            return await asyncio.wait_for(fut, timeout=rec.start_timeout)
+        except asyncio.TimeoutError:
+            w.jobs.pop(job, None)
+            raise Failed(f"{unit}: {method} did not finish within {rec.start_timeout:.0f}s") from None
+
+    def _watched(self, name: str) -> Watched:
+        self.get(name)
+        return self.watched[name]
+
+    async def _settle(self, w: Watched) -> None:
+        """After a stop or kill: stop watching, publish the state."""
+        self._detach(w)
+        self._set_state(w)
+
+    # ---- supervision --------------------------------------------------------------------------
+
+    async def _on_exit(self, w: Watched, fd: int) -> None:
+        if w.pidfd != fd:
+            return  # already handled (a stop detached it)
+        self._detach(w)
+        # The monitor records nspawn's exit status right after it; give it a moment.
+        rec = self.runtime.record(w.name)
+        deadline = time.monotonic() + 2.0
+        while rec.exit_info() is None and proc.pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._set_state(w)
+        if w.deliberate or w.lock.locked():
+            return
+        info = rec.exit_info() or {}
+        failed = info.get("returncode", 1) != 0
+        policy = rec.restart_policy
+        log.info("%s: exited (status %s), restart policy %s", w.name, info.get("returncode"), policy)
+        if policy == "always" or (policy == "on-failure" and failed):
+            if time.time() - rec.started_at >= STABLE_AFTER:
+                w.failures = 0
+            w.failures += 1
+            self._schedule_restart(w)
+
+    def _schedule_restart(self, w: Watched) -> None:
+        if w.failures > CRASH_LOOP_LIMIT:
+            rec = self.runtime.record(w.name)
+            rec.phase = "crash-loop"
+            rec.save()
+            log.warning("%s: failed %d times in a row: crash-loop, not restarting (tupper start %s to try again)",
+                        w.name, w.failures - 1, w.name)
+            self._set_state(w)
+            return
+        delay = min(RESTART_DELAY * 2 ** (w.failures - 1), RESTART_MAX_DELAY)
+        log.info("%s: restarting in %.1fs (attempt %d)", w.name, delay, w.failures)
+        w.restart_task = asyncio.ensure_future(self._restart_later(w, delay))
+
+    async def _restart_later(self, w: Watched, delay: float) -> None:
+        await asyncio.sleep(delay)
+        w.restart_task = None
+        if w.deliberate or self.watched.get(w.name) is not w:
+            return
+        async with w.lock:
+            try:
+                await self._start(w, Progress())
+                log.info("%s: restarted", w.name)
+                return
+            except (TupperError, OSError) as exc:
+                log.warning("%s: restart failed: %s", w.name, exc)
+        w.failures += 1
+        self._schedule_restart(w)
+
+
+async def serve(root: Path | None, admin_group: str | None) -> None:
+    store = Store.open(root)
+    runtime = Runtime(store)
+    bus = await api.connect_system_bus(admin_group)
+    daemon = Daemon(runtime, bus)
+    await daemon.begin()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        daemon.loop.add_signal_handler(sig, stop.set)
+    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([disconnected, waiter], return_when=asyncio.FIRST_COMPLETED)
+    # Containers keep running: their monitors are not our children, and the next tupperd adopts them.
+    log.info("tupperd exiting; %d container(s) left running", sum(1 for w in daemon.watched.values() if w.pidfd is not None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tupperd", description="tupper's daemon: the org.tupper1 D-Bus API and the supervisor of containers.")
+    p.add_argument("--root", type=Path, help="store root (default: $TUPPER_ROOT or /var/lib/tupper)")
+    p.add_argument("--admin-group", default=os.environ.get("TUPPER_ADMIN_GROUP", "tupper"),
+                   help="members of this group may call the mutating methods besides root (default: tupper)")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="tupperd: %(message)s", stream=sys.stderr)
+    try:
+        asyncio.run(serve(args.root, args.admin_group))
+    except TupperError as exc:
+        log.error("%s", exc.message)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
