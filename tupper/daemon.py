@@ -34,12 +34,10 @@ from tupper.systemd import bus_socket
 
 log = logging.getLogger("tupperd")
 
-# Restart policy: the n-th consecutive failure waits RESTART_DELAY * 2**(n-1) s (at most RESTART_MAX_DELAY);
-# after CRASH_LOOP_LIMIT consecutive failures the container is left in state "crash-loop". A container
-# that ran for STABLE_AFTER s before failing starts counting from zero again.
-RESTART_DELAY = float(os.environ.get("TUPPER_RESTART_DELAY", "1.0"))
+# Restart policy (spec [restart]): the n-th consecutive failure waits delay * 2**(n-1) s (at most
+# RESTART_MAX_DELAY); after `limit` consecutive failures the container is left in state "crash-loop".
+# A container that ran for STABLE_AFTER s before failing starts counting from zero again.
 RESTART_MAX_DELAY = 60.0
-CRASH_LOOP_LIMIT = int(os.environ.get("TUPPER_CRASH_LOOP_LIMIT", "5"))
 STABLE_AFTER = 60.0
 
 SD = "org.freedesktop.systemd1"
@@ -87,6 +85,7 @@ class Watched:
     cbus: MessageBus | None = None
     unit_paths: dict[str, str] = attrs.Factory(dict)  # systemd object path -> unit name
     jobs: dict[str, asyncio.Future] = attrs.Factory(dict)  # job path -> future of its result
+    finished: dict[str, str] = attrs.Factory(dict)  # jobs that ended before anyone waited for them
     failures: int = 0
     restart_task: asyncio.Task | None = None
     deliberate: bool = False  # stopped or killed on purpose: no restart
@@ -130,6 +129,8 @@ class Daemon:
             if announce:
                 self.manager.ContainerAdded(rec.name, api.container_path(rec.name))
         w.state = rec.state()
+        if announce:
+            self.manager.ContainerStateChanged(rec.name, w.state)
         if rec.alive():
             await self._attach(w, rec)
         return w
@@ -195,6 +196,11 @@ class Daemon:
                 fut = w.jobs.pop(job, None)
                 if fut is not None and not fut.done():
                     fut.set_result(result)
+                else:
+                    # A quick job can end before the reply to StartUnit reaches us: keep its result.
+                    w.finished[job] = result
+                    while len(w.finished) > 64:
+                        w.finished.pop(next(iter(w.finished)))
 
         cbus.add_message_handler(on_message)
         for rule in (
@@ -371,6 +377,8 @@ class Daemon:
             raise Failed(f"container {name!r} is not running (state: {rec.state()})")
         fut = self.loop.create_future()
         (job,) = await self._call(w.cbus, SD, SD_PATH, SD_MANAGER, method, "ss", [unit, "replace"])
+        if job in w.finished:
+            return w.finished.pop(job)
         w.jobs[job] = fut
         try:
             return await asyncio.wait_for(fut, timeout=rec.start_timeout)
@@ -393,34 +401,34 @@ class Daemon:
         if w.pidfd != fd:
             return  # already handled (a stop detached it)
         self._detach(w)
-        # The monitor records nspawn's exit status right after it; give it a moment.
-        rec = self.runtime.record(w.name)
-        deadline = time.monotonic() + 2.0
-        while rec.exit_info() is None and proc.pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        self._set_state(w)
-        if w.deliberate or w.lock.locked():
-            return
-        info = rec.exit_info() or {}
-        failed = info.get("returncode", 1) != 0
-        policy = rec.restart_policy
-        log.info("%s: exited (status %s), restart policy %s", w.name, info.get("returncode"), policy)
-        if policy == "always" or (policy == "on-failure" and failed):
-            if time.time() - rec.started_at >= STABLE_AFTER:
-                w.failures = 0
-            w.failures += 1
-            self._schedule_restart(w)
-
-    def _schedule_restart(self, w: Watched) -> None:
-        if w.failures > CRASH_LOOP_LIMIT:
+        # Wait for whoever is operating on the container (a stop, a restart) to finish first.
+        async with w.lock:
             rec = self.runtime.record(w.name)
+            # The monitor records nspawn's exit status right after it exits; give it a moment.
+            deadline = time.monotonic() + 2.0
+            while rec.exit_info() is None and proc.pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            self._set_state(w)
+            if w.deliberate or rec.alive():
+                return
+            info = rec.exit_info() or {}
+            failed = info.get("returncode", 1) != 0
+            log.info("%s: exited (status %s), restart policy %s", w.name, info.get("returncode"), rec.restart_policy)
+            if rec.restart_policy == "always" or (rec.restart_policy == "on-failure" and failed):
+                if time.time() - rec.started_at >= STABLE_AFTER:
+                    w.failures = 0
+                w.failures += 1
+                self._schedule_restart(w, rec)
+
+    def _schedule_restart(self, w: Watched, rec: Record) -> None:
+        if w.failures > rec.restart_limit:
             rec.phase = "crash-loop"
             rec.save()
             log.warning("%s: failed %d times in a row: crash-loop, not restarting (tupper start %s to try again)",
                         w.name, w.failures - 1, w.name)
             self._set_state(w)
             return
-        delay = min(RESTART_DELAY * 2 ** (w.failures - 1), RESTART_MAX_DELAY)
+        delay = min(rec.restart_delay * 2 ** (w.failures - 1), RESTART_MAX_DELAY)
         log.info("%s: restarting in %.1fs (attempt %d)", w.name, delay, w.failures)
         w.restart_task = asyncio.ensure_future(self._restart_later(w, delay))
 
@@ -435,9 +443,9 @@ class Daemon:
                 log.info("%s: restarted", w.name)
                 return
             except (TupperError, OSError) as exc:
-                log.warning("%s: restart failed: %s", w.name, exc)
-        w.failures += 1
-        self._schedule_restart(w)
+                log.warning("%s: restart failed: %s", w.name, exc.message if isinstance(exc, TupperError) else exc)
+            w.failures += 1
+            self._schedule_restart(w, self.runtime.record(w.name))
 
 
 async def serve(root: Path | None, admin_group: str | None) -> None:

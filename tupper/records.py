@@ -37,6 +37,8 @@ class Record:
     stop_timeout: float
     start_timeout: float = 60.0
     restart_policy: str = "no"
+    restart_delay: float = 1.0
+    restart_limit: int = 5
     components: list[dict] = attrs.Factory(list)  # {name, version, mount, units}
     phase: str = "creating"  # creating → starting → running | failed; stopping; crash-loop
     nspawn_pid: int = 0
@@ -45,7 +47,7 @@ class Record:
     leader_pid: int = 0
     started_at: float = 0.0
 
-    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "components", "phase",
+    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "components", "phase",
               "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
 
     @property

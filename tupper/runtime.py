@@ -141,6 +141,8 @@ class Runtime:
                 stop_timeout=spec.stop_timeout,
                 start_timeout=spec.start_timeout,
                 restart_policy=spec.restart_policy,
+                restart_delay=spec.restart_delay,
+                restart_limit=spec.restart_limit,
                 components=[
                     {"name": u.component.name, "version": u.component.version, "mount": u.component.mount,
                      "units": list(u.component.units), "source": str(u.component.root)}

@@ -39,6 +39,8 @@ class Spec:
     stop_timeout: float = 10.0
     start_timeout: float = 60.0
     restart_policy: str = "no"
+    restart_delay: float = 1.0
+    restart_limit: int = 5
     file: str = "<spec>"
     base_dir: Path = Path(".")
 
@@ -98,6 +100,10 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
     restart_policy = restart.get("policy", str, "no")
     if restart_policy not in RESTART_POLICIES:
         raise restart.error("policy", f"must be one of {', '.join(RESTART_POLICIES)}, got {restart_policy!r}")
+    restart_delay = _positive(restart, "delay", 1.0)
+    restart_limit = restart.get("limit", int, 5)
+    if not 1 <= restart_limit <= 1000:
+        raise restart.error("limit", f"must be between 1 and 1000, got {restart_limit}")
     restart.check_unknown()
     t.check_unknown()
 
@@ -135,6 +141,8 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         stop_timeout=stop_timeout,
         start_timeout=start_timeout,
         restart_policy=restart_policy,
+        restart_delay=restart_delay,
+        restart_limit=restart_limit,
         file=display,
         base_dir=base_dir,
     )
