@@ -56,8 +56,10 @@ image: setup
 	$(TUPPER) image build images/debian-bookworm.toml
 
 run: setup
-	@if $(TUPPER) ps --json | $(PY) -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["name"]=="demo" for c in n) else 1)'; then \
-		echo "a container named demo exists already: tupper status demo / tupper rm -f demo"; \
+	@$(TUPPER) store info
+	@$(TUPPER) image build images/debian-bookworm.toml
+	@if $(TUPPER) status demo >/dev/null 2>&1; then \
+		echo "a container named demo exists already (tupper rm -f demo to start afresh):"; \
 		$(TUPPER) status demo; \
 	else \
 		$(TUPPER) run $(SPEC); \

@@ -75,7 +75,6 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Config
     <allow receive_type="signal"/>
   </policy>
   <include>{policy}</include>
-  <limit name="reply_timeout">1200000</limit>
 </busconfig>
 """
 

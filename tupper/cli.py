@@ -161,6 +161,8 @@ def _signal_number(text: str) -> int:
     if text.isdigit():
         return int(text)
     name = text.upper() if text.upper().startswith("SIG") else f"SIG{text.upper()}"
+    if name.startswith("SIGRTMIN+") and name[9:].isdigit():
+        return int(signal.SIGRTMIN) + int(name[9:])
     try:
         return int(signal.Signals[name])
     except KeyError:

@@ -326,10 +326,9 @@ class Daemon:
 
     async def kill(self, name: str, signal_number: int) -> str:
         w = self._watched(name)
-        try:
-            sig = signal.Signals(signal_number)
-        except ValueError:
-            raise InvalidInput(f"invalid signal number {signal_number}") from None
+        if not 1 <= signal_number <= signal.SIGRTMAX:
+            raise InvalidInput(f"invalid signal number {signal_number}")
+        sig = signal_number
         if sig == signal.SIGKILL:
             w.deliberate = True
             if w.restart_task:

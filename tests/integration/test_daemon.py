@@ -291,3 +291,25 @@ def test_shutdown_all_stops_every_container_last_started_first(tupper, names):
     mine = [n for n in order if n in made]
     assert mine == list(reversed(made))
     assert all(tupper.json("status", n)["state"] == "stopped" for n in made)
+
+
+def test_run_text_takes_a_spec_as_text_with_a_base_directory(tupper, bus, names):
+    name = names()
+    toml = 'image = "debian-bookworm"\n[[components]]\npath = "services/hello"\n'
+    p = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "RunText", "sssb", toml, str(REPO), name, "false")
+    assert p.returncode == 0, p.stderr
+    assert tupper.json("status", name)["units"][0]["active_state"] == "active"
+    relative = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "RunText", "sssb", toml, "services", name + "x", "false")
+    assert relative.returncode != 0 and "must be absolute" in relative.stderr
+
+
+def test_kill_with_a_signal_reaches_pid1(tupper, names):
+    name = names()
+    tupper("run", HELLO, "--name", name, check=True)
+    leader = tupper.json("status", name)["leader_pid"]
+    # SIGRTMIN+3 asks systemd to halt: the container goes down cleanly.
+    tupper("kill", name, "--signal", "RTMIN+3", check=True)
+    wait_for(lambda: not alive(leader), 15, "systemd to halt on SIGRTMIN+3")
+    wait_for(lambda: tupper.json("status", name)["state"] in ("stopped", "failed"), 10, "the state to follow")
+    bad = tupper("kill", name, "--signal", "NOPE")
+    assert bad.returncode == 2 and "unknown signal" in bad.stderr
