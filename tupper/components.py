@@ -38,6 +38,7 @@ class Component:
     mount: str
     root: Path  # the component directory on the host (resolved)
     manifest_file: str  # for messages
+    secrets: tuple[str, ...] = ()  # credential IDs its units load (LoadCredential=ID:…)
 
     def unit_path(self, unit: str) -> Path:
         return self.root / "units" / unit
@@ -47,8 +48,12 @@ class Component:
         return tuple(u for u in self.units if u.endswith(".service"))
 
 
-def load(directory: Path, where: str) -> Component:
-    """Read and validate the component at `directory`; `where` names the referring key in errors."""
+CREDENTIAL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def load(directory: Path, where: str, *, tree: bool = True) -> Component:
+    """Read and validate the component at `directory`; `where` names the referring key in errors.
+    `tree=False` skips the scan of the whole directory (the SDK's checker does its own, reporting all)."""
     if not directory.is_dir():
         raise InvalidInput(f"{where}: no such directory: {directory}")
     manifest = directory / MANIFEST
@@ -56,7 +61,10 @@ def load(directory: Path, where: str) -> Component:
         raise InvalidInput(f"{where}: {directory} has no {MANIFEST}")
     root = directory.resolve()
     # Before reading anything: the manifest itself may be a symlink out of the component.
-    check_tree(root, str(manifest))
+    if tree:
+        check_tree(root, str(manifest))
+    elif manifest.is_symlink():
+        raise InvalidInput(f"{manifest}: the manifest must be a regular file, not a symlink")
     doc, display = tomlfile.load(manifest, "component manifest")
     t = tomlfile.Table(doc, display)
     name = t.get("name", str, required=True)
@@ -71,7 +79,13 @@ def load(directory: Path, where: str) -> Component:
         raise t.error("units", "a component needs at least one unit")
     requires = t.str_list("requires")
     mount = t.get("mount", str, f"/opt/{name}")
+    secrets = t.str_list("secrets")
     t.check_unknown()
+    for i, cred in enumerate(secrets):
+        if not CREDENTIAL_RE.fullmatch(cred):
+            raise t.error(f"secrets[{i}]", f"invalid credential ID {cred!r}: letters, digits, '_', '.', '-' (at most 64)")
+        if secrets.index(cred) != i:
+            raise t.error(f"secrets[{i}]", f"{cred} is listed twice")
 
     for i, unit in enumerate(units):
         key = f"units[{i}]"
@@ -105,6 +119,7 @@ def load(directory: Path, where: str) -> Component:
         mount=str(PurePosixPath(mount)),
         root=root,
         manifest_file=display,
+        secrets=tuple(secrets),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import attrs
@@ -13,7 +14,7 @@ from tupper.errors import InvalidInput
 
 # The container name is also nspawn's machine name, which must be a valid hostname (systemd's
 # hostname_is_valid()): dot-separated labels of letters, digits and '-', no label starting or ending
-# with '-', at most 64 characters. nspawn refuses anything else ("Invalid machine name"), '_' included.
+# with '-', at most 64 characters. tupper also allows '_' inside a label and gives nspawn '-' instead.
 # Each dot-separated part starts and ends with a letter or digit. '_' is allowed in tupper names;
 # nspawn's machine name (a hostname) gets '-' in its place, see nspawn.machine_name().
 NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9_-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9_-]*[a-zA-Z0-9])?)*$")
@@ -65,23 +66,33 @@ def check_name(name: str, where: str, hint: str | None = None) -> str:
     return name
 
 
-def load(path: Path, name: str | None = None) -> Spec:
-    """Parse and validate the spec at `path`. `name` (from --name) overrides the file's."""
+# Finds an installed component: (name, version or None for the newest, where) -> its directory.
+Resolver = Callable[[str, "str | None", str], Path]
+
+
+def _no_store(name: str, version: str | None, where: str) -> Path:
+    raise InvalidInput(f"{where}: installed components ({name}) need a store")
+
+
+def load(path: Path, name: str | None = None, resolve: Resolver = _no_store) -> Spec:
+    """Parse and validate the spec at `path`. `name` (from --name) overrides the file's; `resolve`
+    finds components given by name and version."""
     doc, display = tomlfile.load(path, "spec file")
-    return from_document(doc, display, path.resolve().parent, default_name=path.stem, name=name)
+    return from_document(doc, display, path.resolve().parent, default_name=path.stem, name=name, resolve=resolve)
 
 
-def from_text(text: str, base_dir: Path, display: str = "<spec>", name: str | None = None) -> Spec:
+def from_text(text: str, base_dir: Path, display: str = "<spec>", name: str | None = None, resolve: Resolver = _no_store) -> Spec:
     import tomllib
 
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"{display}: malformed TOML: {exc}") from None
-    return from_document(doc, display, base_dir, default_name=None, name=name)
+    return from_document(doc, display, base_dir, default_name=None, name=name, resolve=resolve)
 
 
-def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str | None, name: str | None) -> Spec:
+def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str | None, name: str | None,
+                  resolve: Resolver = _no_store) -> Spec:
     t = tomlfile.Table(doc, display)
     file_name = t.get("name", str, default_name)
     image = t.get("image", str, DEFAULT_IMAGE)
@@ -119,7 +130,17 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         check_name(final_name, f"{display}: name (from the file name)", hint="set `name = \"...\"` in the spec or pass --name")
 
     for entry in entries:
-        rel = entry.get("path", str, required=True)
+        rel = entry.get("path", str)
+        installed = entry.get("name", str)
+        version = entry.get("version", str)
+        if rel is None and installed is None:
+            entry.get("path", str, required=True)  # raises "missing", naming a misspelt key if there is one
+        if rel is not None and installed is not None:
+            raise entry.error(None, "give either `path` (a component directory) or `name` (and `version`) of an installed component, not both")
+        if rel is None and version is not None and not comp.VERSION_RE.fullmatch(version):
+            raise entry.error("version", f"invalid version {version!r}")
+        if rel is not None and version is not None:
+            raise entry.error("version", "only with `name`: a component directory carries its own version")
         env_table = entry.table("env")
         env = []
         for key, value in env_table.data.items():
@@ -130,7 +151,12 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
                 raise env_table.error(key, "an environment value cannot contain a NUL character")
             env.append((key, value))
         entry.check_unknown()
-        component = comp.load(base_dir / rel, entry.where("path"))
+        if rel is not None:
+            component = comp.load(base_dir / rel, entry.where("path"))
+        else:
+            if not comp.NAME_RE.fullmatch(installed):
+                raise entry.error("name", f"invalid component name {installed!r}")
+            component = comp.load(resolve(installed, version, entry.where("name")), entry.where("name"))
         uses.append(ComponentUse(component=component, env=tuple(env)))
 
     _check_components(uses, display)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tupper.components import Component
 from tupper.spec import Spec
 
 UNIT_DIR = "etc/systemd/system"
@@ -31,27 +32,45 @@ def plan(spec: Spec) -> dict[str, str]:
     files: dict[str, str] = {}
     by_name = {u.component.name: u.component for u in spec.components}
     for use in spec.components:
-        c = use.component
-        required_units = [u for req in c.requires for u in by_name[req].units]
-        for unit in c.units:
-            files[f"{UNIT_DIR}/{unit}"] = c.unit_path(unit).read_text(encoding="utf-8")
-            dropin = [f"# written by tupper for component {c.name} {c.version}", "[Unit]", f"PartOf={TARGET}"]
-            if required_units:
-                joined = " ".join(required_units)
-                dropin += [f"After={joined}", f"Requires={joined}"]
-            if use.env and unit.endswith(".service"):
-                dropin += ["", "[Service]"] + [f"Environment={_quote_env(k, v)}" for k, v in use.env]
-            files[f"{UNIT_DIR}/{unit}.d/50-tupper.conf"] = "\n".join(dropin) + "\n"
-    wants = " ".join(spec.units)
-    files[f"{UNIT_DIR}/{TARGET}"] = "\n".join(
-        [
-            "[Unit]",
-            f"Description=tupper components of {spec.name}",
-            f"Wants={wants}",
-            "",
-        ]
-    )
+        required_units = [u for req in use.component.requires for u in by_name[req].units]
+        files.update(component_files(use.component, use.env, required_units))
+    files.update(target_file(spec.name, spec.units))
     return files
+
+
+def component_files(c: Component, env: tuple[tuple[str, str], ...] | list, required_units: list[str]) -> dict[str, str]:
+    """One component's units and their drop-ins (requires as After=/Requires=, env as Environment=)."""
+    files: dict[str, str] = {}
+    for unit in c.units:
+        files[f"{UNIT_DIR}/{unit}"] = c.unit_path(unit).read_text(encoding="utf-8")
+        dropin = [f"# written by tupper for component {c.name} {c.version}", "[Unit]", f"PartOf={TARGET}"]
+        if required_units:
+            joined = " ".join(required_units)
+            dropin += [f"After={joined}", f"Requires={joined}"]
+        if env and unit.endswith(".service"):
+            dropin += ["", "[Service]"] + [f"Environment={_quote_env(k, v)}" for k, v in env]
+        files[f"{UNIT_DIR}/{unit}.d/50-tupper.conf"] = "\n".join(dropin) + "\n"
+    return files
+
+
+def target_file(name: str, units: list[str]) -> dict[str, str]:
+    return {f"{UNIT_DIR}/{TARGET}": "\n".join(["[Unit]", f"Description=tupper components of {name}", f"Wants={' '.join(units)}", ""])}
+
+
+def read(rootfs: Path, paths: list[str]) -> dict[str, str | None]:
+    """The current content of `paths` (None: absent), to put back on a rollback."""
+    out: dict[str, str | None] = {}
+    for rel in paths:
+        path = rootfs / rel
+        out[rel] = path.read_text(encoding="utf-8") if path.is_file() and not path.is_symlink() else None
+    return out
+
+
+def restore(rootfs: Path, saved: dict[str, str | None]) -> None:
+    write(rootfs, {rel: text for rel, text in saved.items() if text is not None})
+    for rel, text in saved.items():
+        if text is None:
+            (rootfs / rel).unlink(missing_ok=True)
 
 
 def write(rootfs: Path, files: dict[str, str]) -> None:

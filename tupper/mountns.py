@@ -1,0 +1,94 @@
+"""Putting a new mount into a running container: open_tree() on the host, move_mount() inside.
+
+nspawn's own /run/host/incoming propagation needs a shared host root (systemd hosts); this works on any
+host: the tree is cloned here, and a helper process (a fresh process: setns() into a mount namespace is
+not allowed to a multi-threaded one) enters the container's mount namespace, detaches what is mounted
+at the target and moves the clone there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+from tupper import proc
+from tupper.errors import Failed
+
+# x86-64 syscall numbers (the same on aarch64 for these new-mount-API calls).
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+OPEN_TREE_CLONE = 1
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MNT_DETACH = 0x2
+CLONE_NEWNS = 0x00020000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def clone_tree(path: str, read_only: bool = True) -> int:
+    """A detached copy of the mount tree at `path` (a bind mount not yet attached anywhere)."""
+    fd = _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE), f"open_tree({path})")
+    if read_only:
+        attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY)
+        try:
+            _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
+                   "mount_setattr(read-only)")
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def replace_mount(leader: int, source: str, target: str) -> None:
+    """Mount `source` (a host path) read-only at `target` inside the container whose PID 1 is `leader`,
+    replacing what is mounted there."""
+    fd = clone_tree(source)
+    try:
+        p = subprocess.run([sys.executable, "-m", "tupper.mountns", str(leader), str(fd), target],
+                           pass_fds=(fd,), capture_output=True, text=True, env=proc.environment(), timeout=30)
+    finally:
+        os.close(fd)
+    if p.returncode != 0:
+        raise Failed(f"cannot mount {source} at {target} in the container: {p.stderr.strip() or p.returncode}")
+
+
+def _enter_and_move(leader: int, tree_fd: int, target: str) -> None:
+    """In the helper process: enter the container's mount namespace, swap the mount at `target`."""
+    ns = os.open(f"/proc/{leader}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    _check(_libc.setns(ns, CLONE_NEWNS), "setns(mnt)")
+    os.close(ns)
+    os.chdir("/")
+    # The old mount goes lazily: processes still holding files in it keep them until they exit.
+    if os.path.ismount(target):
+        _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount2({target})")
+    else:
+        os.makedirs(target, exist_ok=True)
+    _check(_libc.syscall(SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH), f"move_mount({target})")
+
+
+if __name__ == "__main__":
+    try:
+        _enter_and_move(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    except OSError as exc:
+        print(exc.strerror or str(exc), file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,361 @@
+"""Component packages (`NAME-VERSION.tupper`): reproducible build, digest, safe install into the store.
+
+A package is a gzip'd tar with normalised metadata (sorted entries, mtime 0, owner root, modes 0644
+/0755) whose first member, `tupper-package.json`, holds the name, version and a sha256 digest over a
+canonical listing of every other member (type, path, mode, size, content hash, link target). The same
+directory gives the same bytes whatever its files' mtimes, owners or directory order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import attrs
+
+from tupper import components as comp
+from tupper.errors import Busy, Exists, InvalidInput, NotFound
+from tupper.store import Store
+
+META = "tupper-package.json"
+FORMAT = 1
+SKIP_DIRS = {".git", ".hg", ".svn"}  # version control metadata is not part of a component
+CHUNK = 1 << 20
+
+
+@attrs.frozen
+class Entry:
+    """One member: kind 'dir', 'file' or 'symlink'; path relative, POSIX; for files the sha256."""
+
+    kind: str
+    path: str
+    mode: int = 0
+    size: int = 0
+    sha256: str = ""
+    target: str = ""
+
+    def line(self) -> str:
+        if self.kind == "dir":
+            return f"D {self.path}\n"
+        if self.kind == "symlink":
+            return f"L {self.path} -> {self.target}\n"
+        return f"F {self.path} {self.mode:o} {self.size} {self.sha256}\n"
+
+
+def digest_of(entries: list[Entry]) -> str:
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.path):
+        h.update(e.line().encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def normal_mode(mode: int, kind: str) -> int:
+    if kind == "dir":
+        return 0o755
+    if kind == "symlink":
+        return 0o777
+    return 0o755 if mode & 0o111 else 0o644
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def scan(root: Path) -> list[Entry]:
+    """Every member of a component directory, sorted; the SDK checker has refused anything unsafe."""
+    out: list[Entry] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not (Path(dirpath) == root and d in SKIP_DIRS))
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out.append(Entry("symlink", rel, 0o777, target=os.readlink(path)))
+            elif stat.S_ISDIR(st.st_mode):
+                out.append(Entry("dir", rel, 0o755))
+            elif stat.S_ISREG(st.st_mode):
+                sha, size = _hash_file(path)
+                out.append(Entry("file", rel, normal_mode(st.st_mode, "file"), size, sha))
+    return sorted(out, key=lambda e: e.path)
+
+
+def build(root: Path, component: comp.Component, out: Path) -> tuple[Path, str]:
+    """Write the package for `component` (already checked) to `out` (a directory or a file path)."""
+    entries = scan(root)
+    digest = digest_of(entries)
+    target = out / f"{component.name}-{component.version}.tupper" if out.is_dir() else out
+    meta = json.dumps({"format": FORMAT, "name": component.name, "version": component.version,
+                       "description": component.description, "digest": digest, "files": len(entries)},
+                      indent=1, sort_keys=True).encode() + b"\n"
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            tar.addfile(_info(META, tarfile.REGTYPE, 0o644, len(meta)), io.BytesIO(meta))
+            for e in entries:
+                if e.kind == "file":
+                    with open(root / e.path, "rb") as f:
+                        tar.addfile(_info(e.path, tarfile.REGTYPE, e.mode, e.size), f)
+                elif e.kind == "dir":
+                    tar.addfile(_info(e.path, tarfile.DIRTYPE, 0o755))
+                else:
+                    info = _info(e.path, tarfile.SYMTYPE, 0o777)
+                    info.linkname = e.target
+                    tar.addfile(info)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target, digest
+
+
+def _info(name: str, kind: bytes, mode: int, size: int = 0) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.size = kind, mode, size
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+    return info
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+def _open(pkg: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(pkg, mode="r:gz")
+    except FileNotFoundError:
+        raise InvalidInput(f"{pkg}: no such package") from None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise InvalidInput(f"{pkg}: not a tupper package ({exc})") from None
+
+
+def _meta(pkg: Path, tar: tarfile.TarFile) -> dict:
+    first = tar.next()
+    if first is None or first.name != META or not first.isreg() or first.size > 65536:
+        raise InvalidInput(f"{pkg}: not a tupper package (its first member is not {META})")
+    try:
+        meta = json.loads(tar.extractfile(first).read())
+    except ValueError:
+        raise InvalidInput(f"{pkg}: {META} is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InvalidInput(f"{pkg}: unsupported package format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    for key in ("name", "version", "digest"):
+        if not isinstance(meta.get(key), str):
+            raise InvalidInput(f"{pkg}: {META}: {key} missing")
+    if not comp.NAME_RE.fullmatch(meta["name"]) or not comp.VERSION_RE.fullmatch(meta["version"]):
+        raise InvalidInput(f"{pkg}: {META}: invalid name or version")
+    return meta
+
+
+def members(pkg: Path) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+    """Every member after the metadata, each checked: the only place package paths are trusted."""
+    with _open(pkg) as tar:
+        _meta(pkg, tar)
+        seen: set[str] = set()
+        links: set[str] = set()
+        for index, m in enumerate(tar):
+            if index == 0:
+                continue  # the metadata, read above
+            name = _safe_name(pkg, m)
+            where = f"{pkg}: member {m.name!r}"
+            if name in seen:
+                raise InvalidInput(f"{where}: appears twice")
+            seen.add(name)
+            parents = [str(p) for p in PurePosixPath(name).parents if str(p) != "."]
+            if any(p in links for p in parents):
+                raise InvalidInput(f"{where}: its path goes through a symlink in the package")
+            if m.islnk():
+                raise InvalidInput(f"{where}: hard link (packages hold files, directories and symlinks only)")
+            if m.ischr() or m.isblk():
+                raise InvalidInput(f"{where}: device node")
+            if m.isfifo():
+                raise InvalidInput(f"{where}: named pipe")
+            if not (m.isreg() or m.isdir() or m.issym()):
+                raise InvalidInput(f"{where}: unsupported member type")
+            if m.mode & (stat.S_ISUID | stat.S_ISGID):
+                raise InvalidInput(f"{where}: setuid/setgid bit (mode {m.mode:o})")
+            if m.issym():
+                target = m.linkname
+                if os.path.isabs(target) or not target:
+                    raise InvalidInput(f"{where}: absolute symlink to {target!r}")
+                lexical = os.path.normpath(os.path.join(os.path.dirname(name), target))
+                if lexical == ".." or lexical.startswith("../"):
+                    raise InvalidInput(f"{where}: symlink to {target!r} leaves the package")
+                links.add(name)
+            yield m, tar
+
+
+def _safe_name(pkg: Path, m: tarfile.TarInfo) -> str:
+    name = m.name
+    p = PurePosixPath(name)
+    if not name or name.startswith("/") or p.is_absolute():
+        raise InvalidInput(f"{pkg}: member {name!r}: absolute path")
+    if ".." in p.parts:
+        raise InvalidInput(f"{pkg}: member {name!r}: '..' in its path")
+    if any(ord(c) < 0x20 for c in name) or "\\" in name or str(p) != name.rstrip("/") or name in (".", "./"):
+        raise InvalidInput(f"{pkg}: member {name!r}: not a clean relative path")
+    return str(p)
+
+
+def inspect(pkg: Path) -> dict:
+    """Manifest, units, files and digest; verifies the digest on the way."""
+    with _open(pkg) as tar:
+        meta = _meta(pkg, tar)
+    entries: list[Entry] = []
+    manifest_text, units = "", []
+    for m, tar in members(pkg):
+        if m.isdir():
+            entries.append(Entry("dir", m.name, 0o755))
+        elif m.issym():
+            entries.append(Entry("symlink", m.name, 0o777, target=m.linkname))
+        else:
+            data = tar.extractfile(m)
+            h, size = hashlib.sha256(), 0
+            while chunk := data.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                if m.name == comp.MANIFEST:
+                    manifest_text += chunk.decode("utf-8", "replace")
+            entries.append(Entry("file", m.name, normal_mode(m.mode, "file"), size, h.hexdigest()))
+            if m.name.startswith("units/"):
+                units.append(m.name[len("units/"):])
+    actual = digest_of(entries)
+    return {
+        "name": meta["name"], "version": meta["version"], "description": meta.get("description", ""),
+        "digest": meta["digest"], "digest_ok": actual == meta["digest"], "computed_digest": actual,
+        "manifest": manifest_text, "units": units,
+        "files": [attrs.asdict(e) for e in entries],
+    }
+
+
+# ---- the store's installed components --------------------------------------------------------------
+
+
+@attrs.frozen
+class Installed:
+    name: str
+    version: str
+    path: Path
+    digest: str
+    installed_at: float
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "version": self.version, "path": str(self.path), "digest": self.digest,
+                "installed_at": self.installed_at}
+
+
+class Installer:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.dir = store.root / "components"
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+
+    def path(self, name: str, version: str) -> Path:
+        return self.dir / name / version
+
+    def get(self, name: str, version: str | None = None) -> Installed:
+        if version is None:
+            versions = [i for i in self.list() if i.name == name]
+            if not versions:
+                raise NotFound(f"no installed component {name!r}", hint="install it: tupper component install PKG")
+            return max(versions, key=lambda i: _version_key(i.version))
+        meta = self.dir / name / f"{version}.json"
+        if not comp.NAME_RE.fullmatch(name) or not comp.VERSION_RE.fullmatch(version) or not meta.is_file():
+            raise NotFound(f"no installed component {name} {version}", hint="see `tupper component ls`")
+        data = json.loads(meta.read_text())
+        return Installed(name, version, self.path(name, version), data["digest"], data["installed_at"])
+
+    def list(self) -> list[Installed]:
+        out = []
+        for meta in sorted(self.dir.glob("*/*.json")):
+            try:
+                out.append(self.get(meta.parent.name, meta.stem))
+            except (NotFound, ValueError, KeyError):
+                continue
+        return sorted(out, key=lambda i: (i.name, _version_key(i.version)))
+
+    def install(self, pkg: Path) -> Installed:
+        """Verify and extract `pkg` into a read-only subvolume; nothing is left if anything is wrong."""
+        with _open(pkg) as tar:
+            meta = _meta(pkg, tar)
+        name, version = meta["name"], meta["version"]
+        final = self.path(name, version)
+        if final.exists():
+            raise Exists(f"{pkg}: component {name} {version} is already installed", hint=f"tupper component rm {name} {version}")
+        tmp = self.store.tmp_dir / f"component-{name}-{version}-{os.getpid()}"
+        self.store.delete_subvolume(tmp)
+        self.store.create_subvolume(tmp)
+        try:
+            try:
+                entries = self._extract(pkg, tmp)
+            except (OSError, tarfile.TarError, EOFError) as exc:
+                raise InvalidInput(f"{pkg}: cannot extract: {exc}") from None
+            actual = digest_of(entries)
+            if actual != meta["digest"]:
+                raise InvalidInput(f"{pkg}: digest mismatch: the package says {meta['digest']}, its content is {actual}")
+            component = comp.load(tmp, f"{pkg}")
+            if (component.name, component.version) != (name, version):
+                raise InvalidInput(f"{pkg}: {comp.MANIFEST} says {component.name} {component.version}, the package {name} {version}")
+            final.parent.mkdir(mode=0o700, exist_ok=True)
+            self.store.snapshot(tmp, final, read_only=True)
+        finally:
+            self.store.delete_subvolume(tmp)
+        (final.parent / f"{version}.json").write_text(json.dumps({"digest": actual, "installed_at": time.time(), "package": str(pkg)}))
+        return self.get(name, version)
+
+    @staticmethod
+    def _extract(pkg: Path, dest: Path) -> list[Entry]:
+        entries: list[Entry] = []
+        for m, tar in members(pkg):
+            path = dest / m.name
+            if m.isdir():
+                path.mkdir(mode=0o755, exist_ok=True)
+                entries.append(Entry("dir", m.name, 0o755))
+            elif m.issym():
+                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                os.symlink(m.linkname, path)
+                entries.append(Entry("symlink", m.name, 0o777, target=m.linkname))
+            else:
+                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                mode = normal_mode(m.mode, "file")
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+                h, size = hashlib.sha256(), 0
+                with os.fdopen(fd, "wb") as out:
+                    data = tar.extractfile(m)
+                    while chunk := data.read(CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                os.chmod(path, mode)
+                entries.append(Entry("file", m.name, mode, size, h.hexdigest()))
+        return entries
+
+    def remove(self, name: str, version: str, users: list[str]) -> None:
+        installed = self.get(name, version)
+        if users:
+            raise Busy(f"component {name} {version} is used by container(s): {', '.join(users)}", hint="remove those containers first")
+        self.store.delete_subvolume(installed.path)
+        (self.dir / name / f"{version}.json").unlink(missing_ok=True)
+        try:
+            (self.dir / name).rmdir()
+        except OSError:
+            pass
+
+
+def _version_key(version: str) -> tuple:
+    """Order versions like 1.2.10 > 1.2.9 (numeric parts as numbers)."""
+    import re
+
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+_-]", version))
