@@ -49,7 +49,7 @@ $(STAMP_APT):
 	@touch $@
 
 $(STAMP_PIP): $(STAMP_APT) pyproject.toml
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
 	@touch $@
 
 image: setup

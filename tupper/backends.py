@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import math
 import sys
-import tomllib
-from pathlib import Path
 
 from tupper.errors import Failed
-from tupper.progress import Progress
+
+# The CLI imports this module for every daemon command: types only for checkers (as typing.TYPE_CHECKING,
+# without importing typing, which alone costs milliseconds).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tupper.progress import Progress
 
 
 class DaemonBackend:
@@ -102,6 +107,8 @@ class DirectBackend:
 
 def _spec_name(path: Path) -> str | None:
     """The container name a spec file will get, to follow its progress (the daemon validates it)."""
+    import tomllib
+
     try:
         doc = tomllib.loads(path.read_text())
     except (OSError, ValueError):

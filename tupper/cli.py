@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-from tupper.backends import finite_seconds
 from tupper.errors import InvalidInput, TupperError
+
+# Imports are deferred to where they are needed: every command pays for what the module imports, and
+# the commands that go to tupperd (the common case) need little besides argparse and a socket.
 
 EPILOG = """\
 exit codes: 0 success, 1 runtime failure, 2 invalid input or usage.
@@ -20,92 +19,209 @@ tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+# Container verbs: served by tupperd unless --direct. Everything else runs in this process.
+DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "kill", "shutdown", "rm", "exec", "events"})
+
+
+def _path(text: str):
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns, without importing shutil (and with it bz2, lzma and zlib)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own, except that it sizes help to the terminal without importing shutil: argparse makes a
+    formatter for every argument it adds, and that import alone cost each command 2-3 ms."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+class _RawDescriptionFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose formatter is _Formatter by default; subparsers are of the same class."""
+
+    def __init__(self, *args, formatter_class=_Formatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only`, the top level and that one command (the rest are never
+    looked at: building all of them costs a command-line call about 10 ms, mostly argparse's gettext)."""
+    p = _Parser(
         prog="tupper",
         description="tupper: containers that boot systemd in a btrfs snapshot, with self-contained service components.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_RawDescriptionFormatter,
     )
-    p.add_argument("--root", type=Path, help="store root (default: $TUPPER_ROOT or /var/lib/tupper)")
+    p.add_argument("--root", type=_path, help="store root (default: $TUPPER_ROOT or /var/lib/tupper)")
     p.add_argument("--debug", action="store_true", help="log every command tupper runs; show tracebacks")
     p.add_argument("--direct", action="store_true", default=os.environ.get("TUPPER_DIRECT") == "1",
                    help="run container verbs in this process instead of through tupperd (hosts without a system bus; $TUPPER_DIRECT=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, add in _COMMANDS.items():
+        if only is None or name == only:
+            add(sub)
+    return p
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="boot a container from a spec and start its components",
                        description="Snapshot the spec's image, bind its components, boot systemd with systemd-nspawn, "
                                    "and wait until every component unit is active. The container keeps running after tupper returns.")
-    r.add_argument("spec", type=Path, help="spec file (TOML), see docs/spec.md")
+    r.add_argument("spec", type=_path, help="spec file (TOML), see docs/spec.md")
     r.add_argument("--name", help="container name (default: the spec's `name`, else the file's stem)")
     r.add_argument("--keep-failed", action="store_true", help="when a unit fails, leave the container running for inspection")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
 
+
+def _add_ps(sub) -> None:
     ps = sub.add_parser("ps", help="list containers", description="List every container in the store with its state.")
     ps.add_argument("--json", action="store_true", help="JSON list of {name, state, image, leader_pid, ...}")
 
+
+def _add_status(sub) -> None:
     st = sub.add_parser("status", help="show one container and its component units",
                         description="State, leader PID, image, start time, and each component unit's state read from systemd over D-Bus.")
     st.add_argument("name")
     st.add_argument("--json", action="store_true", help="JSON object with name, state, leader_pid and units")
 
+
+def _add_stop(sub) -> None:
+    from tupper.backends import finite_seconds
+
     sp = sub.add_parser("stop", help="power a container off", description="PowerOff over the container's D-Bus; SIGKILL when it is not down after the timeout.")
     sp.add_argument("name")
     sp.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
 
+
+def _add_start(sub) -> None:
     sa = sub.add_parser("start", help="boot a stopped container again", description="Boot an existing (stopped, failed or crash-looping) container and wait for its units.")
     sa.add_argument("name")
 
+
+def _add_kill(sub) -> None:
     k = sub.add_parser("kill", help="send a signal to a container's PID 1 (default SIGKILL: stop it now)")
     k.add_argument("name")
     k.add_argument("--signal", "-s", default="KILL", help="signal name or number (default KILL)")
 
+
+def _add_shutdown(sub) -> None:
     sh = sub.add_parser("shutdown", help="stop containers, the last started first")
     sh.add_argument("--all", action="store_true", required=True, help="every running container")
 
+
+def _add_events(sub) -> None:
     ev = sub.add_parser("events", help="stream container and unit state changes as they happen")
     ev.add_argument("--json", action="store_true", help="one JSON object per line")
 
+
+def _add_daemon(sub) -> None:
     sub.add_parser("daemon", help="run tupperd in the foreground (usually started by D-Bus activation)")
 
+
+def _add_rm(sub) -> None:
     rm = sub.add_parser("rm", help="remove a stopped container (its snapshot and record)")
     rm.add_argument("name")
     rm.add_argument("--force", "-f", action="store_true", help="kill it first if it runs")
 
+
+def _add_exec(sub) -> None:
     ex = sub.add_parser("exec", help="run a command inside a running container",
                         description="Run CMD as a transient systemd service inside the container (no shell is spawned by tupper), "
                                     "stream its output, and exit with its exit code.")
     ex.add_argument("name")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
+
+def _add_logs(sub) -> None:
     lg = sub.add_parser("logs", help="show a container's journal")
     lg.add_argument("name")
     lg.add_argument("-u", "--unit", help="only this unit")
     lg.add_argument("-n", "--lines", type=int, help="last N lines")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
 
+
+def _add_image(sub) -> None:
     im = sub.add_parser("image", help="build, list and remove images")
     isub = im.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     ib = isub.add_parser("build", help="build an image from its definition (debootstrap into a read-only subvolume)")
-    ib.add_argument("definition", type=Path, help="image definition, e.g. images/debian-bookworm.toml")
+    ib.add_argument("definition", type=_path, help="image definition, e.g. images/debian-bookworm.toml")
     ib.add_argument("--force", action="store_true", help="rebuild even if it exists")
     il = isub.add_parser("ls", help="list images")
     il.add_argument("--json", action="store_true")
     ir = isub.add_parser("rm", help="remove an image (refused while a container uses it)")
     ir.add_argument("name")
 
+
+def _add_store(sub) -> None:
     so = sub.add_parser("store", help="the btrfs store")
     ssub = so.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     si = ssub.add_parser("info", help="path, backing, size and free space")
     si.add_argument("--json", action="store_true")
     ssub.add_parser("unmount", help="unmount the loopback pool (refused while containers run)")
-    return p
+
+
+# In the order `tupper --help` lists them.
+_COMMANDS = {
+    "run": _add_run, "ps": _add_ps, "status": _add_status, "stop": _add_stop, "start": _add_start, "kill": _add_kill,
+    "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
+    "logs": _add_logs, "image": _add_image, "store": _add_store,
+}
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The command argv names, when that is certain without parsing; None means: build the whole parser."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--debug", "--direct") or arg.startswith("--root="):
+            i += 1
+        elif arg == "--root":
+            i += 2
+        elif arg.startswith("-"):
+            return None  # -h, an abbreviation (--dir), a typo: argparse's full treatment
+        else:
+            return arg if arg in _COMMANDS else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    """The program (argv None: sys.argv; a client of tupperd then ends the process itself), or one call."""
+    program = argv is None
+    if program:
+        argv = sys.argv[1:]
+    args = build_parser(_command_in(argv)).parse_args(argv)
+    client = not (args.debug or args.direct or args.command not in DAEMON_COMMANDS)
+    if not client:
+        # Library code logs (--debug traces every command it runs); a client of tupperd runs none of it.
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    code = _main(args)
+    if program and client:
+        _exit(code)
+    return code
+
+
+def _main(args) -> int:
     try:
         return dispatch(args)
     except TupperError as exc:
@@ -125,6 +241,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tupper: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _exit(code: int) -> None:
+    """End a client of tupperd without the interpreter's teardown (freeing every module and object:
+    several ms). It holds a socket and its output, no threads and nothing for atexit: flush and go."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a closed stream
+            code = code or 1
+    os._exit(code)
 
 
 def _progress(args):
@@ -220,6 +347,8 @@ def dispatch(args) -> int:
 
 
 def cmd_run(args, backend) -> int:
+    import json
+
     from tupper.ui import table
 
     if not args.spec.is_file():
@@ -234,6 +363,8 @@ def cmd_run(args, backend) -> int:
 
 
 def cmd_ps(args, backend) -> int:
+    import json
+
     from tupper.ui import ago, table
 
     recs = backend.list()
@@ -249,6 +380,8 @@ def cmd_ps(args, backend) -> int:
 
 
 def cmd_status(args, backend) -> int:
+    import json
+
     from tupper.ui import ago, table
 
     st = backend.status(args.name)
@@ -271,6 +404,8 @@ def cmd_status(args, backend) -> int:
 
 
 def cmd_events(args) -> int:
+    import json
+
     from tupper.client import Client
 
     client = Client()
@@ -304,6 +439,8 @@ def cmd_events(args) -> int:
 
 
 def cmd_image(args) -> int:
+    import json
+
     from tupper.images import ImageDef, Images
     from tupper.ui import ago, table
 
@@ -335,6 +472,8 @@ def cmd_image(args) -> int:
 
 
 def cmd_store(args) -> int:
+    import json
+
     from tupper.ui import size
 
     store = _store(args)

@@ -1,16 +1,17 @@
 """The CLI's side of the D-Bus API: calls tupperd over the system bus (bus activation starts it).
 
-Blocking facade over dbus-next; errors named org.tupper1.Error.* come back as the matching TupperError.
+A small blocking D-Bus client on a plain socket: the CLI makes one or two calls per process, and
+importing asyncio and dbus-next cost it more than the calls themselves (tupperd keeps dbus-next, in
+tupper.api). It speaks just what the CLI needs: unix-socket addresses, EXTERNAL authentication, unix
+fd passing, method calls, and signals that arrive while a call runs. Errors named org.tupper1.Error.*
+come back as the matching TupperError.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import _socket  # the C module under `socket`, which costs a CLI call 2-3 ms more to import (enums, selectors)
 import os
-
-from dbus_next import BusType, Message, MessageType
-from dbus_next.aio import MessageBus
+import struct
 
 from tupper import errors
 
@@ -26,66 +27,154 @@ _ERRORS = {
     "org.tupper1.Error.Failed": errors.Failed,
 }
 
+METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4
+
 
 def bus_address() -> str:
     return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
 
 
+class Message:
+    """A received message: the parts callers look at (as dbus-next names them)."""
+
+    __slots__ = ("message_type", "serial", "reply_serial", "path", "interface", "member", "error_name", "sender", "signature", "body")
+
+    def __init__(self, message_type: int, serial: int, fields: dict, body: list) -> None:
+        self.message_type = message_type
+        self.serial = serial
+        self.path = fields.get(1)
+        self.interface = fields.get(2)
+        self.member = fields.get(3)
+        self.error_name = fields.get(4)
+        self.reply_serial = fields.get(5)
+        self.sender = fields.get(7)
+        self.signature = fields.get(8, "")
+        self.body = body
+
+
 class Client:
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
         address = bus_address()
+        self.serial = 0
+        self.handlers: list = []
+        self._buf = bytearray()
         try:
-            self.bus = self.loop.run_until_complete(self._connect())
+            self.sock = _connect(address)
+            self._authenticate()
         except (OSError, ValueError) as exc:
             raise errors.Failed(f"cannot connect to the system bus at {address}: {exc}",
                                 hint="start one (make setup does: dbus-daemon --system --fork), or use tupper --direct") from None
 
-    @staticmethod
-    async def _connect() -> MessageBus:
-        # dbus-next binds a bus to the loop running when it is made: make it inside our loop.
-        return await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+    def _authenticate(self) -> None:
+        # Pipelined, as sd-bus does: AUTH, fd passing and BEGIN in one write, then Hello.
+        uid = str(os.geteuid()).encode().hex().encode()
+        self.sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n")
+        hello = self._send("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "Hello")
+        reply = self._line()
+        if not reply.startswith(b"OK "):
+            raise ValueError(f"the bus refused authentication: {reply.decode(errors='replace')}")
+        self._line()  # AGREE_UNIX_FD, or ERROR: then only exec (which passes fds) cannot work
+        self._reply(hello)
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buf:
+            self._fill()
+        line, _, rest = bytes(self._buf).partition(b"\r\n")
+        self._buf = bytearray(rest)
+        return line
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the bus closed the connection")
+        self._buf += chunk
 
     def close(self) -> None:
-        self.bus.disconnect()
-        self.loop.close()
+        self.sock.close()
+
+    # ---- messages ---------------------------------------------------------------------------
+
+    def _send(self, destination: str, path: str, interface: str, member: str, signature: str = "", body: list | None = None,
+              unix_fds: list[int] | None = None) -> int:
+        self.serial += 1
+        payload = bytearray()
+        if signature:
+            _marshal(payload, signature, body or [])
+        fields = [(1, "o", path), (2, "s", interface), (3, "s", member), (6, "s", destination)]
+        if signature:
+            fields.append((8, "g", signature))
+        if unix_fds:
+            fields.append((9, "u", len(unix_fds)))
+        header = bytearray(struct.pack("<cBBBII", b"l", METHOD_CALL, 0, 1, len(payload), self.serial))
+        _marshal(header, "a(yv)", [[[code, (sig, value)] for code, sig, value in fields]])
+        header += bytes(-len(header) % 8)
+        data = bytes(header + payload)
+        sent = 0
+        if unix_fds:  # the descriptors travel with the first bytes of the message
+            sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(unix_fds)}i", *unix_fds))])
+        self.sock.sendall(data[sent:])
+        return self.serial
+
+    def _receive(self) -> Message:
+        while len(self._buf) < 16:
+            self._fill()
+        e = "<" if self._buf[0:1] == b"l" else ">"  # the sender's byte order: "l"ittle or "B"ig
+        _endian, mtype, _flags, _version, body_len, serial, fields_len = struct.unpack_from(e + "cBBBIII", self._buf)
+        header_len = 16 + fields_len + (-(16 + fields_len) % 8)
+        while len(self._buf) < header_len + body_len:
+            self._fill()
+        data = bytes(self._buf[: header_len + body_len])
+        del self._buf[: header_len + body_len]
+        (raw_fields,), _ = _unmarshal(data, 12, "a(yv)", e)
+        fields = {code: value for code, (_sig, value) in raw_fields}
+        signature = fields.get(8, "")
+        body = _unmarshal(data[header_len:], 0, signature, e)[0] if signature else []
+        return Message(mtype, serial, fields, body)
+
+    def _reply(self, serial: int) -> Message:
+        """Wait for the reply to `serial`; signals that come first go to the handlers."""
+        while True:
+            msg = self._receive()
+            if msg.message_type in (METHOD_RETURN, ERROR) and msg.reply_serial == serial:
+                return msg
+            if msg.message_type == SIGNAL:
+                for handler in self.handlers:
+                    handler(msg)
 
     def call(self, member: str, signature: str = "", body: list | None = None, *, path: str = MANAGER_PATH,
-             interface: str = MANAGER_IFACE, unix_fds: list[int] | None = None) -> list:
-        return self.loop.run_until_complete(self.acall(member, signature, body, path=path, interface=interface, unix_fds=unix_fds))
-
-    async def acall(self, member, signature="", body=None, *, path=MANAGER_PATH, interface=MANAGER_IFACE, unix_fds=None) -> list:
-        msg = Message(destination=BUS_NAME, path=path, interface=interface, member=member, signature=signature,
-                      body=body or [], unix_fds=unix_fds or [])
-        reply = await self.bus.call(msg)
-        if reply.message_type == MessageType.ERROR:
+             interface: str = MANAGER_IFACE, unix_fds: list[int] | None = None, destination: str = BUS_NAME) -> list:
+        reply = self._reply(self._send(destination, path, interface, member, signature, body, unix_fds))
+        if reply.message_type == ERROR:
             raise _error(reply)
         return reply.body
 
     def subscribe(self, rule: str, handler) -> None:
         """Receive signals matching `rule` (a D-Bus match rule) while calls run."""
-        self.loop.run_until_complete(self._add_match(rule))
-        self.bus.add_message_handler(lambda m: handler(m) if m.message_type == MessageType.SIGNAL else None)
-
-    async def _add_match(self, rule: str) -> None:
-        reply = await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                            interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
-        if reply.message_type == MessageType.ERROR:
-            raise _error(reply)
+        self.call("AddMatch", "s", [rule], path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+                  destination="org.freedesktop.DBus")
+        self.handlers.append(handler)
 
     def wait_forever(self) -> None:
-        self.loop.run_until_complete(self.bus.wait_for_disconnect())
+        """Hand signals to the handlers until the bus goes away."""
+        try:
+            while True:
+                msg = self._receive()
+                if msg.message_type == SIGNAL:
+                    for handler in self.handlers:
+                        handler(msg)
+        except ConnectionError:
+            return
 
     # ---- the verbs ----------------------------------------------------------------------------
 
     def run(self, spec_path: str, name: str | None, keep_failed: bool) -> dict:
-        return json.loads(self.call("Run", "ssb", [spec_path, name or "", keep_failed])[1])
+        return _json(self.call("Run", "ssb", [spec_path, name or "", keep_failed])[1])
 
     def list(self) -> list[dict]:
-        return json.loads(self.call("ListJSON")[0])
+        return _json(self.call("ListJSON")[0])
 
     def status(self, name: str) -> dict:
-        return json.loads(self.call("GetJSON", "s", [name])[0])
+        return _json(self.call("GetJSON", "s", [name])[0])
 
     def start(self, name: str) -> str:
         return self.call("Start", "s", [name])[0]
@@ -102,8 +191,17 @@ class Client:
     def shutdown_all(self) -> list[str]:
         return self.call("Shutdown", "b", [True])[0]
 
+    def upgrade(self, name: str, component: str, version: str) -> dict:
+        return _json(self.call("Upgrade", "sss", [name, component, version])[0])
+
     def exec(self, name: str, argv: list[str], fds: tuple[int, int, int] = (0, 1, 2)) -> int:
         return self.call("Exec", "sashhh", [name, argv, 0, 1, 2], unix_fds=list(fds))[0]
+
+
+def _json(text: str):
+    import json
+
+    return json.loads(text)
 
 
 def _error(reply: Message) -> errors.TupperError:
@@ -118,3 +216,162 @@ def _error(reply: Message) -> errors.TupperError:
     if text.endswith(")") and " (hint: " in text:  # tupper.api.dbus_error puts the hint there
         text, _, hint = text[:-1].rpartition(" (hint: ")
     return cls(text, hint=hint)
+
+
+# ---- addresses ----------------------------------------------------------------------------------
+
+
+def _connect(address: str) -> _socket.socket:
+    """Connect to the first usable address of a D-Bus address list (unix:path= or unix:abstract=)."""
+    last: Exception = ValueError(f"no unix socket in the address {address!r}")
+    for entry in address.split(";"):
+        transport, _, params = entry.partition(":")
+        if transport != "unix":
+            continue
+        keys = dict(p.split("=", 1) for p in params.split(",") if "=" in p)
+        if "path" in keys:
+            target = _unescape(keys["path"])
+        elif "abstract" in keys:
+            target = "\0" + _unescape(keys["abstract"])
+        else:
+            continue
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(target)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last
+
+
+def _unescape(value: str) -> str:
+    if "%" not in value:
+        return value
+    from urllib.parse import unquote
+
+    return unquote(value)
+
+
+# ---- marshalling (sent little-endian, received in either order; every type but unix fds' payloads) ----
+
+_FIXED = {"y": ("B", 1), "b": ("I", 4), "n": ("h", 2), "q": ("H", 2), "i": ("i", 4), "u": ("I", 4), "h": ("I", 4),
+          "x": ("q", 8), "t": ("Q", 8), "d": ("d", 8)}
+_ALIGN = {"s": 4, "o": 4, "g": 1, "a": 4, "(": 8, "{": 8, "v": 1, **{k: size for k, (_, size) in _FIXED.items()}}
+
+
+def _split(signature: str) -> list[str]:
+    """A signature as its list of complete types."""
+    out, i = [], 0
+    while i < len(signature):
+        j = _end(signature, i)
+        out.append(signature[i:j])
+        i = j
+    return out
+
+
+def _end(sig: str, i: int) -> int:
+    c = sig[i]
+    if c == "a":
+        return _end(sig, i + 1)
+    if c in "({":
+        depth, j = 0, i
+        while True:
+            if sig[j] in "({":
+                depth += 1
+            elif sig[j] in ")}":
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+            j += 1
+    return i + 1
+
+
+def _pad(buf: bytearray, align: int) -> None:
+    buf += bytes(-len(buf) % align)
+
+
+def _marshal(buf: bytearray, signature: str, values: list) -> None:
+    for t, v in zip(_split(signature), values, strict=True):
+        _put(buf, t, v)
+
+
+def _put(buf: bytearray, t: str, v) -> None:
+    c = t[0]
+    if c in _FIXED:
+        fmt, size = _FIXED[c]
+        _pad(buf, size)
+        buf += struct.pack("<" + fmt, int(bool(v)) if c == "b" else v)
+    elif c in "so":
+        data = v.encode()
+        _pad(buf, 4)
+        buf += struct.pack("<I", len(data)) + data + b"\0"
+    elif c == "g":
+        data = v.encode()
+        buf += bytes([len(data)]) + data + b"\0"
+    elif c == "v":
+        sig, value = v
+        _put(buf, "g", sig)
+        _put(buf, sig, value)
+    elif c == "a":
+        inner = t[1:]
+        _pad(buf, 4)
+        at = len(buf)
+        buf += bytes(4)
+        _pad(buf, _ALIGN[inner[0]])
+        start = len(buf)
+        items = v.items() if inner[0] == "{" else v
+        for item in items:
+            _put(buf, inner, item)
+        struct.pack_into("<I", buf, at, len(buf) - start)
+    elif c in "({":
+        _pad(buf, 8)
+        for st, sv in zip(_split(t[1:-1]), v, strict=True):
+            _put(buf, st, sv)
+    else:
+        raise ValueError(f"cannot marshal D-Bus type {t!r}")
+
+
+def _unmarshal(data: bytes, pos: int, signature: str, e: str = "<") -> tuple[list, int]:
+    out = []
+    for t in _split(signature):
+        value, pos = _get(data, pos, t, e)
+        out.append(value)
+    return out, pos
+
+
+def _get(data: bytes, pos: int, t: str, e: str):
+    c = t[0]
+    if c in _FIXED:
+        fmt, size = _FIXED[c]
+        pos += -pos % size
+        (value,) = struct.unpack_from(e + fmt, data, pos)
+        return (bool(value) if c == "b" else value), pos + size
+    if c in "so":
+        pos += -pos % 4
+        (n,) = struct.unpack_from(e + "I", data, pos)
+        return data[pos + 4 : pos + 4 + n].decode(), pos + 5 + n
+    if c == "g":
+        n = data[pos]
+        return data[pos + 1 : pos + 1 + n].decode(), pos + 2 + n
+    if c == "v":  # (signature, value), as dbus-next's Variant(signature, value)
+        sig, pos = _get(data, pos, "g", e)
+        value, pos = _get(data, pos, sig, e)
+        return (sig, value), pos
+    if c == "a":
+        inner = t[1:]
+        pos += -pos % 4
+        (n,) = struct.unpack_from(e + "I", data, pos)
+        pos += 4
+        pos += -pos % _ALIGN[inner[0]]
+        end = pos + n
+        items = []
+        while pos < end:
+            item, pos = _get(data, pos, inner, e)
+            items.append(item)
+        return (dict(items) if inner[0] == "{" else items), pos
+    if c in "({":
+        pos += -pos % 8
+        values, pos = _unmarshal(data, pos, t[1:-1], e)
+        return (tuple(values) if c == "{" else values), pos
+    raise ValueError(f"cannot unmarshal D-Bus type {t!r}")

