@@ -200,6 +200,13 @@ class ManagerInterface(ServiceInterface):
         """Run argv in the container as a transient unit on the given file descriptors; returns its exit code."""
         return await self._guard(self.daemon.exec(name, argv, stdin, stdout, stderr))
 
+    @method()
+    @privileged
+    async def Upgrade(self, name: "s", component: "s", version: "s") -> "s":
+        """Swap a component of a running container for another installed version, live; rolls back
+        by itself if the new units do not become active (then the call fails). Returns JSON."""
+        return json.dumps(await self._guard(self.daemon.upgrade(name, component, version)))
+
     # ---- properties and signals -----------------------------------------------------------------
 
     @dbus_property(access=PropertyAccess.READ)

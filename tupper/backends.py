@@ -55,7 +55,7 @@ class DirectBackend:
         from tupper import spec as specmod
         from tupper.runtime import RunFailed
 
-        spec = specmod.load(spec_path, name=name)
+        spec = specmod.load(spec_path, name=name, resolve=self.runtime.resolve_component)
         try:
             result = self.runtime.run(spec, keep_failed=keep_failed, progress=progress)
         except RunFailed as exc:
@@ -97,6 +97,9 @@ class DirectBackend:
         for rec in running:
             self.runtime.stop(rec.name)
         return [r.name for r in running]
+
+    def upgrade(self, name: str, component: str, version: str) -> dict:
+        return self.runtime.upgrade(name, component, version)
 
     def exec(self, name: str, argv: list[str]) -> int:
         return self.runtime.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())

@@ -137,6 +137,18 @@ def _add_daemon(sub) -> None:
     sub.add_parser("daemon", help="run tupperd in the foreground (usually started by D-Bus activation)")
 
 
+def _add_sdk(sub) -> None:
+    from tupper import cli_sdk
+
+    cli_sdk.add_sdk(sub)
+
+
+def _add_component(sub) -> None:
+    from tupper import cli_sdk
+
+    cli_sdk.add_component(sub)
+
+
 def _add_rm(sub) -> None:
     rm = sub.add_parser("rm", help="remove a stopped container (its snapshot and record)")
     rm.add_argument("name")
@@ -183,7 +195,7 @@ def _add_store(sub) -> None:
 _COMMANDS = {
     "run": _add_run, "ps": _add_ps, "status": _add_status, "stop": _add_stop, "start": _add_start, "kill": _add_kill,
     "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
-    "logs": _add_logs, "image": _add_image, "store": _add_store,
+    "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
 }
 
 
@@ -298,6 +310,10 @@ def _signal_number(text: str) -> int:
 
 def dispatch(args) -> int:
     cmd = args.command
+    if cmd in ("sdk", "component"):
+        from tupper import cli_sdk
+
+        return cli_sdk.dispatch(args, lambda: _backend(args), lambda: _store(args))
     if cmd == "daemon":
         from tupper.daemon import main as daemon_main
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from tupper.errors import InvalidInput
 
 
-def add_parsers(sub) -> None:
+def add_sdk(sub) -> None:
     sdk = sub.add_parser("sdk", help="package a service directory as a component",
                          description="Scaffold, check and build component packages (NAME-VERSION.tupper).")
     s = sdk.add_subparsers(dest="sdk_command", metavar="ACTION", required=True)
@@ -29,6 +29,8 @@ def add_parsers(sub) -> None:
     inspect.add_argument("package", type=Path)
     inspect.add_argument("--json", action="store_true")
 
+
+def add_component(sub) -> None:
     component = sub.add_parser("component", help="install, list, remove and upgrade components",
                                description="Installed components live in the store as read-only subvolumes, keyed by name and version.")
     c = component.add_subparsers(dest="component_command", metavar="ACTION", required=True)

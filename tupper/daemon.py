@@ -261,13 +261,13 @@ class Daemon:
         path = Path(spec_path)
         if not path.is_absolute():
             raise InvalidInput(f"{spec_path}: the daemon needs an absolute spec path")
-        spec = await asyncio.to_thread(specmod.load, path, name)
+        spec = await asyncio.to_thread(specmod.load, path, name, self.runtime.resolve_component)
         return await self._run(spec, keep_failed)
 
     async def run_text(self, text: str, base_dir: str, name: str | None, keep_failed: bool) -> dict:
         if not os.path.isabs(base_dir):
             raise InvalidInput(f"{base_dir}: base directory must be absolute")
-        spec = await asyncio.to_thread(specmod.from_text, text, Path(base_dir), "<spec>", name)
+        spec = await asyncio.to_thread(specmod.from_text, text, Path(base_dir), "<spec>", name, self.runtime.resolve_component)
         return await self._run(spec, keep_failed)
 
     async def _run(self, spec: specmod.Spec, keep_failed: bool) -> dict:
@@ -366,6 +366,11 @@ class Daemon:
             for fd in {stdin, stdout, stderr}:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    async def upgrade(self, name: str, component: str, version: str) -> dict:
+        w = self._watched(name)
+        async with w.lock:
+            return await asyncio.to_thread(self.runtime.upgrade, name, component, version, SignalProgress(self, name))
 
     async def unit_job(self, name: str, unit: str, method: str) -> str:
         w = self._watched(name)

@@ -29,6 +29,9 @@ from tupper.systemd import ContainerBus, UnitState, resolve_in_root, run_command
 
 INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
 INOTIFY_WANTED = 8192
+# After an upgrade's units are active they must stay so this long: a service that dies right after
+# its start job finished (Type=exec, a crash on start-up) fails the upgrade and is rolled back.
+UPGRADE_SETTLE = 0.25
 
 
 @attrs.frozen
@@ -146,7 +149,8 @@ class Runtime:
                 restart_limit=spec.restart_limit,
                 components=[
                     {"name": u.component.name, "version": u.component.version, "mount": u.component.mount,
-                     "units": list(u.component.units), "source": str(u.component.root)}
+                     "units": list(u.component.units), "source": str(u.component.root),
+                     "env": [list(kv) for kv in u.env], "requires": list(u.component.requires)}
                     for u in spec.components
                 ],
             )
@@ -425,6 +429,104 @@ class Runtime:
 
     def exec(self, name: str, argv: list[str]) -> int:
         return self.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
+
+    # ---- components ---------------------------------------------------------------------------
+
+    def resolve_component(self, name: str, version: str | None, where: str) -> Path:
+        """spec.Resolver: an installed component's directory in the store."""
+        from tupper.packages import Installer
+
+        try:
+            return Installer(self.store).get(name, version).path
+        except NotFound as exc:
+            raise InvalidInput(f"{where}: {exc.message}", hint=exc.hint) from None
+
+    def components_in_use(self, path: Path) -> list[str]:
+        return [r.name for r in self.records() if any(c.get("source") == str(path) for c in r.components)]
+
+    def upgrade(self, name: str, component: str, version: str, progress: Progress = SILENT) -> dict:
+        """Swap one component of a running container for another installed version: new bind mount
+        inside the container, new units, reload, restart only its units, wait. Rolls back by itself."""
+        from tupper import components as comp
+        from tupper.packages import Installer
+
+        rec = self.running(name)
+        entry = next((c for c in rec.components if c["name"] == component), None)
+        if entry is None:
+            raise InvalidInput(f"container {name!r} has no component {component!r} (it has: {', '.join(c['name'] for c in rec.components)})")
+        target = Installer(self.store).get(component, version)
+        new = comp.load(target.path, f"component {component} {version}")
+        if new.mount != entry["mount"]:
+            raise InvalidInput(f"{component} {version} mounts at {new.mount}, the running one at {entry['mount']}: a live upgrade keeps the mount point")
+        clash = {u for c in rec.components if c["name"] != component for u in c["units"]} & set(new.units)
+        if clash:
+            raise InvalidInput(f"{component} {version} brings unit(s) {', '.join(sorted(clash))} that another component of {name!r} has")
+        old = comp.load(Path(entry["source"]), f"component {component} {entry['version']}")
+        by_name = {c["name"]: c for c in rec.components}
+        missing = [r for r in new.requires if r not in by_name]
+        if missing:
+            raise InvalidInput(f"{component} {version} requires {', '.join(missing)}, which container {name!r} does not have")
+        env = [tuple(kv) for kv in entry.get("env", [])]
+
+        def plan(c) -> dict[str, str]:
+            required = [u for r in c.requires for u in by_name[r]["units"]]
+            others = [u for x in rec.components if x["name"] != component for u in x["units"]]
+            return {**unitfiles.component_files(c, env, required), **unitfiles.target_file(name, others + list(c.units))}
+
+        new_files, old_files = plan(new), plan(old)
+        stale = [p for p in old_files if p not in new_files]  # units the new version no longer has
+        t0 = time.monotonic()
+        with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
+            try:
+                with progress.step(f"Upgrading {component} {entry['version']} → {version} in {name}"):
+                    self._swap(rec, bus, entry["mount"], str(target.path), new_files, stale, old.units, new.units, progress)
+            except Failed as exc:
+                with progress.step(f"Rolling back {component} to {entry['version']}"):
+                    self._swap(rec, bus, entry["mount"], entry["source"], old_files, [p for p in new_files if p not in old_files],
+                               new.units, old.units, progress)
+                raise Failed(f"upgrade of {component} to {version} failed ({exc.message}); rolled back to {entry['version']}, "
+                             "which is active again") from None
+        entry.update(version=version, source=str(target.path), units=list(new.units), requires=list(new.requires))
+        rec.save()
+        return {"name": name, "component": component, "version": version, "seconds": round(time.monotonic() - t0, 3)}
+
+    def _swap(self, rec: Record, bus: ContainerBus, mount: str, source: str, files: dict[str, str], remove: list[str],
+              old_units: tuple[str, ...], new_units: tuple[str, ...], progress: Progress) -> None:
+        from tupper import mountns
+
+        for unit in old_units:
+            if unit not in new_units:
+                bus.stop_unit(unit)
+        for rel in remove:
+            path = rec.rootfs / rel
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        unitfiles.write(rec.rootfs, files)
+        mountns.replace_mount(rec.leader_pid, source, mount)
+        bus.reload()
+        for unit in new_units:
+            bus.restart_unit(unit)
+        self._wait_jobs(rec, bus, list(new_units), rec.start_timeout, progress)
+
+    def _wait_jobs(self, rec: Record, bus: ContainerBus, units: list[str], timeout: float, progress: Progress) -> None:
+        """Wait until the units' jobs are done and they are active, and stay active a moment (a service
+        that dies right after starting counts as failed)."""
+        deadline = time.monotonic() + timeout
+        while any(bus.has_job(u) for u in units):
+            if time.monotonic() > deadline:
+                raise Failed(f"units did not start within {timeout:.0f}s")
+            time.sleep(0.01)
+        settle_until = time.monotonic() + UPGRADE_SETTLE
+        while True:
+            states = [bus.unit_state(u) for u in units]
+            bad = [s for s in states if s.active_state not in ("active", "activating", "reloading")]
+            if bad:
+                raise Failed(", ".join(f"{s.name} is {s.active_state} ({s.result or s.sub_state})" for s in bad))
+            if time.monotonic() >= settle_until and all(s.active_state == "active" for s in states):
+                return
+            if time.monotonic() > deadline:
+                raise Failed(f"units did not become active within {timeout:.0f}s")
+            time.sleep(0.02)
 
     def exec_fds(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
         """exec with the caller's file descriptors (the daemon receives them over D-Bus)."""
