@@ -32,6 +32,7 @@ from pathlib import Path
 import btrfsutil
 
 from baseline import NSPAWN_RUN, RawContainer
+from sdk import PAYLOAD_MB, measure_sdk_build, measure_upgrade
 from tupper import cgroups, proc
 from tupper.client import Client
 from tupper.errors import TupperError
@@ -51,7 +52,7 @@ DOC = REPO / "docs/benchmarks.md"
 PS_COUNTS = (10, 20)  # `tupper ps` is timed with this many bench containers running
 SETTLE = 1.0  # seconds between "unit active" and stop, the same for tupper and the baseline
 # start and stop: ratio tupper/baseline (medians); ps20: seconds, `tupper ps` with 20 running. ps10 has no target.
-TARGETS = {"start": 1.3, "stop": 1.5, "ps20": 0.2}
+TARGETS = {"start": 1.3, "stop": 1.5, "ps20": 0.2, "upgrade": 0.5}  # ratios, then seconds
 NO_SUCH = "bench-no-such-container"  # for a CLI call that tupperd answers at once (with an error)
 
 PREFIX = f"bench-{os.getpid()}"  # unique per run, so a concurrent run cannot collide with this one
@@ -265,6 +266,7 @@ def verdicts(results: dict) -> dict:
         "start": start["ratio"] <= TARGETS["start"],
         "stop": stop["ratio"] <= TARGETS["stop"],
         "ps20": ps["20"]["tupper"]["median"] < TARGETS["ps20"],
+        "upgrade": results["upgrade"]["tupper"]["median"] < TARGETS["upgrade"],
     }
 
 
@@ -283,6 +285,13 @@ def table_rows(results: dict) -> list[list[str]]:
         target, met = (f"< {TARGETS[key]} s", "yes" if ok[key] else "NO") if key in TARGETS else ("-", "-")
         rows.append([f"`tupper ps`, {count} running", f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}",
                      "-", "-", "-", "-", target, met])
+    t = results["upgrade"]["tupper"]
+    rows.append(["live upgrade (command → new units active)", f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}",
+                 "-", "-", "-", "-", f"< {TARGETS['upgrade']} s", "yes" if ok["upgrade"] else "NO"])
+    b = results["sdk_build"]
+    t = b["tupper"]
+    rows.append([f"`sdk build`, {b['payload_bytes'] >> 20} MB payload → {b['package_bytes'] / 2**20:.0f} MB package",
+                 f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}", "-", "-", "-", "-", "-", "-"])
     return rows
 
 
@@ -362,7 +371,11 @@ The baseline runs inside the benchmark's own Python process, so the ratio includ
 under the table separate that from the time tupper itself reports.
 Raw numbers: `bench/results/latest.json` (not committed).
 
-Targets: start ratio ≤ 1.3, stop ratio ≤ 1.5, `tupper ps` with 20 running < 0.2 s.
+- **live upgrade**: `tupper component upgrade` of a running container's component between two
+  installed versions (alternating), wall time until the new units are active.
+- **sdk build**: `tupper sdk build` of a component with a 50 MB payload (half random, half text).
+
+Targets: start ratio ≤ 1.3, stop ratio ≤ 1.5, `tupper ps` with 20 running < 0.2 s, live upgrade < 0.5 s.
 
 """
 
@@ -439,6 +452,10 @@ def main() -> int:
                 print(f"  run {i + 1}/{runs} {kind:8}  start {r['start']:.3f} s  stop {r['stop']:.3f} s", flush=True)
         ps = measure_ps(max(runs, 10), cleanup)
         floor = measure_floor(max(runs, 10))
+        print("  live upgrade (two installed versions, alternating) ...", flush=True)
+        upgrade = measure_upgrade(tupper, PREFIX, max(runs, 10), cleanup.tupper_names)
+        print(f"  sdk build of a {PAYLOAD_MB} MB payload ...", flush=True)
+        build = measure_sdk_build(tupper, PREFIX, min(max(runs, 3), 5))
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         cleanup.all()
@@ -468,6 +485,9 @@ def main() -> int:
         "client_call": floor["client_call"]["median"],
     }
     results["floor"] = floor
+    results["upgrade"] = {"tupper": summary(upgrade["times"])}
+    results["sdk_build"] = {"tupper": summary(build["times"]), "payload_bytes": build["payload_bytes"],
+                            "package_bytes": build["package_bytes"]}
     results["verdicts"] = verdicts(results)
 
     print()

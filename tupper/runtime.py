@@ -31,7 +31,7 @@ INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
 INOTIFY_WANTED = 8192
 # After an upgrade's units are active they must stay so this long: a service that dies right after
 # its start job finished (Type=exec, a crash on start-up) fails the upgrade and is rolled back.
-UPGRADE_SETTLE = 0.25
+UPGRADE_SETTLE = 0.1
 
 
 @attrs.frozen
