@@ -31,9 +31,12 @@ def make_component(root: Path, name: str, version: str, *, broken: bool = False)
 def component_name(tupper):
     name = f"svc{uuid.uuid4().hex[:8]}"
     yield name
+    # This runs before the `names` fixture removes the test's containers: remove any that still use it.
     for c in tupper.json("component", "ls"):
         if c["name"] == name:
-            tupper("component", "rm", name, c["version"])
+            for container in c["used_by"]:
+                tupper("rm", "--force", container)
+            tupper("component", "rm", name, c["version"], check=True)
 
 
 def build_and_install(tupper, d: Path, out: Path) -> Path:
