@@ -168,3 +168,22 @@ def test_malicious_package_is_refused_and_nothing_is_installed(tupper, store_roo
     assert not list((store_root / "tmp").glob("component-evil-*"))
     assert system_snapshot(store_root, only="evil") == before
     assert not Path("/etc/evil").exists()
+
+
+def test_sdk_cli_init_check_and_every_problem_reported_with_exit_2(tupper, tmp_path):
+    d = tmp_path / "demo"
+    assert tupper("sdk", "init", "demo", "--dir", d).returncode == 0
+    ok = tupper("sdk", "check", d)
+    assert ok.returncode == 0, ok.stderr
+    assert "demo 0.1.0 is fine" in ok.stdout
+    (d / "units/demo.service").write_text("[Service]\nExecStart=/opt/demo/bin/nope\nLoadCredential=token\n")
+    (d / "bin/demo").chmod(0o4755)
+    bad = tupper("sdk", "check", d)
+    assert bad.returncode == 2
+    lines = bad.stderr.splitlines()
+    assert any("bin/nope: no file" in l for l in lines)
+    assert any("credential 'token' is not declared" in l for l in lines)
+    assert any("setuid/setgid" in l for l in lines)
+    assert lines[-1] == f"tupper: 3 problem(s) in {d}"
+    assert tupper("sdk", "build", d, "-o", tmp_path).returncode == 2, "build refuses what check refuses"
+    assert not list(tmp_path.glob("*.tupper"))
