@@ -207,6 +207,18 @@ class ManagerInterface(ServiceInterface):
         by itself if the new units do not become active (then the call fails). Returns JSON."""
         return json.dumps(await self._guard(self.daemon.upgrade(name, component, version)))
 
+    @method()
+    def SecretHolders(self) -> "a(sss)":
+        """Which containers hold which secrets: (container, credential ID, secret name). Never values."""
+        return [list(t) for t in self.daemon.secret_holders()]
+
+    @method()
+    @privileged
+    async def RotateSecret(self, secret: "s") -> "as":
+        """Re-deliver a secret's current value to every running unit that loads it (restart or reload
+        by its component's policy); returns what was done, one "container/unit: action result" each."""
+        return await self._guard(self.daemon.rotate_secret(secret))
+
     # ---- properties and signals -----------------------------------------------------------------
 
     @dbus_property(access=PropertyAccess.READ)
@@ -285,6 +297,11 @@ class ContainerInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def RestartPolicy(self) -> "s":
         return self._rec().restart_policy
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Secrets(self) -> "a{ss}":
+        """Credential ID -> secret name granted to this container (names only, never values)."""
+        return dict(self._rec().grants)
 
     @method()
     @privileged

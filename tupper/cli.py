@@ -149,6 +149,12 @@ def _add_component(sub) -> None:
     cli_sdk.add_component(sub)
 
 
+def _add_secret(sub) -> None:
+    from tupper import cli_secrets
+
+    cli_secrets.add_secret(sub)
+
+
 def _add_rm(sub) -> None:
     rm = sub.add_parser("rm", help="remove a stopped container (its snapshot and record)")
     rm.add_argument("name")
@@ -196,6 +202,7 @@ _COMMANDS = {
     "run": _add_run, "ps": _add_ps, "status": _add_status, "stop": _add_stop, "start": _add_start, "kill": _add_kill,
     "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
+    "secret": _add_secret,
 }
 
 
@@ -310,6 +317,10 @@ def _signal_number(text: str) -> int:
 
 def dispatch(args) -> int:
     cmd = args.command
+    if cmd == "secret":
+        from tupper import cli_secrets
+
+        return cli_secrets.dispatch(args, lambda: _store(args))
     if cmd in ("sdk", "component"):
         from tupper import cli_sdk
 

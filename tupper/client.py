@@ -191,6 +191,12 @@ class Client:
     def shutdown_all(self) -> list[str]:
         return self.call("Shutdown", "b", [True])[0]
 
+    def rotate_secret(self, secret: str) -> list[str]:
+        return self.call("RotateSecret", "s", [secret])[0]
+
+    def secret_holders(self) -> list[list[str]]:
+        return self.call("SecretHolders")[0]
+
     def upgrade(self, name: str, component: str, version: str) -> dict:
         return _json(self.call("Upgrade", "sss", [name, component, version])[0])
 

@@ -39,6 +39,7 @@ class Component:
     root: Path  # the component directory on the host (resolved)
     manifest_file: str  # for messages
     secrets: tuple[str, ...] = ()  # credential IDs its units load (LoadCredential=ID:…)
+    on_rotate: str = "restart"  # what a new secret value does to its units: "restart" or "reload"
 
     def unit_path(self, unit: str) -> Path:
         return self.root / "units" / unit
@@ -80,6 +81,9 @@ def load(directory: Path, where: str, *, tree: bool = True) -> Component:
     requires = t.str_list("requires")
     mount = t.get("mount", str, f"/opt/{name}")
     secrets = t.str_list("secrets")
+    on_rotate = t.get("on_rotate", str, "restart")
+    if on_rotate not in ("restart", "reload"):
+        raise t.error("on_rotate", f"must be \"restart\" or \"reload\", got {on_rotate!r}")
     t.check_unknown()
     for i, cred in enumerate(secrets):
         if not CREDENTIAL_RE.fullmatch(cred):
@@ -120,6 +124,7 @@ def load(directory: Path, where: str, *, tree: bool = True) -> Component:
         root=root,
         manifest_file=display,
         secrets=tuple(secrets),
+        on_rotate=on_rotate,
     )
 
 

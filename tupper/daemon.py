@@ -23,12 +23,14 @@ from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 
-from tupper import api, proc
+from tupper import api, mountns, proc
 from tupper import spec as specmod
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
 from tupper.progress import Progress
+from tupper.agent import Agent
 from tupper.records import Record
 from tupper.runtime import RunFailed, Runtime
+from tupper.secrets import SecretStore
 from tupper.store import Store
 from tupper.systemd import bus_socket
 
@@ -101,6 +103,9 @@ class Daemon:
         self.manager = api.ManagerInterface(self)
         self.watched: dict[str, Watched] = {}
         self.creating: set[str] = set()
+        self.secrets = SecretStore(runtime.store)
+        self.agents: dict[str, Agent] = {}
+        runtime.serves_secrets = True
 
     def call_soon(self, fn, *args) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -129,14 +134,39 @@ class Daemon:
             if announce:
                 self.manager.ContainerAdded(rec.name, api.container_path(rec.name))
         w.state = rec.state()
+        if rec.grants:
+            await self._open_agent(rec.name)
         if announce:
             self.manager.ContainerStateChanged(rec.name, w.state)
         if rec.alive():
             await self._attach(w, rec)
         return w
 
+    async def _open_agent(self, name: str, fallback: dict[str, dict[str, str]] | None = None) -> None:
+        """The container's secrets agent; it reads the grants from the record (or `fallback` while the
+        record does not exist yet, during a run)."""
+        if name in self.agents:
+            return
+
+        def grants() -> dict[str, dict[str, str]]:
+            try:
+                return self.runtime.record(name).credential_grants()
+            except NotFound:
+                return fallback or {}
+
+        agent = Agent(name, self.secrets, grants)
+        await agent.open()
+        self.agents[name] = agent
+
+    async def _close_agent(self, name: str) -> None:
+        agent = self.agents.pop(name, None)
+        if agent is not None:
+            await agent.close()
+
     def _untrack(self, name: str) -> None:
         w = self.watched.pop(name, None)
+        if name in self.agents:
+            asyncio.ensure_future(self._close_agent(name))
         if w is None:
             return
         self._detach(w)
@@ -276,12 +306,23 @@ class Daemon:
         self.creating.add(spec.name)
         try:
             progress = SignalProgress(self, spec.name)
+            if spec.grants:
+                grants = dict(spec.grants)
+                await self._open_agent(spec.name, {
+                    unit: {c: grants[c] for c in use.component.secrets}
+                    for use in spec.components if use.component.secrets for unit in use.component.service_units})
             try:
                 result = await asyncio.to_thread(self.runtime.run, spec, keep_failed=keep_failed, progress=progress)
             except RunFailed as exc:
                 if exc.kept:
                     await self._track(self.runtime.record(spec.name))
+                else:
+                    await self._close_agent(spec.name)
                 raise Failed(exc.describe()) from None
+            except BaseException:
+                if spec.name not in self.watched:
+                    await self._close_agent(spec.name)
+                raise
             w = await self._track(self.runtime.record(spec.name))
             self._set_state(w)
             out = dict(result.record)
@@ -366,6 +407,50 @@ class Daemon:
             for fd in {stdin, stdout, stderr}:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    # ---- secrets ------------------------------------------------------------------------------
+
+    def secret_holders(self) -> list[tuple[str, str, str]]:
+        """(container, credential ID, secret name) for every container granted a secret: names only."""
+        out = []
+        for name in sorted(self.watched):
+            try:
+                rec = self.runtime.record(name)
+            except NotFound:
+                continue
+            out += [(name, cred, secret) for cred, secret in sorted(rec.grants.items())]
+        return out
+
+    async def rotate_secret(self, secret: str) -> list[str]:
+        """Make every running unit that loads `secret` pick up its current value, by its component's
+        on_rotate policy, through the container's systemd; containers keep running.
+        restart: the unit restarts and loads the value from the agent. reload: systemd 252 loads
+        credentials only at start, so tupper writes the value into the unit's credentials (in the
+        container's memory), then asks systemd to reload the unit."""
+        self.secrets.info(secret)  # NotFound for an unknown name
+        done = []
+        for name in sorted(self.watched):
+            rec = self.runtime.record(name)
+            if not rec.alive():
+                continue
+            for c in rec.components:
+                creds = [cred for cred in c.get("secrets", []) if rec.grants.get(cred) == secret]
+                if not creds:
+                    continue
+                for unit in (u for u in c["units"] if u.endswith(".service")):
+                    if c.get("on_rotate") == "reload":
+                        version, value = await asyncio.to_thread(self.secrets.value, secret)
+                        for cred in creds:
+                            await asyncio.to_thread(mountns.refresh_credential, rec.leader_pid, unit, cred, value)
+                            self.secrets.audit(container=name, unit=unit, credential=cred, secret=secret, version=version,
+                                               result="delivered (reload)")
+                        del value
+                        result = await self.unit_job(name, unit, "ReloadUnit")
+                        done.append(f"{name}/{unit}: reload {result}")
+                    else:
+                        result = await self.unit_job(name, unit, "RestartUnit")
+                        done.append(f"{name}/{unit}: restart {result}")
+        return done
 
     async def upgrade(self, name: str, component: str, version: str) -> dict:
         w = self._watched(name)

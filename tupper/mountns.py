@@ -64,7 +64,7 @@ def replace_mount(leader: int, source: str, target: str) -> None:
     replacing what is mounted there."""
     fd = clone_tree(source)
     try:
-        p = subprocess.run([sys.executable, "-m", "tupper.mountns", str(leader), str(fd), target],
+        p = subprocess.run([sys.executable, "-m", "tupper.mountns", "move", str(leader), str(fd), target],
                            pass_fds=(fd,), capture_output=True, text=True, env=proc.environment(), timeout=30)
     finally:
         os.close(fd)
@@ -72,12 +72,48 @@ def replace_mount(leader: int, source: str, target: str) -> None:
         raise Failed(f"cannot mount {source} at {target} in the container: {p.stderr.strip() or p.returncode}")
 
 
-def _enter_and_move(leader: int, tree_fd: int, target: str) -> None:
-    """In the helper process: enter the container's mount namespace, swap the mount at `target`."""
+def refresh_credential(leader: int, unit: str, credential: str, value: bytes) -> None:
+    """Replace a running unit's credential in the container's /run/credentials/UNIT (a ramfs that
+    systemd made read-only): systemd 252 loads credentials only when a unit starts, so a `reload`
+    rotation puts the new value there itself. The value travels on a pipe, never on a command line."""
+    p = subprocess.run([sys.executable, "-m", "tupper.mountns", "credential", str(leader), unit, credential],
+                       input=value, capture_output=True, env=proc.environment(), timeout=30)
+    if p.returncode != 0:
+        raise Failed(f"cannot refresh credential {credential} of {unit}: {p.stderr.decode(errors='replace').strip() or p.returncode}")
+
+
+MS_RDONLY = 0x1
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+
+
+def _enter(leader: int) -> None:
     ns = os.open(f"/proc/{leader}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     _check(_libc.setns(ns, CLONE_NEWNS), "setns(mnt)")
     os.close(ns)
     os.chdir("/")
+
+
+def _write_credential(leader: int, unit: str, credential: str, value: bytes) -> None:
+    if "/" in unit or "/" in credential or unit.startswith(".") or credential.startswith("."):
+        raise OSError(22, "bad unit or credential name")
+    _enter(leader)
+    d = f"/run/credentials/{unit}"
+    flags = MS_REMOUNT | MS_BIND
+    _check(_libc.mount(None, d.encode(), None, flags, None), f"remount {d} rw")
+    try:
+        tmp = f"{d}/.{credential}.new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+        with os.fdopen(fd, "wb") as f:
+            f.write(value)
+        os.rename(tmp, f"{d}/{credential}")
+    finally:
+        _check(_libc.mount(None, d.encode(), None, flags | MS_RDONLY, None), f"remount {d} ro")
+
+
+def _enter_and_move(leader: int, tree_fd: int, target: str) -> None:
+    """In the helper process: enter the container's mount namespace, swap the mount at `target`."""
+    _enter(leader)
     # The old mount goes lazily: processes still holding files in it keep them until they exit.
     if os.path.ismount(target):
         _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount2({target})")
@@ -88,7 +124,12 @@ def _enter_and_move(leader: int, tree_fd: int, target: str) -> None:
 
 if __name__ == "__main__":
     try:
-        _enter_and_move(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+        if sys.argv[1] == "move":
+            _enter_and_move(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+        elif sys.argv[1] == "credential":
+            _write_credential(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.stdin.buffer.read())
+        else:
+            raise OSError(22, f"unknown action {sys.argv[1]!r}")
     except OSError as exc:
         print(exc.strerror or str(exc), file=sys.stderr)
         sys.exit(1)

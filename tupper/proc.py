@@ -33,17 +33,19 @@ def run(
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
     timeout: float | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run argv to completion; raise CommandFailed on a non-zero exit when `check`."""
+    binary: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run argv to completion; raise CommandFailed on a non-zero exit when `check`. With `binary`,
+    input and output stay bytes (secrets: never decoded, never logged; only argv is traced)."""
     argv = [str(a) for a in argv]
     log.debug("+ %s", shlex.join(argv))
     try:
         proc = subprocess.run(
             argv,
             stdin=subprocess.DEVNULL if input is None else None,
-            input=input.decode() if input is not None else None,
+            input=input if binary or input is None else input.decode(),
             capture_output=capture,
-            text=True,
+            text=not binary,
             env=environment(env),
             timeout=timeout,
             check=False,
@@ -53,7 +55,8 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise Failed(f"{argv[0]} did not finish within {timeout:.0f}s") from exc
     if check and proc.returncode != 0:
-        raise CommandFailed(argv, proc.returncode, proc.stderr or "")
+        stderr = proc.stderr.decode(errors="replace") if binary and proc.stderr else (proc.stderr or "")
+        raise CommandFailed(argv, proc.returncode, stderr)
     return proc
 
 

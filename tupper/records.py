@@ -39,6 +39,7 @@ class Record:
     restart_policy: str = "no"
     restart_delay: float = 1.0
     restart_limit: int = 5
+    grants: dict = attrs.Factory(dict)  # credential ID -> secret name (names only, never values)
     components: list[dict] = attrs.Factory(list)  # {name, version, mount, units}
     phase: str = "creating"  # creating → starting → running | failed; stopping; crash-loop
     nspawn_pid: int = 0
@@ -47,7 +48,7 @@ class Record:
     leader_pid: int = 0
     started_at: float = 0.0
 
-    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "components", "phase",
+    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "components", "phase",
               "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
 
     @property
@@ -57,6 +58,16 @@ class Record:
     @property
     def units(self) -> list[str]:
         return [u for c in self.components for u in c["units"]]
+
+    def credential_grants(self) -> dict[str, dict[str, str]]:
+        """{unit: {credential ID: secret name}}: what each unit may load from the agent."""
+        out: dict[str, dict[str, str]] = {}
+        for c in self.components:
+            creds = {cred: self.grants[cred] for cred in c.get("secrets", []) if cred in self.grants}
+            for unit in c["units"]:
+                if creds and unit.endswith(".service"):
+                    out[unit] = creds
+        return out
 
     def save(self) -> None:
         write_json(self.dir / RECORD, {f: getattr(self, f) for f in self.FIELDS})
@@ -107,6 +118,7 @@ class Record:
             "spec": self.spec_file,
             "components": [{k: c[k] for k in ("name", "version", "mount")} for c in self.components],
             "restart_policy": self.restart_policy,
+            "secrets": dict(self.grants),
         }
         if (info := self.exit_info()) and not running:
             out["exit"] = info

@@ -70,6 +70,8 @@ class RunResult:
 class Runtime:
     store: Store
     host: nspawn.Host = attrs.Factory(nspawn.Host.detect)
+    # True in tupperd, which runs the secrets agents; a container with granted secrets needs one.
+    serves_secrets: bool = False
 
     # ---- containers on disk -------------------------------------------------------------------
 
@@ -131,6 +133,7 @@ class Runtime:
         self._check_name_free(spec)  # before a possibly long image build; checked again under the lock
         image_path = self.resolve_image(spec, progress)
         self._check_units_do_not_shadow_the_image(spec, image_path)
+        self._check_secrets(spec)
         with contextlib.ExitStack() as undo:
             with self.store.lock():
                 self._check_name_free(spec)
@@ -147,10 +150,12 @@ class Runtime:
                 restart_policy=spec.restart_policy,
                 restart_delay=spec.restart_delay,
                 restart_limit=spec.restart_limit,
+                grants=dict(spec.grants),
                 components=[
                     {"name": u.component.name, "version": u.component.version, "mount": u.component.mount,
                      "units": list(u.component.units), "source": str(u.component.root),
-                     "env": [list(kv) for kv in u.env], "requires": list(u.component.requires)}
+                     "env": [list(kv) for kv in u.env], "requires": list(u.component.requires),
+                     "secrets": list(u.component.secrets), "on_rotate": u.component.on_rotate}
                     for u in spec.components
                 ],
             )
@@ -170,6 +175,19 @@ class Runtime:
                 raise Exists(f"{spec.file}: name: {spec.name!r} and the existing container {other.name!r} would have the same "
                              f"machine name {machine!r} ('_' becomes '-')", hint="pick another name")
 
+    def _check_secrets(self, spec: Spec) -> None:
+        if not spec.grants:
+            return
+        if not self.serves_secrets:
+            raise Failed(f"{spec.file}: secrets are delivered by tupperd's agent; run this spec through tupperd (without --direct)")
+        from tupper.secrets import SecretStore
+
+        secrets = SecretStore(self.store)
+        for cred, secret in spec.grants:
+            if not secrets.exists(secret):
+                raise InvalidInput(f"{spec.file}: secrets.{cred}: no secret {secret!r} in the store",
+                                   hint=f"set it first: tupper secret set {secret} < FILE")
+
     @staticmethod
     def _check_units_do_not_shadow_the_image(spec: Spec, image: Path) -> None:
         """A component unit named like one of the image's own (dbus.service, …) would replace it."""
@@ -188,6 +206,13 @@ class Runtime:
         self._check_inotify(progress)
         (rec.dir / records.EXIT).unlink(missing_ok=True)
         binds = [nspawn.Bind(Path(c["source"]), c["mount"]) for c in rec.components]
+        if rec.grants:
+            from tupper import agent
+
+            if not self.serves_secrets:
+                raise Failed(f"container {rec.name!r} has secrets, which tupperd's agent delivers: start it through tupperd")
+            # The directory, not the socket file: a restarted tupperd makes a new socket the container still sees.
+            binds.append(nspawn.Bind(agent.agent_dir(rec.name), agent.IN_CONTAINER_DIR))
         argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host)
         with contextlib.ExitStack() as undo:
             undo.callback(self._abort_start, rec)
@@ -468,10 +493,15 @@ class Runtime:
             raise InvalidInput(f"{component} {version} requires {', '.join(missing)}, which container {name!r} does not have")
         env = [tuple(kv) for kv in entry.get("env", [])]
 
+        ungranted = [cred for cred in new.secrets if cred not in rec.grants]
+        if ungranted:
+            raise InvalidInput(f"{component} {version} needs credential(s) {', '.join(ungranted)}, which container {name!r} was not granted")
+
         def plan(c) -> dict[str, str]:
             required = [u for r in c.requires for u in by_name[r]["units"]]
             others = [u for x in rec.components if x["name"] != component for u in x["units"]]
-            return {**unitfiles.component_files(c, env, required), **unitfiles.target_file(name, others + list(c.units))}
+            return {**unitfiles.component_files(c, env, required, c.secrets),
+                    **unitfiles.target_file(name, others + list(c.units))}
 
         new_files, old_files = plan(new), plan(old)
         stale = [p for p in old_files if p not in new_files]  # units the new version no longer has
@@ -486,7 +516,8 @@ class Runtime:
                                new.units, old.units, progress)
                 raise Failed(f"upgrade of {component} to {version} failed ({exc.message}); rolled back to {entry['version']}, "
                              "which is active again") from None
-        entry.update(version=version, source=str(target.path), units=list(new.units), requires=list(new.requires))
+        entry.update(version=version, source=str(target.path), units=list(new.units), requires=list(new.requires),
+                     secrets=list(new.secrets), on_rotate=new.on_rotate)
         rec.save()
         return {"name": name, "component": component, "version": version, "seconds": round(time.monotonic() - t0, 3)}
 

@@ -21,6 +21,7 @@ NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9_-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_IMAGE = "debian-bookworm"
 RESTART_POLICIES = ("no", "on-failure", "always")
+SECRET_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_TIMEOUT = 86400  # a day: larger is a typo, and inf or nan would make waits never end
 
 
@@ -42,6 +43,7 @@ class Spec:
     restart_policy: str = "no"
     restart_delay: float = 1.0
     restart_limit: int = 5
+    grants: tuple[tuple[str, str], ...] = ()  # (credential ID, secret name) from the [secrets] table
     file: str = "<spec>"
     base_dir: Path = Path(".")
 
@@ -116,6 +118,13 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
     if not 1 <= restart_limit <= 1000:
         raise restart.error("limit", f"must be between 1 and 1000, got {restart_limit}")
     restart.check_unknown()
+    grants_table = t.table("secrets")
+    grants = []
+    for cred, secret in grants_table.data.items():
+        grants_table.get(cred, str)
+        if not SECRET_NAME_RE.fullmatch(secret):
+            raise grants_table.error(cred, f"invalid secret name {secret!r}")
+        grants.append((cred, secret))
     t.check_unknown()
 
     final_name = name if name is not None else file_name
@@ -160,6 +169,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         uses.append(ComponentUse(component=component, env=tuple(env)))
 
     _check_components(uses, display)
+    _check_grants(uses, dict(grants), display)
     return Spec(
         name=final_name,
         image=image,
@@ -169,6 +179,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         restart_policy=restart_policy,
         restart_delay=restart_delay,
         restart_limit=restart_limit,
+        grants=tuple(grants),
         file=display,
         base_dir=base_dir,
     )
@@ -213,6 +224,21 @@ def _check_components(uses: list[ComponentUse], display: str) -> None:
                     f"{use.component.manifest_file}: requires[{j}]: no component {req!r} in {display}"
                 )
     order_by_requires([u.component for u in uses], display)
+
+
+def _check_grants(uses: list[ComponentUse], grants: dict[str, str], display: str) -> None:
+    """Every credential a component declares is granted a secret, and every grant is used."""
+    needed: set[str] = set()
+    for use in uses:
+        for i, cred in enumerate(use.component.secrets):
+            needed.add(cred)
+            if cred not in grants:
+                raise InvalidInput(f"{display}: secrets: component {use.component.name!r} needs credential {cred!r} "
+                                   f"({use.component.manifest_file}: secrets[{i}]), and the spec grants it no secret",
+                                   hint=f'add  {cred} = "SECRET-NAME"  to the [secrets] table')
+    for cred in grants:
+        if cred not in needed:
+            raise InvalidInput(f"{display}: secrets.{cred}: no component of this spec declares credential {cred!r}")
 
 
 def order_by_requires(components: list[comp.Component], display: str) -> list[comp.Component]:

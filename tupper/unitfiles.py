@@ -13,6 +13,7 @@ from tupper.spec import Spec
 
 UNIT_DIR = "etc/systemd/system"
 TARGET = "tupper.target"
+AGENT_SOCKET = "/run/host/tupper/creds.sock"  # the secrets agent's socket as the container sees it (tupper.agent)
 
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "%": "%%"}
@@ -33,13 +34,15 @@ def plan(spec: Spec) -> dict[str, str]:
     by_name = {u.component.name: u.component for u in spec.components}
     for use in spec.components:
         required_units = [u for req in use.component.requires for u in by_name[req].units]
-        files.update(component_files(use.component, use.env, required_units))
+        files.update(component_files(use.component, use.env, required_units, use.component.secrets))
     files.update(target_file(spec.name, spec.units))
     return files
 
 
-def component_files(c: Component, env: tuple[tuple[str, str], ...] | list, required_units: list[str]) -> dict[str, str]:
-    """One component's units and their drop-ins (requires as After=/Requires=, env as Environment=)."""
+def component_files(c: Component, env: tuple[tuple[str, str], ...] | list, required_units: list[str],
+                    credentials: tuple[str, ...] | list = ()) -> dict[str, str]:
+    """One component's units and their drop-ins (requires as After=/Requires=, env as Environment=,
+    granted credentials as LoadCredential= from the container's secrets agent)."""
     files: dict[str, str] = {}
     for unit in c.units:
         files[f"{UNIT_DIR}/{unit}"] = c.unit_path(unit).read_text(encoding="utf-8")
@@ -47,8 +50,9 @@ def component_files(c: Component, env: tuple[tuple[str, str], ...] | list, requi
         if required_units:
             joined = " ".join(required_units)
             dropin += [f"After={joined}", f"Requires={joined}"]
-        if env and unit.endswith(".service"):
+        if (env or credentials) and unit.endswith(".service"):
             dropin += ["", "[Service]"] + [f"Environment={_quote_env(k, v)}" for k, v in env]
+            dropin += [f"LoadCredential={cred}:{AGENT_SOCKET}" for cred in credentials]
         files[f"{UNIT_DIR}/{unit}.d/50-tupper.conf"] = "\n".join(dropin) + "\n"
     return files
 
