@@ -120,12 +120,17 @@ def test_stop_powers_off_cleanly(tupper, names):
     assert status["leader_pid"] is None
 
 
-def test_stop_kills_a_service_that_ignores_sigterm_at_the_timeout(tupper, names, tmp_path):
-    stubborn = write_component(
+def stubborn_component(tmp_path: Path) -> Path:
+    """A service that ignores SIGTERM (and whose own stop timeout is long): only SIGKILL ends it."""
+    return write_component(
         tmp_path / "stubborn", "stubborn",
         {"stubborn.service": "[Service]\nType=exec\nExecStart=/opt/stubborn/bin/stubborn\nTimeoutStopSec=300\n"},
         files={"bin/stubborn": "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.2; done\n"},
     )
+
+
+def test_stop_kills_a_service_that_ignores_sigterm_at_the_timeout(tupper, names, tmp_path):
+    stubborn = stubborn_component(tmp_path)
     name = names()
     spec = write_spec(tmp_path / "stubborn.toml", [stubborn], name=name, extra="[stop]\ntimeout = 2\n")
     tupper("run", spec, check=True)
@@ -139,11 +144,7 @@ def test_stop_kills_a_service_that_ignores_sigterm_at_the_timeout(tupper, names,
 
 
 def test_stop_timeout_flag_overrides_the_spec(tupper, names, tmp_path):
-    stubborn = write_component(
-        tmp_path / "stubborn", "stubborn",
-        {"stubborn.service": "[Service]\nType=exec\nExecStart=/opt/stubborn/bin/stubborn\nTimeoutStopSec=300\n"},
-        files={"bin/stubborn": "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.2; done\n"},
-    )
+    stubborn = stubborn_component(tmp_path)
     name = names()
     spec = write_spec(tmp_path / "stubborn.toml", [stubborn], name=name, extra="[stop]\ntimeout = 60\n")
     tupper("run", spec, check=True)
