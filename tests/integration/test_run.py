@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -236,3 +237,26 @@ def test_rm_force_of_a_running_container_leaves_nothing(tupper, names, store_roo
     assert gone(leader)
     assert not (store_root / "containers" / name).exists()
     assert system_snapshot(store_root, only=name) == before
+
+
+def test_logs_follow_streams_new_entries(tupper, names):
+    import select
+    import subprocess
+    import sys
+
+    name = names()
+    tupper("run", REPO / "examples/hello.toml", "--name", name, check=True)
+    follow = subprocess.Popen([sys.executable, "-m", "tupper", "logs", name, "-f", "-n", "0"], stdout=subprocess.PIPE,
+                              env=tupper.env, cwd=REPO)
+    try:
+        time.sleep(0.5)
+        tupper("exec", name, "--", "systemd-cat", "-t", "marker", "echo", "followed-line", check=True)
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"followed-line" not in seen and time.monotonic() < deadline:
+            if select.select([follow.stdout], [], [], 0.2)[0]:
+                seen += os.read(follow.stdout.fileno(), 65536)
+        assert b"followed-line" in seen
+    finally:
+        follow.terminate()
+        follow.wait(5)
