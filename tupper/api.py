@@ -55,6 +55,20 @@ def container_path(name: str) -> str:
     return f"{CONTAINER_PREFIX}/{escape_label(name)}"
 
 
+def uid_allowed(uid: int, admin_group: str | None) -> bool:
+    """root, or a user whose primary or supplementary group is `admin_group`."""
+    if uid == 0:
+        return True
+    if not admin_group:
+        return False
+    try:
+        group = grp.getgrnam(admin_group)
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return user.pw_gid == group.gr_gid or user.pw_name in group.gr_mem
+
+
 def privileged(fn):
     """Mark a method as changing state: only root or the admin group may call it."""
     fn.__tupper_privileged__ = True
@@ -101,17 +115,7 @@ class TupperBus(MessageBus):
                                         signature="s", body=[sender]))
         if reply.message_type == MessageType.ERROR:
             return False
-        uid = reply.body[0]
-        if uid == 0:
-            return True
-        if not self.admin_group:
-            return False
-        try:
-            group = grp.getgrnam(self.admin_group)
-            user = pwd.getpwuid(uid)
-        except KeyError:
-            return False
-        return user.pw_gid == group.gr_gid or user.pw_name in group.gr_mem
+        return uid_allowed(reply.body[0], self.admin_group)
 
 
 class ManagerInterface(ServiceInterface):
