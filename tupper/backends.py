@@ -93,7 +93,7 @@ class DirectBackend:
         self.runtime.remove(name, force=force)
 
     def shutdown_all(self) -> list[str]:
-        running = sorted((r for r in self.runtime.records() if r.alive()), key=lambda r: r.started_at, reverse=True)
+        running = self.runtime.shutdown_order()
         for rec in running:
             self.runtime.stop(rec.name)
         return [r.name for r in running]

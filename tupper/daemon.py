@@ -393,8 +393,7 @@ class Daemon:
         self._untrack(name)
 
     async def shutdown_all(self) -> list[str]:
-        running = [r for r in (self.runtime.record(n) for n in list(self.watched)) if r.alive()]
-        order = sorted(running, key=lambda r: r.started_at, reverse=True)
+        order = [r for r in self.runtime.shutdown_order() if r.name in self.watched]
         for rec in order:
             await self.stop(rec.name, None)
         return [r.name for r in order]

@@ -91,6 +91,10 @@ class Runtime:
                 continue  # a half-created container; its creator cleans it up
         return out
 
+    def shutdown_order(self) -> list[Record]:
+        """Running containers in the order `shutdown --all` stops them: the last started first."""
+        return sorted((r for r in self.records() if r.alive()), key=lambda r: r.started_at, reverse=True)
+
     def images_in_use(self, image: str) -> list[str]:
         return [r.name for r in self.records() if r.image == image]
 
