@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SERVICES, system_snapshot, write_component, write_spec
+from helpers import SERVICES, system_snapshot, write_component, write_spec
 
 UNIT = "[Service]\nType=exec\nExecStart=/bin/sleep infinity\n"
 

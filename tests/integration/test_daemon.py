@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SERVICES, write_component, write_spec
+from helpers import REPO, SERVICES, write_component, write_spec
 
 HELLO = REPO / "examples/hello.toml"
 

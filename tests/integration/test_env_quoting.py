@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import write_component, write_spec
+from helpers import write_component, write_spec
 
 VALUES = {
     "QUOTES": 'say "hi"',

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SERVICES, system_snapshot
+from helpers import SERVICES, system_snapshot
 
 
 def make_component(root: Path, name: str, version: str, *, broken: bool = False) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_component
+from helpers import write_component
 
 FORGE = """
 import socket, sys

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from conftest import write_component
+from helpers import write_component
 
 from tupper import components
 from tupper.errors import InvalidInput

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write_component
+from helpers import write_component
 
 from tupper import spec as specmod
 from tupper.errors import InvalidInput

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import write_component
+from helpers import write_component
 
 from tupper import spec as specmod
 from tupper import unitfiles

@@ -1,0 +1,344 @@
+"""What the tests, the benchmarks and the soak share: a store and a bus of their own, the base image
+in that store without a second debootstrap, a guard that proves the user's containers were left
+alone, component/spec writers, and a snapshot of everything a leak would show up in.
+
+Nothing here may touch the user's state: the default store is only ever read (and, for the canary,
+given one container of our own, removed again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = REPO / "services"
+IMAGE = "debian-bookworm"
+DEFAULT_ROOT = Path("/var/lib/tupper")
+# Where the suite keeps its own store (a loopback pool beside it, kept between runs so the base
+# image is built or copied once per machine, not once per run).
+TEST_ROOT = Path("/var/lib/tupper-test")
+BENCH_ROOT = Path("/var/lib/tupper-bench")
+
+
+def own_root(variable: str, default: Path) -> Path:
+    """The store for a test run or a benchmark: $variable or `default`, never the user's store."""
+    root = Path(os.path.abspath(os.environ.get(variable) or default))
+    if root == DEFAULT_ROOT or root == Path(os.path.abspath(os.environ.get("TUPPER_ROOT") or DEFAULT_ROOT)):
+        raise SystemExit(f"{variable}={root} is the user's store: tests and benchmarks need a store of their own")
+    return root
+
+
+def mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def tupper_cmd(root: Path, *args: str, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """The CLI in-process mode (`--direct --root`), for store and image set-up before any daemon runs."""
+    return subprocess.run([sys.executable, "-m", "tupper", "--root", str(root), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env or _clean_env(), cwd=REPO)
+
+
+def _clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TUPPER_ROOT", "TUPPER_DIRECT", "DBUS_SYSTEM_BUS_ADDRESS")}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+# ---- the base image, once per machine ------------------------------------------------------------
+
+
+def ensure_image(root: Path, image: str = IMAGE, log=print) -> str:
+    """Make `image` exist in the store at `root`. Cheapest first: already there; a copy (btrfs send |
+    receive, read-only on the source) from the default store when that is mounted and has it; a build
+    from images/<image>.toml. Returns how it got there."""
+    p = tupper_cmd(root, "store", "info", "--json")  # creates or mounts the store's own pool
+    if p.returncode != 0:
+        raise RuntimeError(f"cannot open the test store {root}: {p.stderr}")
+    if (root / "images" / image).is_dir() and (root / "images" / f"{image}.json").is_file():
+        return "present"
+    source = DEFAULT_ROOT / "images" / image
+    meta = DEFAULT_ROOT / "images" / f"{image}.json"
+    if mounted(DEFAULT_ROOT) and source.is_dir() and meta.is_file() and _read_only_subvolume(source):
+        try:
+            _copy_image(source, meta, root, image)
+            log(f"copied image {image} from {DEFAULT_ROOT} into {root} (btrfs send | receive)")
+            return "copied"
+        except (RuntimeError, OSError) as exc:
+            log(f"could not copy image {image} from {DEFAULT_ROOT} ({exc}); building it")
+    log(f"building image {image} in {root} (debootstrap, about a minute)")
+    p = tupper_cmd(root, "image", "build", REPO / "images" / f"{image}.toml")
+    if p.returncode != 0:
+        raise RuntimeError(f"image build failed: {p.stderr}")
+    return "built"
+
+
+def _read_only_subvolume(path: Path) -> bool:
+    p = subprocess.run(["btrfs", "property", "get", "-ts", str(path), "ro"], capture_output=True, text=True)
+    return p.returncode == 0 and "ro=true" in p.stdout
+
+
+def _copy_image(source: Path, meta: Path, root: Path, image: str) -> None:
+    staging = Path(tempfile.mkdtemp(prefix="seed-", dir=root / "tmp"))
+    try:
+        send = subprocess.Popen(["btrfs", "send", "-q", str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        recv = subprocess.run(["btrfs", "receive", "-q", str(staging)], stdin=send.stdout, capture_output=True, text=True)
+        send.stdout.close()
+        send_err = send.stderr.read().decode(errors="replace")
+        send.wait()
+        if send.returncode != 0 or recv.returncode != 0:
+            raise RuntimeError(f"btrfs send/receive failed: {send_err.strip()} {recv.stderr.strip()}")
+        # Published in one rename, then its metadata: a crash leaves an image the store does not list.
+        os.rename(staging / image, root / "images" / image)
+        shutil.copyfile(meta, root / "images" / f".{image}.json.tmp")
+        os.replace(root / "images" / f".{image}.json.tmp", root / "images" / f"{image}.json")
+    finally:
+        for sub in staging.iterdir() if staging.exists() else []:
+            subprocess.run(["btrfs", "property", "set", "-ts", str(sub), "ro", "false"], capture_output=True)
+            subprocess.run(["btrfs", "subvolume", "delete", str(sub)], capture_output=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- the user's state: a guard around the whole suite -------------------------------------------
+
+
+class UserStateGuard:
+    """Proves a test run left the user's containers alone. Where the default store is mounted, it
+    notes every running container there (name, leader PID) and starts a canary container of its own;
+    afterwards each must still run with the same leader PID. Where there is no default store, the run
+    must not have created one."""
+
+    def __init__(self) -> None:
+        self.had_store = DEFAULT_ROOT.exists() or Path(f"{DEFAULT_ROOT}.img").exists()
+        self.mounted = mounted(DEFAULT_ROOT)
+        self.before: dict[str, int] = {}
+        self.canary: str | None = None
+        self.direct = False
+        self.problems: list[str] = []
+
+    def _user_tupper(self, *args: str, direct: bool | None = None) -> subprocess.CompletedProcess:
+        """tupper as the user runs it: the default store, the system bus (its tupperd) or --direct."""
+        use_direct = self.direct if direct is None else direct
+        argv = [sys.executable, "-m", "tupper", *(["--direct"] if use_direct else []), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=_clean_env(), cwd=REPO)
+
+    def running(self) -> dict[str, int]:
+        """{name: leader PID} of the running containers in the default store, read from their records."""
+        out: dict[str, int] = {}
+        containers = DEFAULT_ROOT / "containers"
+        if not self.mounted or not containers.is_dir():
+            return out
+        for d in containers.iterdir():
+            try:
+                rec = json.loads((d / "record.json").read_text())
+            except (OSError, ValueError):
+                continue
+            pid, start = rec.get("nspawn_pid", 0), rec.get("nspawn_starttime", 0)
+            if pid and _pid_starttime(pid) == start and rec.get("leader_pid"):
+                out[d.name] = rec["leader_pid"]
+        return out
+
+    def begin(self) -> None:
+        if not self.mounted:
+            return
+        self.before = self.running()
+        if not (DEFAULT_ROOT / "images" / IMAGE).is_dir():
+            return
+        name = f"tupper-canary-{uuid.uuid4().hex[:6]}"
+        p = self._user_tupper("run", str(REPO / "examples" / "hello.toml"), "--name", name)
+        if p.returncode != 0 and ("system bus" in p.stderr or "tupperd" in p.stderr):
+            self.direct = True
+            p = self._user_tupper("run", str(REPO / "examples" / "hello.toml"), "--name", name)
+        if p.returncode != 0:
+            raise RuntimeError(f"could not start the canary container in {DEFAULT_ROOT}: {p.stderr}")
+        self.canary = name
+        self.before = self.running()
+        if name not in self.before:
+            raise RuntimeError(f"the canary {name} does not show as running in {DEFAULT_ROOT}")
+
+    def end(self) -> list[str]:
+        """What changed in the user's state (empty: nothing); removes the canary."""
+        problems = []
+        if not self.had_store and (DEFAULT_ROOT.exists() or Path(f"{DEFAULT_ROOT}.img").exists()):
+            problems.append(f"the run created the default store {DEFAULT_ROOT}")
+        after = self.running()
+        for name, leader in self.before.items():
+            if name not in after:
+                problems.append(f"{name} in the default store no longer runs")
+            elif after[name] != leader:
+                problems.append(f"{name} in the default store was restarted (leader {leader} → {after[name]})")
+        if self.canary:
+            p = self._user_tupper("rm", "--force", self.canary)
+            if p.returncode != 0:
+                problems.append(f"could not remove the canary {self.canary}: {p.stderr.strip()}")
+        return problems
+
+
+def _pid_starttime(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return None if fields[0] in (b"Z", b"X") else int(fields[19])
+
+
+# ---- a private system bus with tupperd on it ------------------------------------------------------
+
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>tupper-test</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <servicedir>{services}</servicedir>
+  <policy context="default">
+    <!-- as Debian's system.conf: deny, then punch holes -->
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_destination="org.freedesktop.DBus"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+class PrivateBus:
+    """A real dbus-daemon of our own, with tupper's policy file and tupperd bus-activated from this
+    checkout on the given store: tests and benchmarks never talk to the user's bus or tupperd."""
+
+    def __init__(self, store_root: Path, *, python: str = sys.executable, debug: bool = True) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="tupper-test-bus-", dir="/run"))
+        self.dir.chmod(0o755)  # a caller running as nobody must reach the socket
+        self.socket = self.dir / "bus"
+        self.address = f"unix:path={self.socket}"
+        services = self.dir / "services"
+        services.mkdir()
+        (services / "org.tupper1.service").write_text(
+            f"[D-BUS Service]\nName=org.tupper1\nExec={python} -m tupper.daemon --root {store_root}{' --debug' if debug else ''}\n"
+            "User=root\n")
+        config = self.dir / "bus.conf"
+        config.write_text(BUS_CONFIG.format(socket=self.socket, services=services, policy=REPO / "dbus" / "org.tupper1.conf"))
+        self.log = self.dir / "bus.log"
+        env = _clean_env(DBUS_SYSTEM_BUS_ADDRESS=self.address)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
+                                         stdout=subprocess.DEVNULL, stderr=log, env=env, cwd="/")
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"test dbus-daemon did not start: {self.log.read_text()}")
+            time.sleep(0.01)
+
+    def env(self, root: Path) -> dict:
+        """The environment for a CLI that talks to this bus's tupperd about `root`."""
+        return _clean_env(TUPPER_ROOT=str(root), DBUS_SYSTEM_BUS_ADDRESS=self.address)
+
+    def tupperd_pid(self) -> int | None:
+        p = subprocess.run(["busctl", f"--address={self.address}", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                            "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s", "org.tupper1"], capture_output=True, text=True)
+        return int(p.stdout.split()[1]) if p.returncode == 0 else None
+
+    def stop_tupperd(self, sig: int = signal.SIGTERM) -> None:
+        pid = self.tupperd_pid()
+        if pid:
+            os.kill(pid, sig)
+            deadline = time.monotonic() + 10
+            while self.tupperd_pid() == pid and time.monotonic() < deadline:
+                time.sleep(0.02)
+            while _pid_starttime(pid) is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    def close(self) -> None:
+        self.stop_tupperd()
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---- writing components and specs ------------------------------------------------------------------
+
+
+def write_component(directory: Path, name: str, units: dict[str, str], *, requires: list[str] | None = None,
+                    files: dict[str, str] | None = None, extra: str = "") -> Path:
+    """Make a component directory for a test: manifest, unit files, payload files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "units").mkdir(exist_ok=True)
+    manifest = [f'name = "{name}"', 'version = "1.0.0"', f"units = {json.dumps(list(units))}"]
+    if requires:
+        manifest.append(f"requires = {json.dumps(requires)}")
+    (directory / "component.toml").write_text("\n".join(manifest) + "\n" + extra)
+    for unit, text in units.items():
+        (directory / "units" / unit).write_text(text)
+    for rel, text in (files or {}).items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if rel.startswith("bin/"):
+            path.chmod(0o755)
+    return directory
+
+
+def write_spec(path: Path, components: list[Path | str], *, name: str | None = None, extra: str = "") -> Path:
+    lines = []
+    if name:
+        lines.append(f'name = "{name}"')
+    lines.append(f'image = "{IMAGE}"')
+    lines.append(extra)
+    for c in components:
+        lines += ["[[components]]", f'path = "{c}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- what a leak would show up in --------------------------------------------------------------------
+
+
+def system_snapshot(root: Path, only: str = "") -> dict:
+    """Mounts, loop devices, store subvolumes, nspawn processes, cgroups, nspawn runtime dirs.
+
+    `only` keeps the subvolumes, processes and cgroups whose path or command line contains it, so a
+    test is not disturbed by other work on the machine; mounts and loop devices are always counted whole.
+    """
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(line.split()[4] for line in f)
+    loops = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True).stdout.split("\n")
+    subvols = subprocess.run(["btrfs", "subvolume", "list", "-o", str(root)], capture_output=True, text=True).stdout.split("\n")
+    procs = subprocess.run(["pgrep", "-a", "-x", "systemd-nspawn"], capture_output=True, text=True).stdout.split("\n")
+    cgroup_dirs = []
+    for h in (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
+        for parent in h.glob("tupper*"):
+            if parent.is_dir():
+                cgroup_dirs += [str(p) for p in parent.iterdir() if p.is_dir()]
+    nspawn_dirs = []
+    for kind in ("propagate", "unix-export"):
+        d = Path("/run/systemd/nspawn") / kind
+        nspawn_dirs += [str(p) for p in d.iterdir()] if d.is_dir() else []
+    return {
+        "nspawn_dirs": sorted(d for d in nspawn_dirs if only in d),
+        "mounts": sorted(mounts),
+        "loops": sorted(line for line in loops if line.strip()),
+        "subvolumes": sorted(line.split(" path ", 1)[1] for line in subvols if " path " in line and only in line),
+        "nspawn": sorted(line for line in procs if line.strip() and "<defunct>" not in line and only in line),
+        "cgroups": sorted(c for c in cgroup_dirs if only in c),
+    }
