@@ -25,6 +25,8 @@ from pystemd.dbuslib import DBusAddress, path_encode
 
 from tupper import cgroups
 
+CGROUP_PARENT = "tupper-bench-raw"  # not the default store's cgroup parent
+
 SD = b"org.freedesktop.systemd1"
 SD_PATH = b"/org/freedesktop/systemd1"
 MANAGER = b"org.freedesktop.systemd1.Manager"
@@ -54,7 +56,7 @@ class RawContainer:
         """Snapshot, prepare, boot; return once the unit is active."""
         btrfsutil.create_snapshot(str(self.image), str(self.snap))
         self._prepare()
-        cgroups.create(self.name)
+        cgroups.create(self.name, parent=CGROUP_PARENT)
         self.cgroup_made = True
         argv = [
             "systemd-nspawn", "-D", str(self.snap), "--boot", f"--machine={self.name}",
@@ -63,7 +65,7 @@ class RawContainer:
         ]
         self.nspawn = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=ENV, preexec_fn=lambda: cgroups.join(self.name),
+            env=ENV, preexec_fn=lambda: cgroups.join(self.name, parent=CGROUP_PARENT),
             start_new_session=True,  # Ctrl-C goes to the benchmark, which then cleans up
         )
         deadline = time.monotonic() + timeout
@@ -171,7 +173,7 @@ class RawContainer:
                 self.nspawn.kill()
                 self.nspawn.wait()
         if self.cgroup_made:
-            cgroups.remove(self.name)
+            cgroups.remove(self.name, parent=CGROUP_PARENT)
             self.cgroup_made = False
         if self.snap.exists():
             btrfsutil.delete_subvolume(str(self.snap), recursive=True)

@@ -4,9 +4,11 @@
 
 tupper is measured as users meet it: the CLI as a subprocess, wall time until it returns. The CLI
 is a client of tupperd (org.tupper1 on the system bus), so every tupper number is one CLI process
-plus its call to tupperd, which does the work. Before measuring, the running tupperd is stopped
-(SIGTERM: containers keep running) so that the first call bus-activates a fresh one running this
-checkout's code, and tupper's bytecode is compiled so that no CLI call compiles it. The baseline
+plus its call to tupperd, which does the work. The benchmark never touches the user's state: it
+works in a store of its own ($TUPPER_BENCH_ROOT, default /var/lib/tupper-bench, the base image copied
+from the default store or built once) with a tupperd of its own, bus-activated on a private
+dbus-daemon from this checkout's code by the first call; tupper's bytecode is compiled so that no
+CLI call compiles it. The user's running containers are checked before and after (same leader PID). The baseline
 (bench/baseline.py) does the same work by hand in this process. tupper and baseline runs alternate,
 so drift on the machine affects both alike. Results go to bench/results/latest.json and, for full
 runs, to docs/benchmarks.md. Everything created is named bench-* and removed at the end, also on
@@ -29,9 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-import btrfsutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from baseline import NSPAWN_RUN, RawContainer
+from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
 from sdk import PAYLOAD_MB, measure_sdk_build, measure_upgrade
 from tupper import cgroups, proc
 from tupper.client import Client
@@ -43,7 +46,7 @@ TUPPER = REPO / ".venv/bin/tupper"  # --cli changes it
 SPEC = REPO / "examples/hello.toml"
 COMPONENT = REPO / "services/hello"
 UNIT = "hello.service"
-STORE = Path(os.environ.get("TUPPER_ROOT") or "/var/lib/tupper")
+STORE = own_root("TUPPER_BENCH_ROOT", BENCH_ROOT)
 IMAGE = STORE / "images/debian-bookworm"
 SCRATCH = STORE / "tmp"
 RESULTS = REPO / "bench/results/latest.json"
@@ -151,7 +154,7 @@ class Cleanup:
         """Anything of this run still on the machine (should be empty)."""
         found = [str(p) for p in SCRATCH.glob(f"{PREFIX}-*")]
         found += [str(p) for p in (STORE / "containers").glob(f"{PREFIX}-*")]
-        found += [str(p) for h in cgroups.hierarchies() for p in (h / cgroups.PARENT).glob(f"{PREFIX}-*")]
+        found += [str(p) for h in cgroups.hierarchies() for p in h.glob(f"tupper*/{PREFIX}-*")]
         found += [str(p) for d in ("propagate", "unix-export") for p in (NSPAWN_RUN / d).glob(f"{PREFIX}-*")]
         return found
 
@@ -239,21 +242,12 @@ def tupperd_pid() -> int | None:
 
 
 def fresh_tupperd() -> int:
-    """Stop the running tupperd (SIGTERM: its containers keep running; only the owner of the bus name is
-    signalled, not a tupperd on another bus), and warm up with one call, which bus-activates a new one
-    that runs the code of this checkout. Returns the new tupperd's pid."""
-    old = tupperd_pid()
-    if old is not None:
-        os.kill(old, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while (proc.pid_alive(old) or tupperd_pid() == old) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if proc.pid_alive(old):
-            sys.exit(f"bench: tupperd (pid {old}) did not exit on SIGTERM within 10 s")
+    """Warm up with one call, which bus-activates the benchmark's own tupperd (on its private bus,
+    serving its own store) from the code of this checkout. Returns that tupperd's pid."""
     tupper("ps")  # the warm-up call: activates tupperd
     new = tupperd_pid()
-    if new is None or new == old:
-        sys.exit(f"bench: expected a new tupperd after the warm-up call, found pid {new}")
+    if new is None:
+        sys.exit("bench: no tupperd on the benchmark's private bus after the warm-up call")
     return new
 
 
@@ -343,10 +337,11 @@ DOC_INTRO = """\
 
 `make bench` (`bench/run.py`) measures tupper against the plainest way to do the same thing by hand
 (`bench/baseline.py`), on the same machine, in one run. The `tupper` CLI is a client of the daemon
-tupperd (bus name `org.tupper1` on the system bus), which does the work: every tupper number below is
-one CLI process plus its call to tupperd. Before measuring, the benchmark stops the running tupperd
-(SIGTERM; containers keep running) and makes one warm-up call, which bus-activates a fresh tupperd
-running the checkout's code; it also compiles tupper's bytecode, so no CLI call compiles modules.
+tupperd (bus name `org.tupper1`), which does the work: every tupper number below is one CLI process
+plus its call to tupperd. The benchmark leaves the user's state alone: it works in a store of its own
+(`/var/lib/tupper-bench`, the base image copied from the default store by btrfs send/receive, or built
+once) and starts a dbus-daemon of its own, where one warm-up call bus-activates a tupperd running the
+checkout's code; it also compiles tupper's bytecode, so no CLI call compiles modules.
 
 - **start**: `tupper run examples/hello.toml --name bench-…` as a subprocess, wall time until it
   returns (then every component unit is active), versus the baseline: a btrfs snapshot of the same
@@ -402,9 +397,6 @@ def write_doc(results: dict) -> None:
 def preflight() -> None:
     if os.geteuid() != 0:
         sys.exit("bench: needs root (systemd-nspawn, btrfs)")
-    if not btrfsutil.is_subvolume(str(IMAGE)):
-        sys.exit(f"bench: no image at {IMAGE}: build it with `tupper image build images/debian-bookworm.toml`")
-    SCRATCH.mkdir(mode=0o700, exist_ok=True)
     # tupper raises fs.inotify.max_user_instances itself when it boots a container; raise it for the baseline too.
     if int(INOTIFY_SYSCTL.read_text()) < INOTIFY_WANTED:
         INOTIFY_SYSCTL.write_text(str(INOTIFY_WANTED))
@@ -431,10 +423,29 @@ def main() -> int:
         ap.error("--runs must be at least 1")
 
     preflight()
+    guard = UserStateGuard(canary=False)
+    guard.begin()
+    was_mounted = mounted(STORE)
+    ensure_image(STORE, log=lambda text: print(f"bench: {text}", flush=True))
+    bus = PrivateBus(STORE, python=str(REPO / ".venv/bin/python"), debug=False)
+    os.environ.update(bus.env(STORE))
+    try:
+        return measure(args, runs)
+    finally:
+        bus.close()
+        if not was_mounted and mounted(STORE):
+            subprocess.run([str(TUPPER), "--root", str(STORE), "store", "unmount"], capture_output=True)
+        problems = guard.end()
+        if problems:
+            print(f"bench: the user's state changed: {'; '.join(problems)}", file=sys.stderr)
+
+
+def measure(args, runs: int) -> int:
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, kernel {info['kernel']}, {info['systemd']}, {info['os']}")
+    SCRATCH.mkdir(mode=0o700, exist_ok=True)
     pid = fresh_tupperd()
-    print(f"tupper: {TUPPER}, a client of tupperd (pid {pid}, started for this run by the warm-up call); "
+    print(f"tupper: {TUPPER}, a client of the benchmark's own tupperd (pid {pid}, store {STORE}); "
           "every tupper time is a CLI process plus its D-Bus call to tupperd")
     print(f"runs: {runs}, names: {PREFIX}-*")
 

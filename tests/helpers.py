@@ -118,7 +118,8 @@ class UserStateGuard:
     afterwards each must still run with the same leader PID. Where there is no default store, the run
     must not have created one."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, canary: bool = True) -> None:
+        self.want_canary = canary
         self.had_store = DEFAULT_ROOT.exists() or Path(f"{DEFAULT_ROOT}.img").exists()
         self.mounted = mounted(DEFAULT_ROOT)
         self.before: dict[str, int] = {}
@@ -152,7 +153,7 @@ class UserStateGuard:
         if not self.mounted:
             return
         self.before = self.running()
-        if not (DEFAULT_ROOT / "images" / IMAGE).is_dir():
+        if not self.want_canary or not (DEFAULT_ROOT / "images" / IMAGE).is_dir():
             return
         name = f"tupper-canary-{uuid.uuid4().hex[:6]}"
         p = self._user_tupper("run", str(REPO / "examples" / "hello.toml"), "--name", name)

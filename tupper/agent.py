@@ -23,14 +23,14 @@ from tupper.secrets import SecretStore
 
 log = logging.getLogger("tupperd")
 
-AGENTS_DIR = Path("/run/tupper/agents")
 SOCKET_NAME = "creds.sock"
 IN_CONTAINER_DIR = "/run/host/tupper"
 IN_CONTAINER_SOCKET = f"{IN_CONTAINER_DIR}/{SOCKET_NAME}"
 
 
-def agent_dir(name: str) -> Path:
-    return AGENTS_DIR / name
+def agent_dir(run_dir: Path, name: str) -> Path:
+    """The directory holding container `name`'s socket, bind-mounted into that container only."""
+    return run_dir / "agents" / name
 
 
 def parse_peer(address: bytes | str) -> tuple[str, str] | None:
@@ -63,16 +63,16 @@ def unit_of_pid(pid: int) -> str | None:
 class Agent:
     """Serves one container. `grants()` gives {unit: {credential: secret}} as they are now."""
 
-    def __init__(self, container: str, secrets: SecretStore, grants: Callable[[], dict[str, dict[str, str]]]) -> None:
+    def __init__(self, container: str, secrets: SecretStore, grants: Callable[[], dict[str, dict[str, str]]], directory: Path) -> None:
         self.container = container
         self.secrets = secrets
         self.grants = grants
-        self.dir = agent_dir(container)
+        self.dir = directory
         self.server: asyncio.AbstractServer | None = None
 
     async def open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir.parent, 0o700)
+        os.chmod(self.dir.parent, 0o700)  # agents/: only root finds the sockets
         os.chmod(self.dir, 0o755)
         path = self.dir / SOCKET_NAME
         path.unlink(missing_ok=True)

@@ -69,6 +69,16 @@ def uid_allowed(uid: int, admin_group: str | None) -> bool:
     return user.pw_gid == group.gr_gid or user.pw_name in group.gr_mem
 
 
+def close_fds(fds: list[int]) -> None:
+    """Close the descriptors a call brought, once: the list is emptied so a second call does nothing."""
+    while fds:
+        fd = fds.pop()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def privileged(fn):
     """Mark a method as changing state: only root or the admin group may call it."""
     fn.__tupper_privileged__ = True
@@ -81,11 +91,30 @@ def dbus_error(exc: TupperError) -> DBusError:
 
 
 class TupperBus(MessageBus):
-    """A MessageBus that checks the caller of @privileged methods before dispatching them."""
+    """A MessageBus that checks the caller of @privileged methods before dispatching them, and that
+    owns the file descriptors a call brings: they are closed when its reply (or error) is sent, on
+    every path (refused, unknown method, failure, success), so no method closes them itself."""
 
     def __init__(self, *args, admin_group: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.admin_group = admin_group
+
+    def _send_reply(self, msg):
+        send_reply = super()._send_reply(msg)
+        if not msg.unix_fds:
+            return send_reply
+        inner_call = send_reply.__call__
+        fds = list(msg.unix_fds)
+
+        class ClosingSendReply(type(send_reply)):
+            def __call__(self, reply):
+                try:
+                    inner_call(reply)
+                finally:
+                    close_fds(fds)
+
+        send_reply.__class__ = ClosingSendReply
+        return send_reply
 
     def _make_method_handler(self, interface, method_):
         inner = super()._make_method_handler(interface, method_)

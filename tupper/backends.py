@@ -51,10 +51,21 @@ class DirectBackend:
 
         self.runtime = Runtime(Store.open(root, progress=progress))
 
+    def _not_served(self) -> None:
+        """One truth per store: where a tupperd serves the store, container verbs that change anything
+        go through it (it supervises what runs); --direct would act behind its back."""
+        from tupper.errors import Busy
+
+        pid = self.runtime.store.daemon_pid()
+        if pid:
+            raise Busy(f"tupperd (pid {pid}) serves the store {self.runtime.store.root}: --direct would act behind its back",
+                       hint="drop --direct (and --root): the command then goes through tupperd")
+
     def run(self, spec_path: Path, name: str | None, keep_failed: bool, progress: Progress) -> dict:
         from tupper import spec as specmod
         from tupper.runtime import RunFailed
 
+        self._not_served()
         spec = specmod.load(spec_path, name=name, resolve=self.runtime.resolve_component)
         try:
             result = self.runtime.run(spec, keep_failed=keep_failed, progress=progress)
@@ -74,6 +85,7 @@ class DirectBackend:
     def start(self, name: str) -> str:
         from tupper.runtime import RunFailed
 
+        self._not_served()
         try:
             self.runtime.start(self.runtime.record(name))
         except RunFailed as exc:
@@ -81,24 +93,29 @@ class DirectBackend:
         return self.runtime.record(name).state()
 
     def stop(self, name: str, timeout: float | None) -> str:
+        self._not_served()
         return self.runtime.stop(name, timeout).state()
 
     def kill(self, name: str, signal_number: int) -> str:
+        self._not_served()
         if signal_number == 9:
             return self.runtime.kill(name).state()
         self.runtime.signal(name, signal_number)
         return self.runtime.record(name).state()
 
     def remove(self, name: str, force: bool) -> None:
+        self._not_served()
         self.runtime.remove(name, force=force)
 
     def shutdown_all(self) -> list[str]:
+        self._not_served()
         running = self.runtime.shutdown_order()
         for rec in running:
             self.runtime.stop(rec.name)
         return [r.name for r in running]
 
     def upgrade(self, name: str, component: str, version: str) -> dict:
+        self._not_served()
         return self.runtime.upgrade(name, component, version)
 
     def exec(self, name: str, argv: list[str]) -> int:

@@ -1,4 +1,7 @@
-"""Per-container cgroups: each container gets `tupper/<name>` in every hierarchy systemd inside it uses.
+"""Per-container cgroups: each container gets `<parent>/<name>` in every hierarchy systemd inside it uses.
+
+The parent is the store's (`tupper` for the default store, `tupper-<id>` for another), so two stores
+(the user's and a test suite's) never share, or clean up, each other's cgroups.
 
 systemd-nspawn with --keep-unit makes `payload/` and `supervisor/` below its own cgroup; without a cgroup
 of its own, two containers would share them. Layouts: pure cgroup2, hybrid (v1 + unified), legacy v1.
@@ -34,12 +37,22 @@ def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
     return [h for h in found if h.is_dir()]
 
 
-def paths(name: str, root: Path = CGROUP_ROOT) -> list[Path]:
-    return [h / PARENT / name for h in hierarchies(root)]
+def paths(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> list[Path]:
+    return [h / parent / name for h in hierarchies(root)]
 
 
-def create(name: str, root: Path = CGROUP_ROOT) -> list[Path]:
-    made = paths(name, root)
+def names(root: Path = CGROUP_ROOT, parent: str = PARENT) -> set[str]:
+    """The container cgroups that exist below `parent`, in any hierarchy."""
+    found: set[str] = set()
+    for h in hierarchies(root):
+        d = h / parent
+        if d.is_dir():
+            found.update(p.name for p in d.iterdir() if p.is_dir())
+    return found
+
+
+def create(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> list[Path]:
+    made = paths(name, root, parent)
     for p in made:
         for attempt in range(5):
             try:
@@ -52,16 +65,16 @@ def create(name: str, root: Path = CGROUP_ROOT) -> list[Path]:
     return made
 
 
-def join(name: str, root: Path = CGROUP_ROOT) -> None:
+def join(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> None:
     """Move the calling process into the container's cgroups (used between fork and exec)."""
-    for p in paths(name, root):
+    for p in paths(name, root, parent):
         with open(p / "cgroup.procs", "w") as f:
             f.write("0")
 
 
-def procs(name: str, root: Path = CGROUP_ROOT) -> set[int]:
+def procs(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> set[int]:
     found: set[int] = set()
-    for p in paths(name, root):
+    for p in paths(name, root, parent):
         if not p.is_dir():
             continue
         for dirpath, _, files in os.walk(p):
@@ -74,13 +87,13 @@ def procs(name: str, root: Path = CGROUP_ROOT) -> set[int]:
     return found
 
 
-def remove(name: str, root: Path = CGROUP_ROOT, *, kill: bool = True, timeout: float = 2.0) -> bool:
+def remove(name: str, root: Path = CGROUP_ROOT, *, parent: str = PARENT, kill: bool = True, timeout: float = 2.0) -> bool:
     """Remove the container's cgroups bottom-up; with `kill`, SIGKILL what is still inside first.
 
     Returns True when every directory is gone.
     """
     deadline = time.monotonic() + timeout
-    while kill and (left := procs(name, root)) and time.monotonic() < deadline:
+    while kill and (left := procs(name, root, parent)) and time.monotonic() < deadline:
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -88,7 +101,7 @@ def remove(name: str, root: Path = CGROUP_ROOT, *, kill: bool = True, timeout: f
                 pass
         time.sleep(0.02)
     ok = True
-    for p in paths(name, root):
+    for p in paths(name, root, parent):
         if not p.exists():
             continue
         for dirpath, dirnames, _ in sorted(os.walk(p, topdown=False), key=lambda w: -len(w[0])):

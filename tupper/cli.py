@@ -195,6 +195,14 @@ def _add_store(sub) -> None:
     si = ssub.add_parser("info", help="path, backing, size and free space")
     si.add_argument("--json", action="store_true")
     ssub.add_parser("unmount", help="unmount the loopback pool (refused while containers run)")
+    sc = ssub.add_parser("check", help="find what a crash or a manual change left inconsistent; --repair fixes it",
+                         formatter_class=_RawDescriptionFormatter,
+                         description="Orphan roots, records without roots, operations interrupted by a crash, scratch space of dead "
+                                     "processes, stale cgroups, nspawn runtime dirs and agent dirs, half-built images and "
+                                     "half-installed components. Exit 0 when the store is consistent (or was repaired), 1 otherwise.",
+                         epilog="examples:\n  tupper store check\n  tupper store check --repair --json")
+    sc.add_argument("--repair", action="store_true", help="fix each finding and say what was done")
+    sc.add_argument("--json", action="store_true", help="a JSON list of findings (with --repair: each with its result)")
 
 
 # In the order `tupper --help` lists them.
@@ -516,10 +524,14 @@ def cmd_store(args) -> int:
         print(f"used:     {size(info['used'])}")
         print(f"free:     {size(info['free'])}")
         return 0
+    if args.store_command == "check":
+        return cmd_store_check(args, store)
     if args.store_command == "unmount":
         from tupper.errors import Busy
         from tupper.runtime import Runtime
 
+        if pid := store.daemon_pid():
+            raise Busy(f"tupperd (pid {pid}) serves the store {store.root}", hint="stop tupperd first")
         running = [r.name for r in Runtime(store).records() if r.alive()]
         if running:
             raise Busy(f"containers are running: {', '.join(running)}", hint="stop them first")
@@ -527,6 +539,35 @@ def cmd_store(args) -> int:
         print(f"unmounted {store.root}")
         return 0
     raise AssertionError(args.store_command)
+
+
+def cmd_store_check(args, store) -> int:
+    import json
+
+    from tupper import check
+    from tupper.runtime import Runtime
+    from tupper.ui import table
+
+    runtime = Runtime(store)
+    findings = check.check(runtime)
+    if args.repair:
+        done = check.repair(runtime, findings)
+        failed = [d for d in done if d.result != "removed" and d.result.startswith(("failed", "could not"))]
+        if args.json:
+            print(json.dumps([d.to_json() for d in done], indent=2))
+        elif not done:
+            print(f"{store.root}: consistent, nothing to repair")
+        else:
+            table(["KIND", "PATH", "DONE"], [[d.finding.kind, d.finding.path, d.result] for d in done])
+        return 1 if failed else 0
+    if args.json:
+        print(json.dumps([f.to_json() for f in findings], indent=2))
+    elif not findings:
+        print(f"{store.root}: consistent")
+    else:
+        table(["KIND", "PATH", "PROBLEM", "--repair WOULD"], [[f.kind, f.path, f.detail, f.repair] for f in findings])
+        print(f"\n{len(findings)} finding(s); `tupper store check --repair` fixes them")
+    return 1 if findings else 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tupper import api, mountns, proc
 from tupper import spec as specmod
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
 from tupper.progress import Progress
-from tupper.agent import Agent
+from tupper.agent import Agent, agent_dir
 from tupper.records import Record
 from tupper.runtime import RunFailed, Runtime
 from tupper.secrets import SecretStore
@@ -116,7 +116,10 @@ class Daemon:
     # ---- start-up and re-adoption ---------------------------------------------------------------
 
     async def begin(self) -> None:
-        """Export the API, re-adopt every container on disk, then take the bus name."""
+        """Claim the store, finish what a crash left half-done, re-adopt every container on disk,
+        export the API, then take the bus name."""
+        self.store_claim = self.runtime.store.claim_for_daemon()
+        await asyncio.to_thread(self._recover)
         self.bus.export(api.MANAGER_PATH, self.manager)
         for rec in self.runtime.records():
             await self._track(rec, announce=False)
@@ -124,6 +127,27 @@ class Daemon:
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise Failed(f"cannot own {api.BUS_NAME} on the system bus ({reply.name}): another tupperd runs, or the policy forbids it")
         log.info("tupperd ready: %d container(s) adopted, store %s", len(self.watched), self.runtime.store.root)
+
+    def _recover(self) -> None:
+        """Operations a dead process left half-done are finished or undone, its scratch space removed;
+        anything else `tupper store check` would report is logged (not repaired: that is the admin's call)."""
+        from tupper import check
+
+        store = self.runtime.store
+        for rec in self.runtime.records():
+            try:
+                if (done := self.runtime.recover(rec)) is not None:
+                    log.warning("%s: %s", rec.name, done)
+            except (TupperError, OSError) as exc:
+                log.error("%s: could not recover from an interrupted %s: %s", rec.name, rec.phase, exc)
+        for entry in store.stale_scratch():
+            try:
+                store.remove_tree(entry)
+                log.info("removed %s, left by a process that is gone", entry)
+            except (TupperError, OSError) as exc:
+                log.error("could not remove %s: %s", entry, exc)
+        for finding in check.check(self.runtime):
+            log.warning("store check: %s: %s (tupper store check --repair would %s)", finding.path, finding.detail, finding.repair)
 
     async def _track(self, rec: Record, *, announce: bool = True) -> Watched:
         w = self.watched.get(rec.name)
@@ -154,7 +178,7 @@ class Daemon:
             except NotFound:
                 return fallback or {}
 
-        agent = Agent(name, self.secrets, grants)
+        agent = Agent(name, self.secrets, grants, agent_dir(self.runtime.store.run_dir, name))
         await agent.open()
         self.agents[name] = agent
 
@@ -381,6 +405,11 @@ class Daemon:
         return self.state_of(name)
 
     async def remove(self, name: str, force: bool) -> None:
+        specmod.check_name(name, "container name")
+        if name not in self.watched and name not in self.creating:
+            # Not a container this daemon follows, but perhaps what is left of one (no or a damaged record).
+            await asyncio.to_thread(self.runtime.remove, name, force=force)
+            return
         w = self._watched(name)
         rec = self.runtime.record(name)
         if rec.alive() and not force:
@@ -399,13 +428,9 @@ class Daemon:
         return [r.name for r in order]
 
     async def exec(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
+        """The descriptors belong to the call: the bus closes them when the reply goes out (api.TupperBus)."""
         self._watched(name)
-        try:
-            return await asyncio.to_thread(self.runtime.exec_fds, name, argv, stdin, stdout, stderr)
-        finally:
-            for fd in {stdin, stdout, stderr}:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        return await asyncio.to_thread(self.runtime.exec_fds, name, argv, stdin, stdout, stderr)
 
     # ---- secrets ------------------------------------------------------------------------------
 

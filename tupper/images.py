@@ -13,7 +13,7 @@ from pathlib import Path
 
 import attrs
 
-from tupper import cgroups, nspawn, proc, tomlfile
+from tupper import cgroups, nspawn, proc, records, tomlfile
 from tupper.errors import Busy, Failed, InvalidInput, NotFound
 from tupper.progress import SILENT, Progress
 from tupper.store import Store
@@ -179,8 +179,8 @@ class Images:
         image = self.get(name)
         if users:
             raise Busy(f"image {name!r} is used by container(s): {', '.join(users)}", hint="remove those containers first")
+        self._meta(name).unlink(missing_ok=True)  # unpublished first: a crash leaves files `store check` removes
         self.store.delete_subvolume(image.path)
-        self._meta(name).unlink(missing_ok=True)
 
     def build(self, definition: ImageDef, *, force: bool = False, progress: Progress = SILENT) -> Image:
         # One build per image name at a time; a second caller waits, then finds it built.
@@ -194,8 +194,7 @@ class Images:
             os.close(fd)
 
     def _build(self, definition: ImageDef, progress: Progress) -> Image:
-        tmp = self.store.tmp_dir / f"image-{definition.name}-{os.getpid()}"
-        self.store.delete_subvolume(tmp)
+        tmp = self.store.scratch("image", definition.name)
         self.store.create_subvolume(tmp)
         try:
             mirror = definition.mirror or host_mirror()
@@ -207,13 +206,15 @@ class Images:
                 with progress.step(f"Build step {i + 1}/{len(definition.steps)}: {step}"):
                     self._run_step(definition, tmp, step, i)
             final = self.path(definition.name)
-            if self.exists(definition.name):
-                self.remove(definition.name, users=[])
+            # The old image, or a half-published one a crash left without metadata, makes way.
+            self._meta(definition.name).unlink(missing_ok=True)
+            self.store.delete_subvolume(final)
             self.store.snapshot(tmp, final, read_only=True)
         finally:
             self.store.delete_subvolume(tmp)
+        # Published when its metadata appears (atomically): until then the image does not exist.
         meta = {"built_at": time.time(), "definition": definition.file, "suite": definition.suite}
-        self._meta(definition.name).write_text(json.dumps(meta))
+        records.write_json(self._meta(definition.name), meta)
         return self.get(definition.name)
 
     def _debootstrap(self, d: ImageDef, target: Path, mirror: str, progress: Progress) -> None:
@@ -238,7 +239,8 @@ class Images:
         host = nspawn.Host.detect()
         argv = nspawn.command_argv(rootfs, ["/bin/sh", "-c", step], host)
         group = f".build-{d.name}-{os.getpid()}"
-        cgroups.create(group)
+        parent = self.store.cgroup_parent
+        cgroups.create(group, parent=parent)
         try:
             p = proc.popen(
                 argv,
@@ -246,14 +248,14 @@ class Images:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-                preexec_fn=None if host.systemd else (lambda: cgroups.join(group)),
+                preexec_fn=None if host.systemd else (lambda: cgroups.join(group, parent=parent)),
             )
             out, _ = p.communicate()
             if p.returncode != 0:
                 tail = " / ".join(out.strip().splitlines()[-3:])
                 raise InvalidInput(f"{d.file}: build.steps[{index}]: exited with status {p.returncode}: {tail}")
         finally:
-            cgroups.remove(group)
+            cgroups.remove(group, parent=parent)
 
 
 def _prepare_rootfs(root: Path) -> None:

@@ -1,6 +1,12 @@
 """Per-container state on disk (`containers/<name>/record.json`), so any tupper process can find what runs.
 
 The monitor writes `exit.json` when nspawn exits; the state shown to users is derived from both and /proc.
+Every write is durable and atomic (temporary file, fsync, rename, fsync of the directory): after a
+crash or a power cut a reader finds the old record or the new one, never half of one.
+
+A multi-step operation (create, start, stop, remove, a live upgrade) first records its phase and its
+owner (pid + start time). If the owner dies before it records the end, the record says so
+(`interrupted()`), and `Runtime.recover` finishes or undoes the operation.
 """
 
 from __future__ import annotations
@@ -19,12 +25,33 @@ RECORD = "record.json"
 EXIT = "exit.json"
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic write: readers see the old file or the new one, never half of one."""
+# Phases an operation passes through; a record left in one of them by a dead owner was interrupted.
+TRANSITIONAL = frozenset({"creating", "starting", "stopping", "removing"})
+
+
+def write_json(path: Path, data: dict, mode: int = 0o644) -> None:
+    """Durable atomic write: readers see the old file or the new one, never half of one, also after a
+    power cut (the data is on disk before the rename, the rename before we return)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @attrs.define
@@ -41,7 +68,10 @@ class Record:
     restart_limit: int = 5
     grants: dict = attrs.Factory(dict)  # credential ID -> secret name (names only, never values)
     components: list[dict] = attrs.Factory(list)  # {name, version, mount, units}
-    phase: str = "creating"  # creating → starting → running | failed; stopping; crash-loop
+    phase: str = "creating"  # creating → running | failed; starting → running | failed; stopping → stopped; crash-loop; removing
+    owner_pid: int = 0  # the process doing the operation of a transitional phase (or a live upgrade)
+    owner_starttime: int = 0
+    upgrade: dict | None = None  # a live upgrade under way: {component, version, source} to roll back to
     nspawn_pid: int = 0
     nspawn_starttime: int = 0
     monitor_pid: int = 0
@@ -49,7 +79,7 @@ class Record:
     started_at: float = 0.0
 
     FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "components", "phase",
-              "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
+              "owner_pid", "owner_starttime", "upgrade", "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
 
     @property
     def rootfs(self) -> Path:
@@ -70,7 +100,30 @@ class Record:
         return out
 
     def save(self) -> None:
-        write_json(self.dir / RECORD, {f: getattr(self, f) for f in self.FIELDS})
+        write_json(self.dir / RECORD, self.to_disk())
+
+    def to_disk(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+    def begin(self, phase: str) -> None:
+        """Record that this process starts an operation (saved by the caller)."""
+        self.phase = phase
+        self.owner_pid, self.owner_starttime = os.getpid(), proc.pid_starttime(os.getpid()) or 0
+
+    def end(self, phase: str) -> None:
+        """Record the operation's outcome and that nobody works on the container any more."""
+        self.phase = phase
+        self.owner_pid = self.owner_starttime = 0
+        self.save()
+
+    def owner_alive(self) -> bool:
+        return self.owner_pid > 0 and proc.pid_alive(self.owner_pid, self.owner_starttime)
+
+    def interrupted(self) -> bool:
+        """An operation was under way and the process doing it is gone (killed, crashed, power cut)."""
+        if self.owner_pid == 0 and self.phase != "creating":
+            return False  # records from before owners were recorded: nothing is under way
+        return (self.phase in TRANSITIONAL or self.upgrade is not None) and not self.owner_alive()
 
     @classmethod
     def load(cls, directory: Path) -> Record:
@@ -90,15 +143,18 @@ class Record:
         return self.nspawn_pid > 0 and proc.pid_alive(self.nspawn_pid, self.nspawn_starttime)
 
     def state(self) -> str:
-        """running, starting, stopping, failed, stopped, exited, created."""
+        """running, starting, stopping, removing, failed, stopped, exited, created, crash-loop."""
         if self.alive():
-            return {"creating": "starting", "starting": "starting", "stopping": "stopping", "failed": "failed"}.get(self.phase, "running")
+            return {"creating": "starting", "starting": "starting", "stopping": "stopping", "removing": "removing",
+                    "failed": "failed"}.get(self.phase, "running")
+        if self.phase == "removing":
+            return "removing"
         if self.nspawn_pid == 0:
             return "created" if self.phase == "creating" else "stopped"
         info = self.exit_info()
         if self.phase in ("failed", "crash-loop"):
             return self.phase
-        if self.phase == "stopping":
+        if self.phase in ("stopping", "stopped"):
             return "stopped"
         if info is None:
             # The monitor died with the container; no exit status is known.
@@ -122,6 +178,8 @@ class Record:
         }
         if (info := self.exit_info()) and not running:
             out["exit"] = info
+        if self.interrupted():
+            out["interrupted"] = self.phase if self.phase in TRANSITIONAL else "upgrading"
         return out
 
 

@@ -7,6 +7,8 @@ container's bus → wait for the component units → record. The CLI (and later 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import select
 import signal
@@ -26,6 +28,8 @@ from tupper.records import Record
 from tupper.spec import Spec, check_name
 from tupper.store import Store
 from tupper.systemd import ContainerBus, UnitState, resolve_in_root, run_command
+
+log = logging.getLogger("tupper")
 
 INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
 INOTIFY_WANTED = 8192
@@ -115,11 +119,12 @@ class Runtime:
         return images.build(image_def, progress=progress).path
 
     def run(self, spec: Spec, *, keep_failed: bool = False, progress: Progress = SILENT) -> RunResult:
-        """create + start; a failed run leaves nothing behind unless `keep_failed`."""
+        """create + start; a failed run leaves nothing behind unless `keep_failed`. A run whose process
+        dies half-way is undone by `recover` (the record says `creating` with a dead owner)."""
         t0 = time.monotonic()
         rec = self.create(spec, progress)
         try:
-            states = self.start(rec, keep_failed=keep_failed, progress=progress)
+            states = self.start(rec, keep_failed=keep_failed, progress=progress, first=True)
         except RunFailed as exc:
             if not exc.kept:
                 with self.store.lock():
@@ -132,20 +137,23 @@ class Runtime:
         return RunResult(rec.to_json(), states, time.monotonic() - t0)
 
     def create(self, spec: Spec, progress: Progress = SILENT) -> Record:
-        """Snapshot the image, write the components' units, save the record. Nothing runs yet."""
+        """Snapshot the image, write the components' units, save the record. Nothing runs yet.
+
+        The container's directory appears complete with its record in one rename (the record says
+        `creating`, owned by this process), so a crash at any moment leaves either nothing under
+        containers/ or a record that `recover` and `rm` can undo; never a root without a record."""
         cdir = self._dir(spec.name)
         self._check_name_free(spec)  # before a possibly long image build; checked again under the lock
         image_path = self.resolve_image(spec, progress)
         self._check_units_do_not_shadow_the_image(spec, image_path)
         self._check_secrets(spec)
+        staging = self.store.scratch("new", spec.name)
+        staging.mkdir(mode=0o700)
         with contextlib.ExitStack() as undo:
-            with self.store.lock():
-                self._check_name_free(spec)
-                cdir.mkdir(mode=0o700)
-            undo.callback(self._discard, cdir, spec.name)
+            undo.callback(self.store.remove_tree, staging)
             rec = Record(
                 name=spec.name,
-                dir=cdir,
+                dir=staging,
                 image=spec.image,
                 spec_file=spec.file,
                 created_at=time.time(),
@@ -163,10 +171,19 @@ class Runtime:
                     for u in spec.components
                 ],
             )
+            rec.begin("creating")
+            rec.save()
+            with self.store.lock():
+                self._check_name_free(spec)
+                os.rename(staging, cdir)
+                records.fsync_dir(cdir.parent)
+            undo.pop_all()
+        rec.dir = cdir
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._discard, cdir, spec.name)
             with progress.step(f"Snapshotting image {spec.image}"):
                 self.store.snapshot(image_path, rec.rootfs)
                 self._prepare_rootfs(rec.rootfs, spec)
-            rec.save()
             undo.pop_all()
         return rec
 
@@ -202,11 +219,18 @@ class Runtime:
                         raise InvalidInput(f"{use.component.manifest_file}: units[{i}]: {unit} would replace the image's own /{d}/{unit}",
                                            hint="rename the unit")
 
-    def start(self, rec: Record, *, keep_failed: bool = False, progress: Progress = SILENT) -> list[UnitState]:
+    def start(self, rec: Record, *, keep_failed: bool = False, progress: Progress = SILENT, first: bool = False) -> list[UnitState]:
         """Boot an existing container and wait for its units. On a unit failure the container is
-        stopped (or kept running in state `failed`) and RunFailed is raised."""
+        stopped (or kept running in state `failed`) and RunFailed is raised. `first`: the boot of
+        `run`, which keeps the phase `creating` (an interrupted run is undone, not just stopped)."""
         if rec.alive():
             raise Busy(f"container {rec.name!r} is already {rec.state()}")
+        if rec.interrupted() or rec.phase == "removing":
+            raise Busy(f"container {rec.name!r} is left half-done by an interrupted {rec.phase}",
+                       hint=f"`tupper store check --repair` finishes it, or `tupper rm {rec.name}`")
+        if not first:
+            rec.begin("starting")
+            rec.save()
         self._check_inotify(progress)
         (rec.dir / records.EXIT).unlink(missing_ok=True)
         binds = [nspawn.Bind(Path(c["source"]), c["mount"]) for c in rec.components]
@@ -216,7 +240,7 @@ class Runtime:
             if not self.serves_secrets:
                 raise Failed(f"container {rec.name!r} has secrets, which tupperd's agent delivers: start it through tupperd")
             # The directory, not the socket file: a restarted tupperd makes a new socket the container still sees.
-            binds.append(nspawn.Bind(agent.agent_dir(rec.name), agent.IN_CONTAINER_DIR))
+            binds.append(nspawn.Bind(agent.agent_dir(self.store.run_dir, rec.name), agent.IN_CONTAINER_DIR))
         argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host)
         with contextlib.ExitStack() as undo:
             undo.callback(self._abort_start, rec)
@@ -227,21 +251,14 @@ class Runtime:
             with progress.step(f"Starting {len(rec.units)} unit(s)"):
                 states, failures = self._wait_units(rec, bus, rec.units, rec.start_timeout, progress)
             if failures:
-                if keep_failed:
-                    rec.phase = "failed"
-                    rec.save()
-                else:
-                    rec.phase = "stopping"
-                    rec.save()
+                if not keep_failed:
                     self._halt(rec, bus, rec.stop_timeout)
-                    rec.phase = "failed"
-                    rec.save()
+                rec.end("failed")
                 bus.close()
                 undo.pop_all()
                 names = ", ".join(f"{f.unit} ({f.result or f.active_state})" for f in failures)
                 raise RunFailed(f"{rec.name}: unit(s) failed: {names}", failures, kept=keep_failed)
-            rec.phase = "running"
-            rec.save()
+            rec.end("running")
             bus.close()
             undo.pop_all()
         return states
@@ -250,8 +267,7 @@ class Runtime:
         """A start that broke half-way (an exception, Ctrl-C): the container must not keep running."""
         if rec.alive():
             self._kill(rec)
-        rec.phase = "failed"
-        rec.save()
+        rec.end("failed")
 
     def _prepare_rootfs(self, rootfs: Path, spec: Spec) -> None:
         # A machine id of its own: journald files and `journalctl --root` find the container's journal by it.
@@ -265,7 +281,7 @@ class Runtime:
     def _start(self, rec: Record, argv: list[str]) -> None:
         """Fork a monitor that owns nspawn (waits for it, records its exit, removes its cgroups)."""
         if not self.host.systemd:
-            cgroups.create(rec.name)
+            cgroups.create(rec.name, parent=self.store.cgroup_parent)
         console = rec.dir / "console.log"
         r, w = os.pipe()
         pid = os.fork()
@@ -274,7 +290,7 @@ class Runtime:
                 os.close(r)
                 os.setsid()
                 if os.fork() == 0:
-                    _monitor(rec.name, rec.dir, argv, w, console, join_cgroup=not self.host.systemd)
+                    _monitor(rec.name, rec.dir, argv, w, console, cgroup=None if self.host.systemd else self.store.cgroup_parent)
                 os._exit(0)
             except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
                 os._exit(1)
@@ -287,7 +303,6 @@ class Runtime:
         rec.monitor_pid, rec.nspawn_pid = int(reply[0]), int(reply[1])
         rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
         rec.started_at = time.time()
-        rec.phase = "starting"
         rec.leader_pid = self._find_leader(rec)
         rec.save()
 
@@ -351,7 +366,9 @@ class Runtime:
             pass
 
     def _discard(self, cdir: Path, name: str) -> None:
-        """Undo a failed run: nothing of it may remain."""
+        """Undo a run, or finish a remove: nothing of the container may remain. Called with the store
+        lock held. The directory leaves containers/ in one rename before it is deleted, so a crash
+        leaves either the container (still removable) or garbage in tmp/ that `store check` removes."""
         try:
             rec = Record.load(cdir)
             if rec.alive():
@@ -359,21 +376,26 @@ class Runtime:
         except NotFound:
             pass
         if not self.host.systemd:
-            cgroups.remove(name)
-        self.store.delete_subvolume(cdir / "rootfs")
-        import shutil
-
-        shutil.rmtree(cdir, ignore_errors=True)
+            cgroups.remove(name, parent=self.store.cgroup_parent)
+        nspawn.remove_runtime_dirs(name)
+        if not cdir.exists():
+            return
+        trash = self.store.scratch("trash", name)
+        os.rename(cdir, trash)
+        records.fsync_dir(cdir.parent)
+        self.store.remove_tree(trash)
 
     # ---- stop / kill / rm ---------------------------------------------------------------------
 
     def stop(self, name: str, timeout: float | None = None) -> Record:
         rec = self.record(name)
         if not rec.alive():
+            if rec.interrupted() and rec.phase == "stopping":
+                rec.end("stopped")
             return rec
         timeout = rec.stop_timeout if timeout is None else timeout
-        rec.phase = "stopping"
-        rec.save()
+        rec.begin("stopping")
+        _save_if_possible(rec)
         bus = None
         try:
             bus = ContainerBus.connect(rec.leader_pid, timeout=1.0, alive=rec.alive)
@@ -382,6 +404,7 @@ class Runtime:
         self._halt(rec, bus, timeout)
         if bus is not None:
             bus.close()
+        _end_if_possible(rec, "stopped")
         return rec
 
     def _halt(self, rec: Record, bus: ContainerBus | None, timeout: float) -> None:
@@ -411,26 +434,78 @@ class Runtime:
         if rec.monitor_pid:
             _wait_exit(rec.monitor_pid, lambda: proc.pid_alive(rec.monitor_pid), time.monotonic() + timeout)
         if not self.host.systemd:
-            cgroups.remove(rec.name)
+            cgroups.remove(rec.name, parent=self.store.cgroup_parent)
         nspawn.remove_runtime_dirs(rec.name)
 
     def kill(self, name: str) -> Record:
         rec = self.record(name)
-        rec.phase = "stopping"
-        rec.save()
+        rec.begin("stopping")
+        _save_if_possible(rec)
         self._kill(rec)
+        _end_if_possible(rec, "stopped")
         return rec
 
     def remove(self, name: str, *, force: bool = False) -> None:
-        rec = self.record(name)
+        """Delete a container; also whatever an interrupted operation or a damaged record left of one."""
+        check_name(name, "container name")
+        cdir = self._dir(name)
+        try:
+            rec = Record.load(cdir)
+        except (NotFound, ValueError, KeyError, TypeError):  # no record, or one that cannot be read: what is left goes
+            if not cdir.is_dir():
+                raise
+            with self.store.lock():
+                self.discard_broken(cdir)
+            return
+        if rec.owner_alive() and rec.phase in records.TRANSITIONAL:
+            raise Busy(f"container {name!r} is {rec.state()} (pid {rec.owner_pid} is working on it)", hint="wait for it to finish")
+        if rec.alive() and not force and not rec.interrupted():
+            raise Busy(f"container {name!r} is {rec.state()}", hint=f"stop it first (`tupper stop {name}`) or use --force")
+        rec.begin("removing")
+        _save_if_possible(rec)
         if rec.alive():
-            if not force:
-                raise Busy(f"container {name!r} is {rec.state()}", hint=f"stop it first (`tupper stop {name}`) or use --force")
-            rec.phase = "stopping"
-            rec.save()
             self._kill(rec)
         with self.store.lock():
             self._discard(rec.dir, name)
+
+    def discard_broken(self, cdir: Path) -> None:
+        """Remove a container directory whose record is missing or unreadable (store lock held)."""
+        if not self.host.systemd:
+            cgroups.remove(cdir.name, parent=self.store.cgroup_parent)
+        if cdir.exists():
+            trash = self.store.scratch("trash", cdir.name)
+            os.rename(cdir, trash)
+            self.store.remove_tree(trash)
+
+    # ---- after a crash ---------------------------------------------------------------------------
+
+    def recover(self, rec: Record) -> str | None:
+        """Finish or undo the operation a dead process left half-done on `rec`; say what was done.
+
+        creating: the run never returned success, so it is undone (the container is removed);
+        starting: the container is stopped (state `failed`); stopping: the stop is finished;
+        removing: the removal is finished; a live upgrade: the old version is put back."""
+        if not rec.interrupted():
+            return None
+        phase = rec.phase
+        if phase in ("creating", "removing"):
+            with self.store.lock():
+                self._discard(rec.dir, rec.name)
+            return f"removed (its {'run' if phase == 'creating' else 'rm'} was interrupted)"
+        if phase == "starting":
+            if rec.alive():
+                self._kill(rec)
+            rec.end("failed")
+            return "stopped, state failed (its start was interrupted)"
+        if phase == "stopping":
+            if rec.alive():
+                self._halt(rec, None, min(rec.stop_timeout, 5.0))
+            rec.end("stopped")
+            return "stopped (its stop was interrupted)"
+        if rec.upgrade is not None:
+            return self._recover_upgrade(rec)
+        return None
+
 
     # ---- inside the container -----------------------------------------------------------------
 
@@ -471,7 +546,8 @@ class Runtime:
             raise InvalidInput(f"{where}: {exc.message}", hint=exc.hint) from None
 
     def components_in_use(self, path: Path) -> list[str]:
-        return [r.name for r in self.records() if any(c.get("source") == str(path) for c in r.components)]
+        return [r.name for r in self.records()
+                if any(c.get("source") == str(path) for c in r.components) or (r.upgrade or {}).get("to_source") == str(path)]
 
     def upgrade(self, name: str, component: str, version: str, progress: Progress = SILENT) -> dict:
         """Swap one component of a running container for another installed version: new bind mount
@@ -492,38 +568,76 @@ class Runtime:
             raise InvalidInput(f"{component} {version} brings unit(s) {', '.join(sorted(clash))} that another component of {name!r} has")
         old = comp.load(Path(entry["source"]), f"component {component} {entry['version']}")
         by_name = {c["name"]: c for c in rec.components}
+        if rec.upgrade is not None:
+            raise Busy(f"container {name!r} has an upgrade of {rec.upgrade['component']} under way")
         missing = [r for r in new.requires if r not in by_name]
         if missing:
             raise InvalidInput(f"{component} {version} requires {', '.join(missing)}, which container {name!r} does not have")
-        env = [tuple(kv) for kv in entry.get("env", [])]
-
         ungranted = [cred for cred in new.secrets if cred not in rec.grants]
         if ungranted:
             raise InvalidInput(f"{component} {version} needs credential(s) {', '.join(ungranted)}, which container {name!r} was not granted")
 
-        def plan(c) -> dict[str, str]:
-            required = [u for r in c.requires for u in by_name[r]["units"]]
-            others = [u for x in rec.components if x["name"] != component for u in x["units"]]
-            return {**unitfiles.component_files(c, env, required, c.secrets),
-                    **unitfiles.target_file(name, others + list(c.units))}
-
-        new_files, old_files = plan(new), plan(old)
+        new_files, old_files = self._component_files(rec, component, new), self._component_files(rec, component, old)
         stale = [p for p in old_files if p not in new_files]  # units the new version no longer has
         t0 = time.monotonic()
-        with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
-            try:
-                with progress.step(f"Upgrading {component} {entry['version']} → {version} in {name}"):
-                    self._swap(rec, bus, entry["mount"], str(target.path), new_files, stale, old.units, new.units, progress)
-            except Failed as exc:
-                with progress.step(f"Rolling back {component} to {entry['version']}"):
-                    self._swap(rec, bus, entry["mount"], entry["source"], old_files, [p for p in new_files if p not in old_files],
-                               new.units, old.units, progress)
-                raise Failed(f"upgrade of {component} to {version} failed ({exc.message}); rolled back to {entry['version']}, "
-                             "which is active again") from None
-        entry.update(version=version, source=str(target.path), units=list(new.units), requires=list(new.requires),
-                     secrets=list(new.secrets), on_rotate=new.on_rotate)
+        # Written before anything changes: if this process dies half-way, `recover` puts the old version back.
+        rec.upgrade = {"component": component, "version": entry["version"], "source": entry["source"], "to_source": str(target.path)}
+        rec.owner_pid, rec.owner_starttime = os.getpid(), proc.pid_starttime(os.getpid()) or 0
         rec.save()
+        try:
+            with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
+                try:
+                    with progress.step(f"Upgrading {component} {entry['version']} → {version} in {name}"):
+                        self._swap(rec, bus, entry["mount"], str(target.path), new_files, stale, old.units, new.units, progress)
+                except Failed as exc:
+                    with progress.step(f"Rolling back {component} to {entry['version']}"):
+                        self._swap(rec, bus, entry["mount"], entry["source"], old_files, [p for p in new_files if p not in old_files],
+                                   new.units, old.units, progress)
+                    raise Failed(f"upgrade of {component} to {version} failed ({exc.message}); rolled back to {entry['version']}, "
+                                 "which is active again") from None
+            entry.update(version=version, source=str(target.path), units=list(new.units), requires=list(new.requires),
+                         secrets=list(new.secrets), on_rotate=new.on_rotate)
+        finally:
+            rec.upgrade = None
+            rec.owner_pid = rec.owner_starttime = 0
+            rec.save()
         return {"name": name, "component": component, "version": version, "seconds": round(time.monotonic() - t0, 3)}
+
+    def _component_files(self, rec: Record, component: str, c) -> dict[str, str]:
+        """The unit files and the target file of `rec` with component `component` as `c` (a Component)."""
+        by_name = {x["name"]: x for x in rec.components}
+        entry = by_name[component]
+        env = [tuple(kv) for kv in entry.get("env", [])]
+        required = [u for r in c.requires for u in by_name[r]["units"] if r in by_name]
+        others = [u for x in rec.components if x["name"] != component for u in x["units"]]
+        return {**unitfiles.component_files(c, env, required, c.secrets),
+                **unitfiles.target_file(rec.name, others + list(c.units))}
+
+    def _recover_upgrade(self, rec: Record) -> str:
+        """A live upgrade whose process died: put the recorded (old) version back, files and mount."""
+        from tupper import components as comp
+
+        pending = rec.upgrade or {}
+        entry = next(c for c in rec.components if c["name"] == pending["component"])
+        old = comp.load(Path(entry["source"]), f"component {entry['name']} {entry['version']}")
+        old_files = self._component_files(rec, entry["name"], old)
+        try:
+            new = comp.load(Path(pending["to_source"]), f"component {entry['name']}")
+            new_units, new_files = new.units, self._component_files(rec, entry["name"], new)
+        except TupperError:  # the new version was removed meanwhile: its unit names are in the rootfs only
+            new_units, new_files = (), {}
+        extra = [p for p in new_files if p not in old_files]
+        if rec.alive():
+            with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
+                self._swap(rec, bus, entry["mount"], entry["source"], old_files, extra, tuple(new_units), old.units, SILENT)
+        else:
+            for rel in extra:
+                (rec.rootfs / rel).unlink(missing_ok=True)
+            unitfiles.write(rec.rootfs, old_files)
+        rec.upgrade = None
+        rec.owner_pid = rec.owner_starttime = 0
+        rec.save()
+        return f"component {entry['name']} rolled back to {entry['version']} (its upgrade was interrupted)"
 
     def _swap(self, rec: Record, bus: ContainerBus, mount: str, source: str, files: dict[str, str], remove: list[str],
               old_units: tuple[str, ...], new_units: tuple[str, ...], progress: Progress) -> None:
@@ -589,6 +703,25 @@ class Runtime:
         return argv
 
 
+def _save_if_possible(rec: Record) -> None:
+    """Stopping and removing must work on a full disk: the phase is saved if there is room for it."""
+    try:
+        rec.save()
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        log.warning("%s: no space left to record the phase %s; going on", rec.name, rec.phase)
+
+
+def _end_if_possible(rec: Record, phase: str) -> None:
+    try:
+        rec.end(phase)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        log.warning("%s: no space left to record the phase %s", rec.name, phase)
+
+
 def _wait_gone(rec: Record, timeout: float) -> bool:
     return _wait_exit(rec.nspawn_pid, rec.alive, time.monotonic() + timeout)
 
@@ -629,7 +762,7 @@ def _tail(path: Path, n: int = 3) -> str:
     return " / ".join(lines[-n:]) or "(no output)"
 
 
-def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, join_cgroup: bool) -> None:
+def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None) -> None:
     """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
     code = 1
     try:
@@ -651,7 +784,7 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
                 stderr=out,
                 env=proc.environment(),
                 close_fds=True,
-                preexec_fn=(lambda: cgroups.join(name)) if join_cgroup else None,
+                preexec_fn=(lambda: cgroups.join(name, parent=cgroup)) if cgroup else None,
             )
         except OSError as exc:
             os.write(reply_fd, f"error: {exc}".encode())
@@ -661,8 +794,8 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
         rc = p.wait()
         if cdir.exists():
             records.mark_exit(cdir, rc)
-        if join_cgroup:
-            cgroups.remove(name)
+        if cgroup:
+            cgroups.remove(name, parent=cgroup)
         nspawn.remove_runtime_dirs(name)
         code = 0
     finally:

@@ -17,7 +17,7 @@ import attrs
 import btrfsutil
 
 from tupper import proc
-from tupper.errors import Failed, InvalidInput
+from tupper.errors import Busy, Failed, InvalidInput
 from tupper.progress import SILENT, Progress
 
 DEFAULT_ROOT = Path("/var/lib/tupper")
@@ -128,6 +128,94 @@ class Store:
     @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def is_default(self) -> bool:
+        return self.root == DEFAULT_ROOT
+
+    @property
+    def ident(self) -> str:
+        """A short name for this store in places shared by every store on the host (cgroups, /run)."""
+        import hashlib
+
+        return "default" if self.is_default else hashlib.sha256(str(self.root).encode()).hexdigest()[:8]
+
+    @property
+    def cgroup_parent(self) -> str:
+        return "tupper" if self.is_default else f"tupper-{self.ident}"
+
+    @property
+    def run_dir(self) -> Path:
+        """Runtime files of this store's containers (agent sockets): tmpfs, gone at reboot."""
+        return Path("/run/tupper") if self.is_default else Path(f"/run/tupper/store-{self.ident}")
+
+    # ---- scratch space: work in progress, owned by one process ------------------------------------
+
+    def scratch(self, kind: str, label: str) -> Path:
+        """A path in tmp/ for work in progress (a new image, an import, a container being removed).
+        Its name carries the owner (pid and start time): once the owner is gone, it is garbage that
+        `stale_scratch` finds, whatever moment the owner died at."""
+        return self.tmp_dir / f"{kind}.{os.getpid()}.{proc.pid_starttime(os.getpid()) or 0}.{label}"
+
+    def stale_scratch(self) -> list[Path]:
+        """Entries of tmp/ whose owner no longer runs (or that tupper did not name)."""
+        stale = []
+        for entry in sorted(self.tmp_dir.iterdir()):
+            parts = entry.name.split(".", 3)
+            if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+                if proc.pid_alive(int(parts[1]), int(parts[2])):
+                    continue
+            stale.append(entry)
+        return stale
+
+    def remove_tree(self, path: Path) -> None:
+        """Remove `path` whatever it is: a subvolume (with nested ones), a directory, a file."""
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif self.is_subvolume(path):
+            self.delete_subvolume(path)
+        elif path.is_dir():
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink() and self.is_subvolume(child):
+                    self.delete_subvolume(child)
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- tupperd's claim on the store -----------------------------------------------------------
+
+    @property
+    def daemon_lock_file(self) -> Path:
+        return self.root / ".tupperd.lock"
+
+    def claim_for_daemon(self) -> int:
+        """Taken by tupperd for its whole life (an flock, released by the kernel when it dies): one
+        tupperd per store, and `--direct` knows not to act behind its back. Returns the fd to keep."""
+        fd = os.open(self.daemon_lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = self.daemon_pid()
+            os.close(fd)
+            raise Busy(f"another tupperd{f' (pid {other})' if other else ''} already serves the store {self.root}",
+                       hint="one tupperd per store: stop that one, or give this one another --root") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def daemon_pid(self) -> int | None:
+        """The pid of the tupperd serving this store, None when none does."""
+        try:
+            fd = os.open(self.daemon_lock_file, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            return None  # nobody holds it
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

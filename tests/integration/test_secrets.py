@@ -125,7 +125,8 @@ def test_a_container_cannot_get_another_containers_secret_nor_an_ungranted_one(t
     # A cannot see B's agent at all; only its own socket is mounted in.
     listing = exec_out(tupper, a, "ls", "-A", "/run/host/tupper")
     assert listing == "creds.sock\n"
-    assert tupper("exec", a, "--", "ls", f"/run/tupper/agents/{b}").returncode != 0
+    (b_agent,) = Path("/run/tupper").glob(f"*/agents/{b}")  # the suite's store has agents of its own
+    assert tupper("exec", a, "--", "ls", str(b_agent)).returncode != 0
     denied = [e for e in tupper.json("secret", "audit") if e["container"] == a and e["result"].startswith("denied")]
     assert {e["unit"] for e in denied} >= {"beta.service", "alpha.service"}
     assert all(not e["secret"] or e["secret"] == a_secret for e in tupper.json("secret", "audit") if e["container"] == a)
@@ -145,7 +146,7 @@ def test_spec_without_a_grant_or_with_a_missing_secret_is_refused_and_leaves_not
     p = tupper("run", extra)
     assert p.returncode == 2 and "secrets.other: no component of this spec declares credential 'other'" in p.stderr
     assert not (store_root / "containers" / name).exists()
-    assert not Path(f"/run/tupper/agents/{name}").exists()
+    assert not list(Path("/run/tupper").glob(f"**/agents/{name}"))
 
 
 def test_secret_values_appear_nowhere_but_in_the_service(tupper, bus, names, secret, tmp_path, store_root):
