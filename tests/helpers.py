@@ -58,26 +58,26 @@ def _clean_env(**extra: str) -> dict:
 # ---- the base image, once per machine ------------------------------------------------------------
 
 
-def ensure_image(root: Path, image: str = IMAGE, log=print) -> str:
+def ensure_image(root: Path, image: str = IMAGE, log=print, source_root: Path = DEFAULT_ROOT, env: dict | None = None) -> str:
     """Make `image` exist in the store at `root`. Cheapest first: already there; a copy (btrfs send |
     receive, read-only on the source) from the default store when that is mounted and has it; a build
     from images/<image>.toml. Returns how it got there."""
-    p = tupper_cmd(root, "store", "info", "--json")  # creates or mounts the store's own pool
+    p = tupper_cmd(root, "store", "info", "--json", env=env)  # creates or mounts the store's own pool
     if p.returncode != 0:
         raise RuntimeError(f"cannot open the test store {root}: {p.stderr}")
     if (root / "images" / image).is_dir() and (root / "images" / f"{image}.json").is_file():
         return "present"
-    source = DEFAULT_ROOT / "images" / image
-    meta = DEFAULT_ROOT / "images" / f"{image}.json"
-    if mounted(DEFAULT_ROOT) and source.is_dir() and meta.is_file() and _read_only_subvolume(source):
+    source = source_root / "images" / image
+    meta = source_root / "images" / f"{image}.json"
+    if mounted(source_root) and source.is_dir() and meta.is_file() and _read_only_subvolume(source):
         try:
             _copy_image(source, meta, root, image)
-            log(f"copied image {image} from {DEFAULT_ROOT} into {root} (btrfs send | receive)")
+            log(f"copied image {image} from {source_root} into {root} (btrfs send | receive)")
             return "copied"
         except (RuntimeError, OSError) as exc:
-            log(f"could not copy image {image} from {DEFAULT_ROOT} ({exc}); building it")
+            log(f"could not copy image {image} from {source_root} ({exc}); building it")
     log(f"building image {image} in {root} (debootstrap, about a minute)")
-    p = tupper_cmd(root, "image", "build", REPO / "images" / f"{image}.toml")
+    p = tupper_cmd(root, "image", "build", REPO / "images" / f"{image}.toml", env=env)
     if p.returncode != 0:
         raise RuntimeError(f"image build failed: {p.stderr}")
     return "built"
@@ -89,7 +89,9 @@ def _read_only_subvolume(path: Path) -> bool:
 
 
 def _copy_image(source: Path, meta: Path, root: Path, image: str) -> None:
-    staging = Path(tempfile.mkdtemp(prefix="seed-", dir=root / "tmp"))
+    # Named as tupper names scratch space (kind.pid.starttime.label): a crash leaves what `store check` removes.
+    staging = root / "tmp" / f"seed.{os.getpid()}.{_pid_starttime(os.getpid())}.{image}"
+    staging.mkdir()
     try:
         send = subprocess.Popen(["btrfs", "send", "-q", str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         recv = subprocess.run(["btrfs", "receive", "-q", str(staging)], stdin=send.stdout, capture_output=True, text=True)

@@ -90,6 +90,28 @@ def dbus_error(exc: TupperError) -> DBusError:
     return DBusError(exc.dbus_name, text)
 
 
+async def guarded(coro):
+    """Await a daemon call; tupper's errors become org.tupper1.Error.* replies, and so does an OSError
+    (a full store, a vanished file): never "the service interface raised an error" with a traceback."""
+    try:
+        return await coro
+    except TupperError as exc:
+        raise dbus_error(exc) from None
+    except OSError as exc:
+        raise dbus_error(os_error(exc)) from None
+
+
+def os_error(exc: OSError) -> TupperError:
+    import errno
+
+    from tupper.errors import Failed
+
+    where = f": {exc.filename}" if exc.filename else ""
+    hint = ("the store is full: see `tupper store info`; remove containers or images you no longer need "
+            "(stop and rm keep working on a full store), or grow the pool") if exc.errno == errno.ENOSPC else None
+    return Failed(f"{exc.strerror or exc}{where}", hint=hint)
+
+
 class TupperBus(MessageBus):
     """A MessageBus that checks the caller of @privileged methods before dispatching them, and that
     owns the file descriptors a call brings: they are closed when its reply (or error) is sent, on
@@ -153,10 +175,7 @@ class ManagerInterface(ServiceInterface):
         self.daemon = daemon
 
     async def _guard(self, coro):
-        try:
-            return await coro
-        except TupperError as exc:
-            raise dbus_error(exc) from None
+        return await guarded(coro)
 
     # ---- methods ------------------------------------------------------------------------------
 
@@ -292,10 +311,7 @@ class ContainerInterface(ServiceInterface):
         return self.daemon.get(self.container)
 
     async def _guard(self, coro):
-        try:
-            return await coro
-        except TupperError as exc:
-            raise dbus_error(exc) from None
+        return await guarded(coro)
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> "s":

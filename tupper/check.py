@@ -111,7 +111,7 @@ def repair(runtime: Runtime, findings: list[Finding]) -> list[Repaired]:
                 result = runtime.recover(Record.load(path)) or "nothing left to do"
             elif f.kind in ("orphan-root", "corrupt-record", "record-without-root"):
                 with store.lock():
-                    runtime.discard_broken(path)
+                    runtime.discard_broken(path.parent if f.kind == "corrupt-record" else path)
                 result = "removed"
             elif f.kind == "scratch" or f.kind in ("image", "component", "nspawn-dir", "agent-dir"):
                 store.remove_tree(path)

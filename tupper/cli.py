@@ -263,6 +263,17 @@ def _main(args) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as exc:
+        if args.debug:
+            raise
+        import errno
+
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"tupper: {exc.strerror or exc}{where}", file=sys.stderr)
+        if exc.errno == errno.ENOSPC:
+            print("hint: the store is full: see `tupper store info`; remove containers or images you no longer need "
+                  "(stop and rm keep working on a full store), or grow the pool", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the edge: one line, traceback only with --debug
         if args.debug:
             raise

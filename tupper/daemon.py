@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -123,6 +124,8 @@ class Daemon:
         self.bus.export(api.MANAGER_PATH, self.manager)
         for rec in self.runtime.records():
             await self._track(rec, announce=False)
+            if rec.alive() and rec.grants:
+                await self._redeliver(rec)
         reply = await self.bus.request_name(api.BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise Failed(f"cannot own {api.BUS_NAME} on the system bus ({reply.name}): another tupperd runs, or the policy forbids it")
@@ -146,8 +149,26 @@ class Daemon:
                 log.info("removed %s, left by a process that is gone", entry)
             except (TupperError, OSError) as exc:
                 log.error("could not remove %s: %s", entry, exc)
+        # Agent directories are tupperd's own: those of containers that are gone (a run cut short) go too.
+        agents = store.run_dir / "agents"
+        granted = {r.name for r in self.runtime.records() if r.grants}
+        for d in sorted(agents.iterdir()) if agents.is_dir() else []:
+            if d.name not in granted:
+                shutil.rmtree(d, ignore_errors=True)
         for finding in check.check(self.runtime):
             log.warning("store check: %s: %s (tupper store check --repair would %s)", finding.path, finding.detail, finding.repair)
+
+    async def _redeliver(self, rec: Record) -> None:
+        """A unit that (re)started while no tupperd served its secrets (a rotation cut short by a crash)
+        failed to load its credentials: now that the agent is back, start it again."""
+        try:
+            status = await asyncio.to_thread(self.runtime.status, rec.name)
+            for unit in status["units"]:
+                if unit["name"] in rec.credential_grants() and unit["active_state"] == "failed":
+                    result = await self.unit_job(rec.name, unit["name"], "RestartUnit")
+                    log.warning("%s: %s had failed while no agent served its credentials: restarted (%s)", rec.name, unit["name"], result)
+        except (TupperError, OSError) as exc:
+            log.error("%s: could not restart units that missed their credentials: %s", rec.name, exc)
 
     async def _track(self, rec: Record, *, announce: bool = True) -> Watched:
         w = self.watched.get(rec.name)
@@ -521,6 +542,7 @@ class Daemon:
             deadline = time.monotonic() + 2.0
             while rec.exit_info() is None and proc.pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
+            await asyncio.to_thread(self.runtime.reap, rec)  # the monitor's duties, if it was killed
             self._set_state(w)
             if w.deliberate or rec.alive():
                 return

@@ -16,7 +16,7 @@ import attrs
 from tupper import cgroups, nspawn, proc, records, tomlfile
 from tupper.errors import Busy, Failed, InvalidInput, NotFound
 from tupper.progress import SILENT, Progress
-from tupper.store import Store
+from tupper.store import FREE_FOR_IMAGE, Store
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
 REQUIRED_PACKAGES = ("systemd", "systemd-sysv", "dbus")
@@ -194,6 +194,7 @@ class Images:
             os.close(fd)
 
     def _build(self, definition: ImageDef, progress: Progress) -> Image:
+        self.store.require_free(FREE_FOR_IMAGE, f"image build {definition.name}")
         tmp = self.store.scratch("image", definition.name)
         self.store.create_subvolume(tmp)
         try:

@@ -22,8 +22,9 @@ from pathlib import Path, PurePosixPath
 import attrs
 
 from tupper import components as comp
+from tupper import records
 from tupper.errors import Busy, Exists, InvalidInput, NotFound
-from tupper.store import Store
+from tupper.store import FREE_FOR_CONTAINER, Store
 
 META = "tupper-package.json"
 FORMAT = 1
@@ -292,10 +293,11 @@ class Installer:
             meta = _meta(pkg, tar)
         name, version = meta["name"], meta["version"]
         final = self.path(name, version)
-        if final.exists():
+        meta_file = final.parent / f"{version}.json"
+        if meta_file.is_file():
             raise Exists(f"{pkg}: component {name} {version} is already installed", hint=f"tupper component rm {name} {version}")
-        tmp = self.store.tmp_dir / f"component-{name}-{version}-{os.getpid()}"
-        self.store.delete_subvolume(tmp)
+        self.store.require_free(max(FREE_FOR_CONTAINER, 2 * pkg.stat().st_size), f"component install {pkg}")
+        tmp = self.store.scratch("component", f"{name}-{version}")
         self.store.create_subvolume(tmp)
         try:
             try:
@@ -309,10 +311,12 @@ class Installer:
             if (component.name, component.version) != (name, version):
                 raise InvalidInput(f"{pkg}: {comp.MANIFEST} says {component.name} {component.version}, the package {name} {version}")
             final.parent.mkdir(mode=0o700, exist_ok=True)
+            self.store.delete_subvolume(final)  # what a crash left of an earlier install (no metadata: not installed)
             self.store.snapshot(tmp, final, read_only=True)
         finally:
             self.store.delete_subvolume(tmp)
-        (final.parent / f"{version}.json").write_text(json.dumps({"digest": actual, "installed_at": time.time(), "package": str(pkg)}))
+        # Installed when its metadata appears, atomically.
+        records.write_json(meta_file, {"digest": actual, "installed_at": time.time(), "package": str(pkg)})
         return self.get(name, version)
 
     @staticmethod
@@ -346,8 +350,8 @@ class Installer:
         installed = self.get(name, version)
         if users:
             raise Busy(f"component {name} {version} is used by container(s): {', '.join(users)}", hint="remove those containers first")
+        (self.dir / name / f"{version}.json").unlink(missing_ok=True)  # uninstalled first; a crash leaves files `store check` removes
         self.store.delete_subvolume(installed.path)
-        (self.dir / name / f"{version}.json").unlink(missing_ok=True)
         try:
             (self.dir / name).rmdir()
         except OSError:

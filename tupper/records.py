@@ -156,8 +156,8 @@ class Record:
             return self.phase
         if self.phase in ("stopping", "stopped"):
             return "stopped"
-        if info is None:
-            # The monitor died with the container; no exit status is known.
+        if info is None or info.get("returncode") is None:
+            # The monitor died before the container; no exit status is known.
             return "exited"
         return "stopped" if info.get("returncode") == 0 else "failed"
 
@@ -183,5 +183,9 @@ class Record:
         return out
 
 
-def mark_exit(directory: Path, returncode: int) -> None:
-    write_json(directory / EXIT, {"returncode": returncode, "exited_at": time.time()})
+def mark_exit(directory: Path, returncode: int | None, note: str = "") -> None:
+    """nspawn's exit; `returncode` None: it exited, with a status nobody could see (its monitor was gone)."""
+    data: dict = {"returncode": returncode, "exited_at": time.time()}
+    if note:
+        data["note"] = note
+    write_json(directory / EXIT, data)

@@ -26,7 +26,7 @@ from tupper.images import ImageDef, Images, find_definition
 from tupper.progress import SILENT, Progress
 from tupper.records import Record
 from tupper.spec import Spec, check_name
-from tupper.store import Store
+from tupper.store import FREE_FOR_CONTAINER, Store
 from tupper.systemd import ContainerBus, UnitState, resolve_in_root, run_command
 
 log = logging.getLogger("tupper")
@@ -145,6 +145,7 @@ class Runtime:
         cdir = self._dir(spec.name)
         self._check_name_free(spec)  # before a possibly long image build; checked again under the lock
         image_path = self.resolve_image(spec, progress)
+        self.store.require_free(FREE_FOR_CONTAINER, f"run {spec.name}")
         self._check_units_do_not_shadow_the_image(spec, image_path)
         self._check_secrets(spec)
         staging = self.store.scratch("new", spec.name)
@@ -433,6 +434,16 @@ class Runtime:
     def _wait_monitor(self, rec: Record, timeout: float = 5.0) -> None:
         if rec.monitor_pid:
             _wait_exit(rec.monitor_pid, lambda: proc.pid_alive(rec.monitor_pid), time.monotonic() + timeout)
+        self.reap(rec)
+
+    def reap(self, rec: Record) -> None:
+        """After nspawn exited: what its monitor does last (the exit recorded, cgroups and nspawn's
+        runtime dirs removed), done here when the monitor was killed before it could."""
+        if rec.alive() or (rec.monitor_pid and proc.pid_alive(rec.monitor_pid)):
+            return
+        if rec.nspawn_pid and rec.exit_info() is None and rec.dir.exists():
+            with contextlib.suppress(OSError):
+                records.mark_exit(rec.dir, None, note="its monitor was killed: the exit status is unknown")
         if not self.host.systemd:
             cgroups.remove(rec.name, parent=self.store.cgroup_parent)
         nspawn.remove_runtime_dirs(rec.name)
@@ -793,7 +804,10 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
         os.close(reply_fd)
         rc = p.wait()
         if cdir.exists():
-            records.mark_exit(cdir, rc)
+            try:
+                records.mark_exit(cdir, rc)
+            except OSError:  # a full store: the clean-up below matters more
+                pass
         if cgroup:
             cgroups.remove(name, parent=cgroup)
         nspawn.remove_runtime_dirs(name)

@@ -7,6 +7,7 @@ loopback pool file beside it (`<root>.img`), created once and mounted at the roo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -22,6 +23,9 @@ from tupper.progress import SILENT, Progress
 
 DEFAULT_ROOT = Path("/var/lib/tupper")
 DEFAULT_POOL_SIZE = "20G"
+# Room a new container needs at least (its journal, the services' state) and a new image (debootstrap).
+FREE_FOR_CONTAINER = 64 << 20
+FREE_FOR_IMAGE = 512 << 20
 BTRFS_MAGIC_NAME = "btrfs"
 
 
@@ -268,7 +272,21 @@ class Store:
         try:
             return fn(str(path), *args, **kwargs)
         except btrfsutil.BtrfsUtilError as exc:
-            raise Failed(f"btrfs: {fn.__name__}({path}): {exc}") from None
+            full = getattr(exc, "errno", None) == errno.ENOSPC
+            raise Failed(f"btrfs: {fn.__name__}({path}): {exc}",
+                         hint="the store is full: see `tupper store info`; remove what you no longer need, or grow the pool" if full else None) from None
+
+    # ---- space ---------------------------------------------------------------------------------
+
+    def require_free(self, needed: int, what: str) -> None:
+        """Refuse to start `what` on a store without room for it, before anything is made: a store
+        filled half-way through an operation leaves it to the undo path on a full disk."""
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free < needed:
+            raise Failed(f"{what}: the store {self.root} is full ({free >> 20} MiB free, {needed >> 20} MiB needed)",
+                         hint="see `tupper store info`; remove containers, images or components you no longer need "
+                              "(stop and rm work on a full store), or grow the pool")
 
     # ---- reporting -----------------------------------------------------------------------------
 
