@@ -147,6 +147,8 @@ class UserStateGuard:
             except (OSError, ValueError):
                 continue
             pid, start = rec.get("nspawn_pid", 0), rec.get("nspawn_starttime", 0)
+            if d.name.startswith("tupper-canary-") and d.name != self.canary:
+                continue  # another test run's canary (runs at the same time): not the user's
             if pid and _pid_starttime(pid) == start and rec.get("leader_pid"):
                 out[d.name] = rec["leader_pid"]
         return out
