@@ -100,8 +100,10 @@ def _copy_image(source: Path, meta: Path, root: Path, image: str) -> None:
         send.wait()
         if send.returncode != 0 or recv.returncode != 0:
             raise RuntimeError(f"btrfs send/receive failed: {send_err.strip()} {recv.stderr.strip()}")
-        # Published in one rename, then its metadata: a crash leaves an image the store does not list.
-        os.rename(staging / image, root / "images" / image)
+        # A received subvolume is read-only and cannot be renamed: publish a read-only snapshot of it
+        # (then its metadata: a crash leaves an image the store does not list).
+        subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(staging / image), str(root / "images" / image)],
+                       check=True, capture_output=True)
         shutil.copyfile(meta, root / "images" / f".{image}.json.tmp")
         os.replace(root / "images" / f".{image}.json.tmp", root / "images" / f"{image}.json")
     finally:
