@@ -33,22 +33,25 @@ ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
 
 def escape_label(name: str) -> str:
-    """Object path label for a name, as systemd escapes unit names: [A-Za-z0-9] kept, others _xx."""
+    """Object path label for a name, as systemd's bus_label_escape: [A-Za-z0-9] kept, every other byte
+    of the UTF-8 text written _xx; "" is "_"."""
     if not name:
         return "_"
-    return "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in name)
+    return "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}" for b in name.encode("utf-8", "surrogatepass"))
 
 
 def unescape_label(label: str) -> str:
-    out, i = [], 0
+    if label == "_":
+        return ""
+    out, i = bytearray(), 0
     while i < len(label):
-        if label[i] == "_" and i + 2 < len(label) + 0 and len(label) >= i + 3:
-            out.append(chr(int(label[i + 1 : i + 3], 16)))
+        if label[i] == "_" and i + 3 <= len(label):
+            out.append(int(label[i + 1 : i + 3], 16))
             i += 3
         else:
-            out.append(label[i])
+            out += label[i].encode()
             i += 1
-    return "".join(out)
+    return out.decode("utf-8", "surrogatepass")
 
 
 def container_path(name: str) -> str:

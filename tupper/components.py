@@ -55,7 +55,11 @@ CREDENTIAL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 def load(directory: Path, where: str, *, tree: bool = True) -> Component:
     """Read and validate the component at `directory`; `where` names the referring key in errors.
     `tree=False` skips the scan of the whole directory (the SDK's checker does its own, reporting all)."""
-    if not directory.is_dir():
+    try:
+        is_dir = directory.is_dir()
+    except OSError as exc:  # a path too long
+        raise InvalidInput(f"{where}: cannot read {directory}: {exc.strerror or exc}") from None
+    if not is_dir:
         raise InvalidInput(f"{where}: no such directory: {directory}")
     manifest = directory / MANIFEST
     if not manifest.is_file():
@@ -130,7 +134,10 @@ def load(directory: Path, where: str, *, tree: bool = True) -> Component:
 
 def inside(root: Path, path: Path, where: str) -> Path:
     """Resolve `path` (following symlinks) and refuse it if it leaves `root`."""
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: RuntimeError up to Python 3.12
+        raise InvalidInput(f"{where}: {path.relative_to(root) if path.is_relative_to(root) else path} is a symlink loop") from None
     if resolved != root and root not in resolved.parents:
         raise InvalidInput(f"{where}: {path.relative_to(root) if path.is_relative_to(root) else path} leaves the component directory")
     return resolved

@@ -8,6 +8,7 @@ directory gives the same bytes whatever its files' mtimes, owners or directory o
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -16,6 +17,7 @@ import os
 import stat
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -133,22 +135,51 @@ def _info(name: str, kind: bytes, mode: int, size: int = 0) -> tarfile.TarInfo:
 # ---- reading -------------------------------------------------------------------------------------
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Every header as read, refused before tarfile acts on a crafted size: a negative one (tarfile
+    would read with a negative length, or look for the next header before this one), or an extended
+    header (pax, GNU long name) beyond 1 MiB, which tarfile would read into memory whole."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        info = super().frombuf(buf, encoding, errors)
+        if info.size < 0 or info.type in _EXTENDED_HEADERS and info.size > 1 << 20:
+            raise tarfile.ReadError(f"a header with size {info.size}")
+        return info
+
+
+# What reading a damaged archive (truncated, corrupt gzip or tar data) raises: tarfile lets a bad
+# number in a pax header (size, mtime, a sparse map) out as a ValueError.
+READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
+_EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
 def _open(pkg: Path) -> tarfile.TarFile:
     try:
-        return tarfile.open(pkg, mode="r:gz")
+        return tarfile.open(pkg, mode="r:gz", tarinfo=_CheckedTarInfo)
     except FileNotFoundError:
         raise InvalidInput(f"{pkg}: no such package") from None
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except READ_ERRORS as exc:
         raise InvalidInput(f"{pkg}: not a tupper package ({exc})") from None
 
 
-def _meta(pkg: Path, tar: tarfile.TarFile) -> dict:
-    first = tar.next()
-    if first is None or first.name != META or not first.isreg() or first.size > 65536:
-        raise InvalidInput(f"{pkg}: not a tupper package (its first member is not {META})")
+@contextlib.contextmanager
+def _reading(pkg: Path) -> Iterator[None]:
     try:
-        meta = json.loads(tar.extractfile(first).read())
-    except ValueError:
+        yield
+    except READ_ERRORS as exc:
+        raise InvalidInput(f"{pkg}: damaged package: {exc}") from None
+
+
+def _meta(pkg: Path, tar: tarfile.TarFile) -> dict:
+    with _reading(pkg):
+        first = tar.next()
+        if first is None or first.name != META or not first.isreg() or not 0 <= first.size <= 65536:
+            raise InvalidInput(f"{pkg}: not a tupper package (its first member is not {META})")
+        raw = tar.extractfile(first).read()
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deeply
         raise InvalidInput(f"{pkg}: {META} is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InvalidInput(f"{pkg}: unsupported package format {meta.get('format') if isinstance(meta, dict) else meta!r}")
@@ -183,14 +214,21 @@ def members(pkg: Path) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
                 raise InvalidInput(f"{where}: device node")
             if m.isfifo():
                 raise InvalidInput(f"{where}: named pipe")
+            if m.type == tarfile.GNUTYPE_SPARSE or m.sparse is not None:
+                # Its holes are read as zeros without being in the archive: any size, for free.
+                raise InvalidInput(f"{where}: sparse file")
             if not (m.isreg() or m.isdir() or m.issym()):
                 raise InvalidInput(f"{where}: unsupported member type")
+            if m.size < 0:  # from a pax header: tarfile would look for the next member before this one
+                raise InvalidInput(f"{where}: negative size {m.size}")
             if m.mode & (stat.S_ISUID | stat.S_ISGID):
                 raise InvalidInput(f"{where}: setuid/setgid bit (mode {m.mode:o})")
             if m.issym():
                 target = m.linkname
                 if os.path.isabs(target) or not target:
                     raise InvalidInput(f"{where}: absolute symlink to {target!r}")
+                if any(ord(c) < 0x20 for c in target) or not _utf8(target):
+                    raise InvalidInput(f"{where}: symlink to {target!r}: not a clean path")
                 lexical = os.path.normpath(os.path.join(os.path.dirname(name), target))
                 if lexical == ".." or lexical.startswith("../"):
                     raise InvalidInput(f"{where}: symlink to {target!r} leaves the package")
@@ -205,9 +243,20 @@ def _safe_name(pkg: Path, m: tarfile.TarInfo) -> str:
         raise InvalidInput(f"{pkg}: member {name!r}: absolute path")
     if ".." in p.parts:
         raise InvalidInput(f"{pkg}: member {name!r}: '..' in its path")
+    if not _utf8(name):
+        raise InvalidInput(f"{pkg}: member {name!r}: not a UTF-8 path")
     if any(ord(c) < 0x20 for c in name) or "\\" in name or str(p) != name.rstrip("/") or name in (".", "./"):
         raise InvalidInput(f"{pkg}: member {name!r}: not a clean relative path")
     return str(p)
+
+
+def _utf8(text: str) -> bool:
+    """tarfile reads names that are not UTF-8 with surrogate escapes; the digest needs UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def inspect(pkg: Path) -> dict:
@@ -216,22 +265,23 @@ def inspect(pkg: Path) -> dict:
         meta = _meta(pkg, tar)
     entries: list[Entry] = []
     manifest_text, units = "", []
-    for m, tar in members(pkg):
-        if m.isdir():
-            entries.append(Entry("dir", m.name, 0o755))
-        elif m.issym():
-            entries.append(Entry("symlink", m.name, 0o777, target=m.linkname))
-        else:
-            data = tar.extractfile(m)
-            h, size = hashlib.sha256(), 0
-            while chunk := data.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-                if m.name == comp.MANIFEST:
-                    manifest_text += chunk.decode("utf-8", "replace")
-            entries.append(Entry("file", m.name, normal_mode(m.mode, "file"), size, h.hexdigest()))
-            if m.name.startswith("units/"):
-                units.append(m.name[len("units/"):])
+    with _reading(pkg):
+        for m, tar in members(pkg):
+            if m.isdir():
+                entries.append(Entry("dir", m.name, 0o755))
+            elif m.issym():
+                entries.append(Entry("symlink", m.name, 0o777, target=m.linkname))
+            else:
+                data = tar.extractfile(m)
+                h, size = hashlib.sha256(), 0
+                while chunk := data.read(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    if m.name == comp.MANIFEST:
+                        manifest_text += chunk.decode("utf-8", "replace")
+                entries.append(Entry("file", m.name, normal_mode(m.mode, "file"), size, h.hexdigest()))
+                if m.name.startswith("units/"):
+                    units.append(m.name[len("units/"):])
     actual = digest_of(entries)
     return {
         "name": meta["name"], "version": meta["version"], "description": meta.get("description", ""),
@@ -302,7 +352,7 @@ class Installer:
         try:
             try:
                 entries = self._extract(pkg, tmp)
-            except (OSError, tarfile.TarError, EOFError) as exc:
+            except READ_ERRORS as exc:
                 raise InvalidInput(f"{pkg}: cannot extract: {exc}") from None
             actual = digest_of(entries)
             if actual != meta["digest"]:

@@ -78,7 +78,8 @@ def check(directory: Path, image: Path | None = None) -> tuple[comp.Component | 
     except InvalidInput as exc:
         problems.append(Problem(*_split(exc.message, str(manifest))))
     doc = _loose_manifest(manifest)
-    units = [u for u in doc.get("units", []) if isinstance(u, str) and "/" not in u and u not in (".", "..")]
+    listed = doc.get("units") if isinstance(doc.get("units"), list) else []
+    units = [u for u in listed if isinstance(u, str) and "/" not in u and u not in (".", "..")]
     name = doc.get("name") if isinstance(doc.get("name"), str) else directory.name
     mount = doc.get("mount") if isinstance(doc.get("mount"), str) else f"/opt/{name}"
     secrets = [s for s in doc.get("secrets", []) if isinstance(s, str)] if isinstance(doc.get("secrets"), list) else []
@@ -107,9 +108,13 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 
 def _loose_manifest(path: Path) -> dict:
+    """What TOML the manifest holds, for the checks that need some of its keys ({} if unreadable).
+    Only a regular file is read: a FIFO or a device (or a symlink to one) would block or never end."""
     try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return {}
         return tomllib.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

@@ -52,7 +52,7 @@ class SecretStore:
     def _meta(self, name: str) -> dict:
         try:
             return json.loads((self.dir / name / "meta.json").read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: the name of a file, like audit.log
             raise NotFound(f"no secret {name!r}", hint=f"set it: tupper secret set {name} < FILE") from None
 
     def exists(self, name: str) -> bool:

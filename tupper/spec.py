@@ -84,12 +84,7 @@ def load(path: Path, name: str | None = None, resolve: Resolver = _no_store) -> 
 
 
 def from_text(text: str, base_dir: Path, display: str = "<spec>", name: str | None = None, resolve: Resolver = _no_store) -> Spec:
-    import tomllib
-
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidInput(f"{display}: malformed TOML: {exc}") from None
+    doc = tomlfile.parse(text, display)
     return from_document(doc, display, base_dir, default_name=None, name=name, resolve=resolve)
 
 

@@ -23,13 +23,27 @@ def load(path: Path, what: str = "file") -> tuple[dict[str, Any], str]:
         raise InvalidInput(f"{display}: is a directory, expected a {what}") from None
     except PermissionError:
         raise InvalidInput(f"{display}: permission denied") from None
+    except OSError as exc:  # a path through a file, too long, a symlink loop
+        raise InvalidInput(f"{display}: cannot read the {what}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL character in the path
+        raise InvalidInput(f"{display!r}: not a valid path (a NUL character)") from None
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInput(f"{display}: not valid UTF-8") from None
+    return parse(text, display), display
+
+
+def parse(text: str, display: str) -> dict[str, Any]:
+    """Parse TOML text; any problem is an InvalidInput naming `display`."""
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"{display}: malformed TOML: {exc}") from None
-    return doc, display
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise InvalidInput(f"{display}: malformed TOML: {str(exc).split(';')[0]}") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise InvalidInput(f"{display}: malformed TOML: arrays or tables nested too deeply") from None
 
 
 class Table:
