@@ -283,6 +283,24 @@ class PrivateBus:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# ---- waiting on processes and conditions --------------------------------------------------------
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """The predicate's first true value, polled until `timeout`; an AssertionError naming `what` after."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    """The process runs (not a zombie)."""
+    return _pid_starttime(pid) is not None
+
+
 # ---- writing components and specs ------------------------------------------------------------------
 
 

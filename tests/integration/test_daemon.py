@@ -10,11 +10,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import pytest
-
-from helpers import REPO, SERVICES, write_component, write_spec
+from helpers import REPO, SERVICES, alive, wait_for, write_component, write_spec
 
 HELLO = REPO / "examples/hello.toml"
 
@@ -29,24 +26,6 @@ def busctl(bus, *args: str, user: str | None = None, timeout: float = 120) -> su
 
 def label(name: str) -> str:
     return "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in name)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_busctl_alone_runs_inspects_stops_and_removes_a_container(tupper, bus, names):

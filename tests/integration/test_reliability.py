@@ -15,20 +15,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
-from helpers import REPO, SERVICES, system_snapshot, write_component
+from helpers import REPO, SERVICES, alive, system_snapshot, wait_for, write_component
 
 HELLO = REPO / "examples/hello.toml"
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def fd_count(pid: int) -> int:
@@ -43,14 +32,6 @@ def fd_targets(pid: int) -> list[str]:
         except OSError:
             pass
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def record(store_root: Path, name: str) -> dict:
@@ -106,7 +87,7 @@ def test_descriptors_sent_to_an_unknown_method_or_with_a_bad_signature_are_close
                 w = -1
                 # tupperd's copy of the write end is closed: the reader sees end-of-file at once.
                 os.set_blocking(r, False)
-                wait_for(lambda: _eof(r), 5, f"end-of-file after {member}({sig})")
+                wait_for(lambda r=r: _eof(r), 5, f"end-of-file after {member}({sig})")
             finally:
                 os.close(r)
                 if w >= 0:
@@ -447,7 +428,7 @@ def test_sigkill_of_tupperd_at_random_moments_leaves_every_container_whole(tuppe
             time.sleep(rng.uniform(0, span))
             os.kill(pid, signal.SIGKILL)
             cli.communicate(timeout=120)
-            wait_for(lambda: not alive(pid), 10, "tupperd to die")
+            wait_for(lambda pid=pid: not alive(pid), 10, "tupperd to die")
             outcome = _check_consistent(tupper, store_root, f"kill {i} during {op} {target}")
             outcomes[op] = outcomes.get(op, 0) + 1
             alive_names = [n for n, st in outcome.items() if st == "running"]
