@@ -71,10 +71,11 @@ class Tupper:
         self.root = root
         self.bus = bus
         self.env = bus.env(root)
+        self.argv = [sys.executable, "-m", "tupper"]
 
     def __call__(self, *args: str, check: bool = False, timeout: float = 600, input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
         p = subprocess.run(
-            [sys.executable, "-m", "tupper", *map(str, args)],
+            [*self.argv, *map(str, args)],
             capture_output=True, text=True, timeout=timeout, input=input, cwd=cwd or REPO, env=self.env,
         )
         if check and p.returncode != 0:

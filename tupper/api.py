@@ -102,6 +102,14 @@ async def guarded(coro):
         raise dbus_error(exc) from None
     except OSError as exc:
         raise dbus_error(os_error(exc)) from None
+    except DBusError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug: logged whole in tupperd's log, one line to the caller
+        from tupper.errors import Failed
+
+        logging.getLogger("tupperd").exception("unexpected error")
+        raise dbus_error(Failed(f"tupperd hit an unexpected error ({type(exc).__name__}: {exc})",
+                                hint="its log (journalctl -u tupperd, or tupperd's stderr) has the details; please report it")) from None
 
 
 def os_error(exc: OSError) -> TupperError:

@@ -365,6 +365,10 @@ def dispatch(args) -> int:
         return _backend(args).exec(args.name, command)
     if cmd == "events":
         return cmd_events(args)
+    if cmd == "run":
+        from tupper import tomlfile
+
+        tomlfile.load(args.spec, "spec file")  # a bad path or bad TOML is refused before any store is opened
     backend = _backend(args)
     if cmd == "run":
         return cmd_run(args, backend)
@@ -397,8 +401,6 @@ def cmd_run(args, backend) -> int:
 
     from tupper.ui import table
 
-    if not args.spec.is_file():
-        raise InvalidInput(f"{args.spec}: no such spec file")
     result = backend.run(args.spec, args.name, args.keep_failed, _progress(args))
     if args.json:
         print(json.dumps(result, indent=2))

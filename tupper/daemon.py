@@ -243,7 +243,7 @@ class Daemon:
             os.close(w.pidfd)
             w.pidfd = None
         if w.cbus is not None:
-            w.cbus.disconnect()
+            close_bus(w.cbus)
             w.cbus = None
         for fut in w.jobs.values():
             if not fut.done():
@@ -253,7 +253,11 @@ class Daemon:
     async def _subscribe_units(self, w: Watched, rec: Record) -> None:
         from pystemd.dbuslib import path_encode
 
+        pidfd = w.pidfd
         cbus = await MessageBus(bus_address=f"unix:path={bus_socket(rec.leader_pid)}").connect()
+        if w.pidfd != pidfd or pidfd is None:  # stopped or re-attached while we connected: not ours to keep
+            close_bus(cbus)
+            return
         w.cbus = cbus
         w.unit_paths = {path_encode(UNIT_PREFIX.rstrip("/").encode(), u.encode()).decode(): u for u in rec.units}
 
@@ -581,6 +585,31 @@ class Daemon:
                 log.warning("%s: restart failed: %s", w.name, exc.message if isinstance(exc, TupperError) else exc)
             w.failures += 1
             self._schedule_restart(w, self.runtime.record(w.name))
+
+
+def close_bus(bus: MessageBus) -> None:
+    """Disconnect a dbus-next connection and close its socket now.
+
+    dbus-next's disconnect() only shuts the socket down; the fd stays open (held by the socket and the
+    file object dbus-next made from it) until the collector frees the bus: one fd per stopped container
+    in tupperd for an unbounded time.
+    """
+    bus.disconnect()
+
+    def close(fut: asyncio.Future | None = None) -> None:
+        if fut is not None and not fut.cancelled():
+            fut.exception()  # retrieved: an abrupt end is expected here, not worth a warning
+        for f in (bus._stream, bus._sock):  # noqa: SLF001 - dbus-next has no public close
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    done = bus._disconnect_future  # noqa: SLF001 - resolved by dbus-next once its reader is removed
+    if done.done():
+        close(done)
+    else:
+        done.add_done_callback(close)
 
 
 async def serve(root: Path | None, admin_group: str | None) -> None:

@@ -23,11 +23,12 @@ import attrs
 from tupper import cgroups, nspawn, proc, records, unitfiles
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
 from tupper.images import ImageDef, Images, find_definition
+from tupper.inroot import Root, find_command
 from tupper.progress import SILENT, Progress
 from tupper.records import Record
 from tupper.spec import Spec, check_name
 from tupper.store import FREE_FOR_CONTAINER, Store
-from tupper.systemd import ContainerBus, UnitState, resolve_in_root, run_command
+from tupper.systemd import ContainerBus, UnitState, run_command
 
 log = logging.getLogger("tupper")
 
@@ -232,19 +233,20 @@ class Runtime:
         if not first:
             rec.begin("starting")
             rec.save()
-        self._check_inotify(progress)
-        (rec.dir / records.EXIT).unlink(missing_ok=True)
-        binds = [nspawn.Bind(Path(c["source"]), c["mount"]) for c in rec.components]
-        if rec.grants:
-            from tupper import agent
-
-            if not self.serves_secrets:
-                raise Failed(f"container {rec.name!r} has secrets, which tupperd's agent delivers: start it through tupperd")
-            # The directory, not the socket file: a restarted tupperd makes a new socket the container still sees.
-            binds.append(nspawn.Bind(agent.agent_dir(self.store.run_dir, rec.name), agent.IN_CONTAINER_DIR))
-        argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host)
         with contextlib.ExitStack() as undo:
-            undo.callback(self._abort_start, rec)
+            undo.callback(self._abort_start, rec)  # whatever fails from here on ends the phase
+            self._check_inotify(progress)
+            (rec.dir / records.EXIT).unlink(missing_ok=True)
+            binds = [nspawn.Bind(Path(c["source"]), c["mount"]) for c in rec.components]
+            self._make_mount_points(rec, [b.target for b in binds])
+            if rec.grants:
+                from tupper import agent
+
+                if not self.serves_secrets:
+                    raise Failed(f"container {rec.name!r} has secrets, which tupperd's agent delivers: start it through tupperd")
+                # The directory, not the socket file: a restarted tupperd makes a new socket the container still sees.
+                binds.append(nspawn.Bind(agent.agent_dir(self.store.run_dir, rec.name), agent.IN_CONTAINER_DIR))
+            argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host)
             with progress.step(f"Booting {rec.name}"):
                 self._start(rec, argv)
                 bus = ContainerBus.connect(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
@@ -272,12 +274,26 @@ class Runtime:
 
     def _prepare_rootfs(self, rootfs: Path, spec: Spec) -> None:
         # A machine id of its own: journald files and `journalctl --root` find the container's journal by it.
-        (rootfs / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-        # nspawn sets the hostname to the machine name only where the image has no /etc/hostname.
-        (rootfs / "etc/hostname").unlink(missing_ok=True)
-        # Mount points are left to nspawn, which creates them resolving symlinks inside the container's
-        # root; creating them from here would follow an absolute symlink in the image onto the host.
+        # Everything written into the root stays inside it (tupper.inroot): an image may hold symlinks.
+        with Root(rootfs) as root:
+            root.write_text("etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
+            # nspawn sets the hostname to the machine name only where the image has no /etc/hostname.
+            root.unlink("etc/hostname")
         unitfiles.write(rootfs, unitfiles.plan(spec))
+
+    @staticmethod
+    def _make_mount_points(rec: Record, targets: list[str]) -> None:
+        """Component mount points, made inside the root before nspawn starts: nspawn then only mounts.
+        (nspawn of systemd 252 creates a missing one by path after resolving it, so a root that changed
+        in between could get the directory made outside it; see tupper.inroot.)"""
+        with Root(rec.rootfs) as root:
+            for target in targets:
+                try:
+                    os.close(root.makedirs(target))
+                except OSError as exc:
+                    raise Failed(f"container {rec.name!r}: cannot make the mount point {target} in its root: {exc.strerror}",
+                                 hint=f"the container changed {target} or a directory above it into something else; "
+                                      f"`tupper rm {rec.name}` and run it again") from None
 
     def _start(self, rec: Record, argv: list[str]) -> None:
         """Fork a monitor that owns nspawn (waits for it, records its exit, removes its cgroups)."""
@@ -600,11 +616,21 @@ class Runtime:
                 try:
                     with progress.step(f"Upgrading {component} {entry['version']} → {version} in {name}"):
                         self._swap(rec, bus, entry["mount"], str(target.path), new_files, stale, old.units, new.units, progress)
-                except Failed as exc:
-                    with progress.step(f"Rolling back {component} to {entry['version']}"):
-                        self._swap(rec, bus, entry["mount"], entry["source"], old_files, [p for p in new_files if p not in old_files],
-                                   new.units, old.units, progress)
-                    raise Failed(f"upgrade of {component} to {version} failed ({exc.message}); rolled back to {entry['version']}, "
+                except (Failed, OSError) as exc:
+                    # OSError: a unit file could not be written (the container changed its unit directory
+                    # into a link to nothing, a full store): the old version goes back all the same.
+                    why = exc.message if isinstance(exc, Failed) else f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
+                    try:
+                        with progress.step(f"Rolling back {component} to {entry['version']}"):
+                            self._swap(rec, bus, entry["mount"], entry["source"], old_files, [p for p in new_files if p not in old_files],
+                                       new.units, old.units, progress)
+                    except (Failed, OSError) as again:
+                        why_not = again.message if isinstance(again, Failed) else f"{again.filename or ''}: {again.strerror}".lstrip(": ")
+                        raise Failed(f"upgrade of {component} to {version} failed ({why}), and so did the rollback to "
+                                     f"{entry['version']} ({why_not}): {component} may not be running in {name}",
+                                     hint=f"see `tupper status {name}`; `tupper component upgrade {name} {component} {entry['version']}` "
+                                          "tries again") from None
+                    raise Failed(f"upgrade of {component} to {version} failed ({why}); rolled back to {entry['version']}, "
                                  "which is active again") from None
             entry.update(version=version, source=str(target.path), units=list(new.units), requires=list(new.requires),
                          secrets=list(new.secrets), on_rotate=new.on_rotate)
@@ -642,8 +668,7 @@ class Runtime:
             with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
                 self._swap(rec, bus, entry["mount"], entry["source"], old_files, extra, tuple(new_units), old.units, SILENT)
         else:
-            for rel in extra:
-                (rec.rootfs / rel).unlink(missing_ok=True)
+            unitfiles.remove(rec.rootfs, extra)
             unitfiles.write(rec.rootfs, old_files)
         rec.upgrade = None
         rec.owner_pid = rec.owner_starttime = 0
@@ -657,10 +682,7 @@ class Runtime:
         for unit in old_units:
             if unit not in new_units:
                 bus.stop_unit(unit)
-        for rel in remove:
-            path = rec.rootfs / rel
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
+        unitfiles.remove(rec.rootfs, remove)
         unitfiles.write(rec.rootfs, files)
         mountns.replace_mount(rec.leader_pid, source, mount)
         bus.reload()
@@ -691,7 +713,7 @@ class Runtime:
     def exec_fds(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
         """exec with the caller's file descriptors (the daemon receives them over D-Bus)."""
         rec = self.running(name)
-        path = resolve_in_root(Path(f"/proc/{rec.leader_pid}/root"), argv[0]) if argv else None
+        path = find_command(f"/proc/{rec.leader_pid}/root", argv[0]) if argv else None
         if path is None:
             raise InvalidInput(f"{argv[0] if argv else '(empty)'}: command not found in container {name!r}")
         return run_command(rec.leader_pid, [path, *argv[1:]], stdin=stdin, stdout=stdout, stderr=stderr)

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import attrs
-import pystemd.run  # noqa: F401  (pystemd.run is then the function, not the module)
+from pystemd.dbusexc import DBusBaseError
 from pystemd.dbuslib import DBusAddress, apply_signature, path_encode
+from pystemd.systemd1.unit_signatures import signature_array
 
 from tupper.errors import Failed
 
@@ -21,6 +22,8 @@ SD_PATH = b"/org/freedesktop/systemd1"
 MANAGER = b"org.freedesktop.systemd1.Manager"
 UNIT = b"org.freedesktop.systemd1.Unit"
 SERVICE = b"org.freedesktop.systemd1.Service"
+PROPERTIES = b"org.freedesktop.DBus.Properties"
+_FINISHED = ("exited", "failed", "dead")
 
 
 @attrs.frozen
@@ -43,6 +46,12 @@ def bus_socket(leader: int) -> Path:
 
 def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _why(exc: Exception) -> str:
+    """pystemd's error without its wrapping ("[err -2]: b'Unit x not found.'" -> "Unit x not found.")."""
+    message = getattr(exc, "err_message", None)
+    return _s(message) if message else str(exc)
 
 
 class ContainerBus:
@@ -87,10 +96,17 @@ class ContainerBus:
     # ---- properties ----------------------------------------------------------------------------
 
     def _get(self, path: bytes, iface: bytes, prop: bytes, sig: bytes):
-        return self._bus.get_property(SD, path, iface, prop, sig)
+        try:
+            return self._bus.get_property(SD, path, iface, prop, sig)
+        except DBusBaseError as exc:
+            raise Failed(f"the container's systemd did not answer {_s(prop)}: {_why(exc)}") from None
 
     def _call(self, method: bytes, sig: bytes = b"", *args):
-        return self._bus.call_method(SD, SD_PATH, MANAGER, method, apply_signature(sig, list(args)) if sig else [])
+        try:
+            return self._bus.call_method(SD, SD_PATH, MANAGER, method, apply_signature(sig, list(args)) if sig else [])
+        except DBusBaseError as exc:
+            what = f"{_s(method)}({', '.join(_s(a) for a in args)})"
+            raise Failed(f"the container's systemd refused {what}: {_why(exc)}") from None
 
     def system_state(self) -> str:
         return _s(self._get(SD_PATH, MANAGER, b"SystemState", b"s"))
@@ -134,40 +150,73 @@ class ContainerBus:
         self._call(b"Reload")
 
 
-def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None) -> int:
-    """Run argv as a transient service in the container with our fds; return its exit code."""
-    address = f"unix:path={bus_socket(leader)}".encode()
+def exec_properties(argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None) -> dict[bytes, object]:
+    """The transient service that runs argv with the caller's fds (what `systemd-run --pipe --wait` sends)."""
     # systemd expands $VAR in ExecStart; "$$" is its escape for a literal "$".
-    unit = pystemd.run(
-        [a.replace("$", "$$").encode() for a in argv],
-        address=address,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        env=env,
-        wait=True,
-        remain_after_exit=True,
-        cwd=b"/",
-        extra={b"Description": b"tupper exec"},
-    )
+    words = [a.replace("$", "$$").encode() for a in argv]
+    props: dict[bytes, object] = {
+        b"Description": b"tupper exec",
+        b"ExecStart": [(words[0], words, False)],
+        b"RemainAfterExit": True,  # keeps ExecMainCode/Status readable once the command is done
+        b"WorkingDirectory": b"/",
+        b"StandardOutputFileDescriptor": stdout,
+        b"StandardErrorFileDescriptor": stderr,
+    }
+    if stdin is not None:
+        props[b"StandardInputFileDescriptor"] = stdin
+    if env:
+        props[b"Environment"] = [f"{k}={v}".encode() for k, v in env.items()]
+    return props
+
+
+def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None) -> int:
+    """Run argv as a transient service in the container with our fds; return its exit code.
+
+    Plain method calls and property reads on one connection: pystemd's object layer (pystemd.run)
+    introspects every object it touches and grew tupperd's heap by ~1.5 MB per exec.
+    """
+    unit = f"tupper-exec-{os.urandom(6).hex()}.service"
+    path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
+    bus = DBusAddress(f"unix:path={bus_socket(leader)}".encode())
+    bus.open()
     try:
-        code = int(unit.Service.ExecMainCode)
-        status = int(unit.Service.ExecMainStatus)
-    finally:
+        # Subscribe + a match: systemd then sends the unit's PropertiesChanged, which wakes the wait below.
+        bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
+        bus.match_signal(SD, path, PROPERTIES, b"PropertiesChanged", _ignore)
+        args = apply_signature(b"ss", [unit.encode(), b"fail"])
+        args += signature_array(exec_properties(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env))
+        args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]
+        bus.call_method(SD, SD_PATH, MANAGER, b"StartTransientUnit", args)
         try:
-            unit.Unit.Stop(b"replace")
-        except Exception:  # noqa: BLE001 - the unit may already be gone; nothing to clean then
-            pass
+            while True:
+                job = bus.get_property(SD, path, UNIT, b"Job", b"(uo)")
+                sub = _s(bus.get_property(SD, path, UNIT, b"SubState", b"s"))
+                if not (job and job[0]) and sub in _FINISHED:
+                    break
+                bus.wait(500_000)  # µs; a signal or any message ends it early
+                while not bus.process().is_empty():
+                    pass
+            code = int(bus.get_property(SD, path, SERVICE, b"ExecMainCode", b"i"))
+            status = int(bus.get_property(SD, path, SERVICE, b"ExecMainStatus", b"i"))
+        finally:
+            _unload(bus, unit, path)
+    finally:
+        bus.close()
     # ExecMainCode is a CLD_* value: 1 exited (status = exit code), 2 killed / 3 dumped (status = signal).
     return status if code == 1 else 128 + status
 
 
-def resolve_in_root(root: Path, command: str, path: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") -> str | None:
-    """Find `command` on PATH inside the container's root, as systemd needs an absolute path."""
-    if command.startswith("/"):
-        return command
-    for d in path.split(":"):
-        candidate = f"{d}/{command}"
-        if os.path.exists(f"{root}{candidate}"):
-            return candidate
-    return None
+def _ignore(*_args, **_kwargs) -> None:
+    """Signal callback: the signal only has to wake the wait; state is read as properties."""
+
+
+def _unload(bus: DBusAddress, unit: str, path: bytes) -> None:
+    """Leave nothing behind in the container: stop an exited unit, reset a failed one (both unload it)."""
+    try:
+        state = _s(bus.get_property(SD, path, UNIT, b"ActiveState", b"s"))
+        method = b"ResetFailedUnit" if state == "failed" else b"StopUnit"
+        sig = b"s" if method == b"ResetFailedUnit" else b"ss"
+        values = [unit.encode()] if method == b"ResetFailedUnit" else [unit.encode(), b"replace"]
+        bus.call_method(SD, SD_PATH, MANAGER, method, apply_signature(sig, values))
+    except Exception:  # noqa: BLE001 - the unit may already be gone (container stopping); nothing to clean then
+        pass

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import errno
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ def load(path: Path, what: str = "file") -> tuple[dict[str, Any], str]:
     """Parse `path`; return (document, display name). Raises InvalidInput on any problem."""
     display = str(path)
     try:
-        data = path.read_bytes()
+        data = _read_regular(path, what)
     except FileNotFoundError:
         raise InvalidInput(f"{display}: no such {what}") from None
     except IsADirectoryError:
@@ -32,6 +35,25 @@ def load(path: Path, what: str = "file") -> tuple[dict[str, Any], str]:
     except UnicodeDecodeError:
         raise InvalidInput(f"{display}: not valid UTF-8") from None
     return parse(text, display), display
+
+
+MAX_BYTES = 4 << 20  # a spec or manifest is a few kB; /dev/zero is not one
+
+
+def _read_regular(path: Path, what: str) -> bytes:
+    """The bytes of a regular file. A FIFO, a device or a socket is refused without reading from it (a
+    FIFO would block `open` until a writer came; /dev/zero would never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{path}: not a regular file (a FIFO, a device or a socket), expected a {what}")
+        data = f.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise InvalidInput(f"{path}: larger than {MAX_BYTES >> 20} MiB, expected a {what}")
+    return data
 
 
 def parse(text: str, display: str) -> dict[str, Any]:

@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from tupper.components import Component
+from tupper.inroot import Root
 from tupper.spec import Spec
 
 UNIT_DIR = "etc/systemd/system"
@@ -63,34 +63,28 @@ def target_file(name: str, units: list[str]) -> dict[str, str]:
 
 def read(rootfs: Path, paths: list[str]) -> dict[str, str | None]:
     """The current content of `paths` (None: absent), to put back on a rollback."""
-    out: dict[str, str | None] = {}
-    for rel in paths:
-        path = rootfs / rel
-        out[rel] = path.read_text(encoding="utf-8") if path.is_file() and not path.is_symlink() else None
-    return out
+    with Root(rootfs) as root:
+        return {rel: root.read_text(rel) for rel in paths}
 
 
 def restore(rootfs: Path, saved: dict[str, str | None]) -> None:
     write(rootfs, {rel: text for rel, text in saved.items() if text is not None})
-    for rel, text in saved.items():
-        if text is None:
-            (rootfs / rel).unlink(missing_ok=True)
+    remove(rootfs, [rel for rel, text in saved.items() if text is None])
+
+
+def remove(rootfs: Path, paths: list[str]) -> None:
+    """Remove unit files (a directory in their place is left alone)."""
+    with Root(rootfs) as root:
+        for rel in paths:
+            root.unlink(rel)
 
 
 def write(rootfs: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        path = rootfs / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The image may hold a symlink here (`systemctl mask` makes UNIT -> /dev/null, aliases point
-        # to /lib/systemd/system/...): writing through it would follow the link on the host.
-        if path.is_symlink():
-            path.unlink()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(path, 0o644)
-    wants = rootfs / UNIT_DIR / "multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    link = wants / TARGET
-    if not link.is_symlink():
-        link.symlink_to(f"/{UNIT_DIR}/{TARGET}")
+    """Write the unit files and the target's wants link, inside the root: a running container can make
+    any directory on the way a symlink, and the image may hold one where a unit goes (`systemctl mask`
+    makes UNIT -> /dev/null); neither is followed out of the root, and a symlink in a unit's place is
+    replaced, not written through (see tupper.inroot)."""
+    with Root(rootfs) as root:
+        for rel, text in files.items():
+            root.write_text(rel, text)
+        root.symlink(f"{UNIT_DIR}/multi-user.target.wants/{TARGET}", f"/{UNIT_DIR}/{TARGET}")

@@ -168,6 +168,10 @@ def test_exec_streams_output_and_passes_the_exit_code(tupper, names):
     assert killed.returncode == 128 + 9
     missing = tupper("exec", name, "--", "no-such-command")
     assert missing.returncode == 2 and "not found" in missing.stderr
+    # Every exec above (exited, failed, killed) left no transient unit behind in the container: only
+    # the one listing them is loaded.
+    units = tupper("exec", name, "--", "systemctl", "list-units", "--all", "--plain", "--no-legend", "tupper-exec-*")
+    assert units.returncode == 0 and len(units.stdout.splitlines()) == 1, units.stdout
 
 
 def test_exec_on_a_stopped_container_fails(tupper, names):

@@ -90,6 +90,7 @@ def test_quoted_env_never_breaks_the_line():
 
 def test_write_creates_files_and_enables_tupper_target(tmp_path):
     rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
     files = {f"{D}/x.service": "[Service]\n", f"{D}/x.service.d/50-tupper.conf": "[Unit]\n", f"{D}/tupper.target": "[Unit]\n"}
     unitfiles.write(rootfs, files)
     for rel, text in files.items():
