@@ -8,6 +8,9 @@
    and forth while the upgrade writes (the race). No container process exists while nspawn sets a
    container up (the previous boot's PID namespace died with its PID 1), so the swaps during an
    upgrade are the race a container can actually run.
+   Also the start-up race only host root could run: `<rootfs>/opt` and the mount point swapped for links
+   out of the root (~16 000 swaps over 60 starts) while nspawn sets containers up: nothing mounted onto
+   the host, nothing created there, a container that starts has its component inside only.
 2. `tupper rm --force` racing `tupper run`, and racing `tupper stop`, of the same name: whatever wins,
    the end state is consistent (listed with a real state and removable, or gone with its directory)
    and nothing of the container is left (subvolume, cgroup, nspawn process, nspawn runtime dir, a
@@ -16,16 +19,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import random
+import stat
 import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from helpers import REPO, system_snapshot
+from helpers import REPO, system_snapshot, write_component, write_spec
 
 HELLO = REPO / "examples/hello.toml"
 
@@ -160,6 +166,348 @@ def test_live_upgrades_while_the_container_swaps_its_unit_dir_for_a_link_out_wri
         for f in _listing(str(host_dir)):
             os.unlink(host_dir / f)
         os.rmdir(host_dir)
+
+
+# ---- 1b. mount points swapped for symlinks while nspawn sets containers up ----------------------------
+#
+# No container process can do this (none exists during start-up); host root can. The issue's bar: at
+# least 500 swaps during starts, and nothing is ever mounted onto the host.
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE = 2
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _exchange(dirfd: int, a: str, b: str) -> None:
+    """Atomically swap two names in one directory (renameat2 RENAME_EXCHANGE)."""
+    if _libc.renameat2(dirfd, a.encode(), dirfd, b.encode(), RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _kind(dirfd: int, name: str) -> str:
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return "absent"
+    if stat.S_ISLNK(st.st_mode):
+        return "link"
+    return "dir" if stat.S_ISDIR(st.st_mode) else "other"
+
+
+class Swapper(threading.Thread):
+    """Swaps `<rootfs>/opt/<component>` and `<rootfs>/opt` for symlinks out of the root while nspawn sets
+    the container up: from the moment its monitor creates console.log (just before it starts nspawn)
+    until the container's PID 1 is recorded (every bind mount is made before PID 1 runs).
+
+    Every operation goes through directory fds opened with O_NOFOLLOW inside the container's root, so
+    the swapper itself can never follow one of its symlinks onto the host; `restore()` puts the real
+    directories back."""
+
+    def __init__(self, containers: Path, name: str, component: str, targets: list[str], seed: int) -> None:
+        super().__init__(daemon=True)
+        self.containers, self.name, self.component, self.targets = containers, name, component, targets
+        self.rng = random.Random(seed)
+        # Per start: "opt" toggles <rootfs>/opt only, as fast as it can; "mixed" swaps <rootfs>/opt and the
+        # component's mount point; "gentle" swaps now and then (mixed), so that some starts get through
+        # and show where the component ends up.
+        self.mode = self.rng.choice(("opt", "opt", "mixed", "mixed", "gentle"))
+        self.duty = 0.05 if self.mode == "gentle" else 1.0
+        self.p_opt = 1.0 if self.mode == "opt" else 0.5
+        self.done = threading.Event()
+        self.swaps = 0  # symlinks put in place while nspawn set the container up
+        self.kinds: dict[str, int] = {}
+        self.window = 0.0  # seconds from console.log to PID 1 recorded
+        self.reached = False  # nspawn was started while we watched
+        self.error: BaseException | None = None
+        self.fds: list[int] = []
+        self.dfd = self.rootfd = self.optfd = -1
+
+    # The swap links live beside what they replace, named so nothing of tupper's or nspawn's matches them.
+    OPT_LINK = ".race-opt"
+    COMP_LINK = ".race-comp"
+
+    def _open(self) -> bool:
+        try:
+            cfd = os.open(self.containers, O_DIR)
+            self.fds.append(cfd)
+            dfd = os.open(self.name, O_DIR, dir_fd=cfd)
+            self.fds.append(dfd)
+            self.dfd = dfd
+            self.rootfd = os.open("rootfs", O_DIR, dir_fd=dfd)
+            self.fds.append(self.rootfd)
+            self.optfd = os.open("opt", O_DIR, dir_fd=self.rootfd)
+            self.fds.append(self.optfd)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            for fd in self.fds:
+                os.close(fd)
+            self.fds.clear()
+            self.dfd = self.rootfd = self.optfd = -1
+            return False
+
+    def _leader_recorded(self) -> bool:
+        try:
+            fd = os.open("record.json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dfd)
+        except FileNotFoundError:
+            return True  # the container is gone (its start failed and it was removed)
+        try:
+            data = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+        try:
+            return bool(json.loads(data).get("leader_pid"))
+        except ValueError:
+            return False
+
+    def _link(self, dirfd: int, name: str) -> None:
+        target = self.rng.choice(self.targets)
+        try:
+            os.unlink(name, dir_fd=dirfd)  # only ever a symlink of ours (unlink refuses directories)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, name, dir_fd=dirfd)
+
+    def run(self) -> None:
+        try:
+            while not self.done.is_set() and not self._open():
+                time.sleep(0.0005)
+            if self.done.is_set():
+                return
+            self._link(self.rootfd, self.OPT_LINK)
+            while not self.done.is_set() and _kind(self.dfd, "console.log") == "absent":
+                time.sleep(0.0002)
+            if self.done.is_set():
+                return
+            self.reached = True
+            t0 = time.monotonic()
+            checked = 0.0
+            while not self.done.is_set():
+                now = time.monotonic()
+                if now - checked > 0.002:
+                    checked = now
+                    if self._leader_recorded():
+                        break
+                if self.rng.random() < self.duty:
+                    self._swap_once()
+                else:
+                    time.sleep(0.0002)
+            self.window = time.monotonic() - t0
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+        finally:
+            try:
+                self.restore()
+            except OSError as exc:
+                self.error = self.error or exc
+
+    def _count(self, kind: str) -> None:
+        self.swaps += 1
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
+    def _pause(self) -> None:
+        if self.mode == "opt":
+            return
+        # Mostly flip straight back (the state changes as often as Python can make it, so a check and a
+        # use in nspawn a few microseconds apart can meet different states); now and then hold a while.
+        if self.rng.random() < 0.2:
+            until = time.perf_counter() + self.rng.random() * 0.0001
+            while time.perf_counter() < until:
+                pass
+
+    def _swap_once(self) -> None:
+        try:
+            if self.rng.random() < self.p_opt:
+                # <rootfs>/opt becomes a symlink, then the real directory again.
+                if self.rng.random() < 0.2:
+                    self._link(self.rootfd, self.OPT_LINK)  # another target
+                _exchange(self.rootfd, "opt", self.OPT_LINK)
+                self._count("opt")
+                self._pause()
+                _exchange(self.rootfd, "opt", self.OPT_LINK)
+            else:
+                kind = _kind(self.optfd, self.component)
+                if kind == "absent":
+                    # The mount point does not exist yet: a symlink appears where nspawn will create it.
+                    self._link(self.optfd, self.component)
+                    self._count("opt/component (new)")
+                    self._pause()
+                    os.unlink(self.component, dir_fd=self.optfd)
+                elif kind == "dir":
+                    # The mount point (made by tupper before nspawn): swap it for a symlink and back.
+                    self._link(self.optfd, self.COMP_LINK)
+                    _exchange(self.optfd, self.component, self.COMP_LINK)
+                    self._count("opt/component (exchanged)")
+                    self._pause()
+                    _exchange(self.optfd, self.component, self.COMP_LINK)
+                    os.unlink(self.COMP_LINK, dir_fd=self.optfd)
+        except OSError as exc:
+            # ENOENT: the container was removed under us (a failed start); EEXIST: the mount point was
+            # made between our look and our symlink. Both end this iteration only.
+            if exc.errno not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                raise
+
+    def restore(self) -> None:
+        """The real directories back in place, our symlinks gone; the fds closed."""
+        if self.rootfd >= 0:
+            if _kind(self.rootfd, "opt") == "link" and _kind(self.rootfd, self.OPT_LINK) == "dir":
+                _exchange(self.rootfd, "opt", self.OPT_LINK)
+            if _kind(self.rootfd, self.OPT_LINK) == "link":
+                os.unlink(self.OPT_LINK, dir_fd=self.rootfd)
+        if self.optfd >= 0:
+            if _kind(self.optfd, self.component) == "link":
+                if _kind(self.optfd, self.COMP_LINK) == "dir":
+                    _exchange(self.optfd, self.component, self.COMP_LINK)
+                else:
+                    os.unlink(self.component, dir_fd=self.optfd)
+            if _kind(self.optfd, self.COMP_LINK) == "link":
+                os.unlink(self.COMP_LINK, dir_fd=self.optfd)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        self.dfd = self.rootfd = self.optfd = -1
+
+
+def _mounts() -> set[tuple[str, str, str]]:
+    """(mount point, root within its file system, source) of every mount the host's namespace has."""
+    out = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            out.add((fields[4], fields[3], right.split()[1]))
+    return out
+
+
+def _under(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _new_mounts(before: set, store_root: Path, own_tmp: Path) -> list[tuple[str, str, str]]:
+    """Mounts that appeared, leaving out the store's and nspawn's own and what other work on the
+    machine mounts meanwhile: other tupper stores (/var/lib/tupper*: pools, image builds mounting
+    /proc) and other pytest sessions' scratch stores (/tmp/pytest-of-*, except this test's own)."""
+    new = []
+    for m in sorted(_mounts() - before):
+        point = m[0]
+        if _under(point, str(store_root)) or _under(point, "/run/systemd/nspawn"):
+            continue
+        if point.startswith("/var/lib/tupper") or (point.startswith("/tmp/pytest-of-") and not _under(point, str(own_tmp))):
+            continue
+        new.append(m)
+    return new
+
+
+def _tree(path: str) -> list[str]:
+    """Every path below `path` (symlinks not followed), deepest first."""
+    out = []
+    for top, dirs, files in os.walk(path, topdown=False):
+        out += [os.path.join(top, n) for n in files + dirs]
+    return out
+
+
+def _remove_empty_tree(path: str) -> None:
+    """Remove `path` if it holds nothing but (nested) empty directories; leave anything else alone."""
+    for p in [*_tree(path), path]:
+        try:
+            os.rmdir(p)  # refuses files, symlinks, mount points and directories that are not empty
+        except OSError:
+            pass
+
+
+STARTS = 60  # container starts; each meets a few hundred swaps while nspawn sets it up
+MIN_SWAPS = 500
+
+
+def test_mount_point_swapped_for_a_symlink_during_start_mounts_and_creates_nothing_on_the_host(tupper, names, store_root, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    component = f"race{tag}"
+    marker = f"tupper-race-payload-{tag}"
+    comp = write_component(tmp_path / "component", component,
+                           {f"{component}.service": f"[Service]\nType=exec\nExecStart=/opt/{component}/bin/run\n"},
+                           files={"bin/run": "#!/bin/sh\nexec sleep infinity\n", marker: "payload\n"})
+    spec = write_spec(tmp_path / "race.toml", [comp])
+    # A directory on the host a symlink may point at: it must stay empty.
+    host_dir = Path(f"/tmp/tupper-race-{tag}")
+    host_dir.mkdir()
+    targets = ["/", "/opt", str(host_dir), "../../../../../../../../..", f"/opt/{component}"]
+    watched = {"/": _listing("/"), "/opt": _listing("/opt")}
+    created_on_host: list[str] = []
+    problems: list[str] = []
+    stats: dict = {"swaps": 0, "ok": 0, "failed": 0, "kinds": {}, "window": 0.0, "reasons": {}}
+    containers = store_root / "containers"
+    try:
+        for i in range(STARTS):
+            name = names(f"s{i}")
+            before = _mounts()
+            swapper = Swapper(containers, name, component, targets, seed=i)
+            swapper.start()
+            try:
+                p = tupper("run", spec, "--name", name, timeout=120)
+            finally:
+                swapper.done.set()
+                swapper.join(10)
+            assert not swapper.is_alive(), f"start {i}: the swapper did not stop"
+            assert swapper.error is None, f"start {i}: the swapper failed: {swapper.error!r}"
+            assert swapper.reached or p.returncode != 0, f"start {i}: the swapper never saw nspawn start"
+            stats["swaps"] += swapper.swaps
+            stats["window"] += swapper.window
+            for k, v in swapper.kinds.items():
+                stats["kinds"][k] = stats["kinds"].get(k, 0) + v
+
+            # The host: no new mount, nothing new in / or /opt, the symlink target directory empty.
+            leaked = _new_mounts(before, store_root, tmp_path)
+            assert not leaked, f"start {i} (seed {i}): mounted onto the host: {leaked}"
+            about = (f"start {i} (Swapper seed {i}, mode {swapper.mode}, {swapper.swaps} swaps {swapper.kinds}; "
+                     f"`tupper run` exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:200]!r})")
+            for d, entries in watched.items():
+                for extra in sorted(_listing(d) - entries):
+                    path = os.path.join(d, extra)
+                    created_on_host.append(path)
+                    problems.append(f"{about}: {path} appeared on the host {_tree(path)[::-1][:3]}")
+            for extra in sorted(_listing(str(host_dir))):
+                path = str(host_dir / extra)
+                created_on_host.append(path)
+                problems.append(f"{about}: {path} appeared on the host (a symlink's target) {_tree(path)[::-1][:3]}")
+            for where in (f"/{marker}", f"/opt/{marker}", f"/opt/{component}/{marker}", f"/{component}/{marker}"):
+                if os.path.lexists(where):
+                    problems.append(f"{about}: the host sees the component's payload at {where}")
+            # Undo what a start created on the host, so the next start is judged on its own (only the
+            # names this test made up, only empty directories).
+            for path in created_on_host:
+                if Path(path).name in (component, marker) or _under(path, str(host_dir)):
+                    _remove_empty_tree(path)
+            created_on_host.clear()
+
+            if p.returncode == 0:
+                stats["ok"] += 1
+                # Started: the component is mounted inside the container, at its mount point only.
+                inside = tupper("exec", name, "--", "test", "-f", f"/opt/{component}/{marker}")
+                assert inside.returncode == 0, f"start {i}: started, but /opt/{component} in the container lacks the payload: {inside.stderr}"
+                for elsewhere in (f"/{marker}", f"/opt/{marker}"):
+                    q = tupper("exec", name, "--", "test", "!", "-e", elsewhere)
+                    assert q.returncode == 0, f"start {i}: the container sees the payload at {elsewhere}"
+            else:
+                stats["failed"] += 1
+                reason = (p.stderr.strip().splitlines() or ["(no message)"])[-1][:160]
+                stats["reasons"][reason] = stats["reasons"].get(reason, 0) + 1
+                assert "Traceback" not in p.stderr, f"start {i}: tupper crashed:\n{p.stderr}"
+            rm = tupper("rm", "--force", name)
+            assert rm.returncode == 0 or not (containers / name).exists(), f"start {i}: rm --force failed: {rm.stderr}"
+            assert not (containers / name).exists(), f"start {i}: the container's directory is left after rm"
+    finally:
+        for path in created_on_host:
+            if Path(path).name in (component, marker):
+                _remove_empty_tree(path)
+        _remove_empty_tree(str(host_dir))
+    print(f"\nsymlink swaps: {stats['swaps']} during {STARTS} starts ({stats['ok']} started, {stats['failed']} failed), "
+          f"{stats['window']:.2f}s of nspawn set-up in all; by kind: {stats['kinds']}; failures: {stats['reasons']}")
+    assert stats["swaps"] >= MIN_SWAPS, f"only {stats['swaps']} swaps while nspawn set containers up (want {MIN_SWAPS}): {stats}"
+    assert not problems, ("a symlink swapped in for <rootfs>/opt or its component mount point while nspawn set the "
+                          f"container up made something appear on the host ({stats['swaps']} swaps in {STARTS} starts):\n"
+                          + "\n".join(problems))
 
 
 # ---- 2. rm racing run, rm racing stop -----------------------------------------------------------------
