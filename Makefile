@@ -12,7 +12,7 @@ DBUS_POLICY := /etc/dbus-1/system.d/org.tupper1.conf
 DBUS_SERVICE := /usr/share/dbus-1/system-services/org.tupper1.service
 TUPPERD := $(abspath $(VENV))/bin/tupperd
 
-.PHONY: setup bus test unit fuzz run bench image clean help
+.PHONY: setup bus test unit lint fuzz run bench image clean help
 .PHONY: soak
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make run     set up, build the base image if missing, and boot $(SPEC)"
 	@echo "make test    set up and run the whole test suite (needs root)"
 	@echo "make unit    only the fast unit tests"
+	@echo "make lint    ruff and mypy over tupper/, tests/ and bench/ (CI runs it too)"
 	@echo "make fuzz    long property-based fuzz run (hypothesis, 50 000 examples per test)"
 	@echo "make bench   benchmarks against plain systemd-nspawn; see docs/benchmarks.md"
 	@echo "make soak    200 run/stop/rm cycles, 200 execs, 50 live upgrades through tupperd; fails on any leak"
@@ -73,6 +74,10 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest tests/unit -q
+
+lint: $(STAMP_PIP)
+	$(VENV)/bin/ruff check tupper tests bench
+	$(VENV)/bin/mypy
 
 fuzz: setup
 	TUPPER_FUZZ=1 $(PY) -m pytest tests/unit/test_fuzz.py -q

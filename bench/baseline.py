@@ -96,7 +96,7 @@ class RawContainer:
                     status = Path(f"/proc/{child}/status").read_text()
                 except OSError:
                     continue
-                nspid = next((l.split()[1:] for l in status.splitlines() if l.startswith("NSpid:")), [])
+                nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
                 if len(nspid) >= 2 and nspid[-1] == "1":
                     return int(child)
             self._check_alive()

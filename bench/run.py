@@ -31,12 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from baseline import NSPAWN_RUN, RawContainer
 from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
 from sdk import PAYLOAD_MB, measure_sdk_build, measure_upgrade
-from tupper import cgroups, proc
+
+from tupper import cgroups
 from tupper.client import Client
 from tupper.errors import TupperError
 from tupper.runtime import INOTIFY_SYSCTL, INOTIFY_WANTED
@@ -295,7 +295,7 @@ HEADER = ["", "tupper median", "p90", "min", "baseline median", "p90", "min", "r
 def print_table(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
     for r in [HEADER, *rows]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
 
 
 def markdown(results: dict) -> str:

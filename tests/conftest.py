@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TEST_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
 
 

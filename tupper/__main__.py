@@ -1,3 +1,5 @@
+"""`python -m tupper`: the CLI."""
+
 import sys
 
 from tupper.cli import main

@@ -20,43 +20,12 @@ from dbus_next.aio import MessageBus
 from dbus_next.errors import DBusError
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
+from tupper.busnames import ACCESS_DENIED, BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH, container_path, error_text
 from tupper.errors import TupperError
 
+__all__ = ["BUS_NAME", "MANAGER_PATH", "container_path"]  # tupperd's names, from tupper.busnames
+
 log = logging.getLogger("tupperd")
-
-BUS_NAME = "org.tupper1"
-MANAGER_PATH = "/org/tupper1"
-MANAGER_IFACE = "org.tupper1.Manager"
-CONTAINER_IFACE = "org.tupper1.Container"
-CONTAINER_PREFIX = "/org/tupper1/container"
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-
-
-def escape_label(name: str) -> str:
-    """Object path label for a name, as systemd's bus_label_escape: [A-Za-z0-9] kept, every other byte
-    of the UTF-8 text written _xx; "" is "_"."""
-    if not name:
-        return "_"
-    return "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}" for b in name.encode("utf-8", "surrogatepass"))
-
-
-def unescape_label(label: str) -> str:
-    if label == "_":
-        return ""
-    out, i = bytearray(), 0
-    while i < len(label):
-        if label[i] == "_" and i + 3 <= len(label):
-            out.append(int(label[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out += label[i].encode()
-            i += 1
-    return out.decode("utf-8", "surrogatepass")
-
-
-def container_path(name: str) -> str:
-    return f"{CONTAINER_PREFIX}/{escape_label(name)}"
-
 
 def uid_allowed(uid: int, admin_group: str | None) -> bool:
     """root, or a user whose primary or supplementary group is `admin_group`."""
@@ -89,8 +58,7 @@ def privileged(fn):
 
 
 def dbus_error(exc: TupperError) -> DBusError:
-    text = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
-    return DBusError(exc.dbus_name, text)
+    return DBusError(exc.dbus_name, error_text(exc))
 
 
 async def guarded(coro):
@@ -175,7 +143,7 @@ class TupperBus(MessageBus):
         reply = await self.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                         interface="org.freedesktop.DBus", member="GetConnectionUnixUser",
                                         signature="s", body=[sender]))
-        if reply.message_type == MessageType.ERROR:
+        if reply is None or reply.message_type == MessageType.ERROR:
             return False
         return uid_allowed(reply.body[0], self.admin_group)
 
@@ -400,9 +368,7 @@ class ContainerInterface(ServiceInterface):
         return [unit, active_state, sub_state]
 
 
-def system_bus_address() -> str:
-    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
-
-
 async def connect_system_bus(admin_group: str | None) -> TupperBus:
-    return await TupperBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True, admin_group=admin_group).connect()
+    bus = TupperBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True, admin_group=admin_group)
+    await bus.connect()
+    return bus

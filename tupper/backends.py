@@ -4,6 +4,7 @@ itself: that is the runtime's job, which tupperd calls too."""
 
 from __future__ import annotations
 
+import builtins
 import math
 import sys
 
@@ -76,7 +77,7 @@ class DirectBackend:
         out["seconds"] = round(result.seconds, 3)
         return out
 
-    def list(self) -> list[dict]:
+    def list(self) -> builtins.list[dict]:
         return [r.to_json() for r in self.runtime.records()]
 
     def status(self, name: str) -> dict:
@@ -107,7 +108,7 @@ class DirectBackend:
         self._not_served()
         self.runtime.remove(name, force=force)
 
-    def shutdown_all(self) -> list[str]:
+    def shutdown_all(self) -> builtins.list[str]:
         self._not_served()
         running = self.runtime.shutdown_order()
         for rec in running:
@@ -118,7 +119,7 @@ class DirectBackend:
         self._not_served()
         return self.runtime.upgrade(name, component, version)
 
-    def exec(self, name: str, argv: list[str]) -> int:
+    def exec(self, name: str, argv: builtins.list[str]) -> int:
         return self.runtime.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
 
     def close(self) -> None:
@@ -127,13 +128,9 @@ class DirectBackend:
 
 def _spec_name(path: Path) -> str | None:
     """The container name a spec file will get, to follow its progress (the daemon validates it)."""
-    import tomllib
+    from tupper import tomlfile
 
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    name = doc.get("name", path.stem)
+    name = tomlfile.load_loose(path).get("name", path.stem)
     return name if isinstance(name, str) and "'" not in name else None
 
 

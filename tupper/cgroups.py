@@ -104,7 +104,7 @@ def remove(name: str, root: Path = CGROUP_ROOT, *, parent: str = PARENT, kill: b
     for p in paths(name, root, parent):
         if not p.exists():
             continue
-        for dirpath, dirnames, _ in sorted(os.walk(p, topdown=False), key=lambda w: -len(w[0])):
+        for dirpath, _dirs, _files in sorted(os.walk(p, topdown=False), key=lambda w: -len(w[0])):
             try:
                 os.rmdir(dirpath)
             except FileNotFoundError:

@@ -37,7 +37,7 @@ def _columns() -> int:
         columns = 0
     if columns <= 0:
         try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
         except (AttributeError, ValueError, OSError):
             columns = 0
     return columns or 80
@@ -58,8 +58,9 @@ class _RawDescriptionFormatter(_Formatter, argparse.RawDescriptionHelpFormatter)
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose formatter is _Formatter by default; subparsers are of the same class."""
 
-    def __init__(self, *args, formatter_class=_Formatter, **kwargs) -> None:
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -233,7 +234,7 @@ def _command_in(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """The program (argv None: sys.argv; a client of tupperd then ends the process itself), or one call."""
     program = argv is None
-    if program:
+    if argv is None:
         argv = sys.argv[1:]
     args = build_parser(_command_in(argv)).parse_args(argv)
     client = not (args.debug or args.direct or args.command not in DAEMON_COMMANDS)
@@ -464,9 +465,9 @@ def cmd_events(args) -> int:
         elif msg.member in ("ContainerAdded", "ContainerRemoved"):
             event = {"type": "container", "name": msg.body[0], "event": msg.member[len("Container"):].lower()}
         elif msg.member == "UnitStateChanged":
-            from tupper.api import CONTAINER_PREFIX, unescape_label
+            from tupper.busnames import container_name
 
-            name = unescape_label(msg.path[len(CONTAINER_PREFIX) + 1:])
+            name = container_name(msg.path)
             event = {"type": "unit", "name": name, "unit": msg.body[0], "active_state": msg.body[1], "sub_state": msg.body[2]}
         else:
             return

@@ -10,22 +10,12 @@ come back as the matching TupperError.
 from __future__ import annotations
 
 import _socket  # the C module under `socket`, which costs a CLI call 2-3 ms more to import (enums, selectors)
+import builtins
 import os
 import struct
 
 from tupper import errors
-
-BUS_NAME = "org.tupper1"
-MANAGER_PATH = "/org/tupper1"
-MANAGER_IFACE = "org.tupper1.Manager"
-
-_ERRORS = {
-    "org.tupper1.Error.InvalidSpec": errors.InvalidInput,
-    "org.tupper1.Error.NotFound": errors.NotFound,
-    "org.tupper1.Error.Exists": errors.Exists,
-    "org.tupper1.Error.Busy": errors.Busy,
-    "org.tupper1.Error.Failed": errors.Failed,
-}
+from tupper.busnames import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, error_from
 
 METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4
 
@@ -95,12 +85,12 @@ class Client:
     # ---- messages ---------------------------------------------------------------------------
 
     def _send(self, destination: str, path: str, interface: str, member: str, signature: str = "", body: list | None = None,
-              unix_fds: list[int] | None = None) -> int:
+              unix_fds: builtins.list[int] | None = None) -> int:
         self.serial += 1
         payload = bytearray()
         if signature:
             _marshal(payload, signature, body or [])
-        fields = [(1, "o", path), (2, "s", interface), (3, "s", member), (6, "s", destination)]
+        fields: list[tuple[int, str, str | int]] = [(1, "o", path), (2, "s", interface), (3, "s", member), (6, "s", destination)]
         if signature:
             fields.append((8, "g", signature))
         if unix_fds:
@@ -170,7 +160,7 @@ class Client:
     def run(self, spec_path: str, name: str | None, keep_failed: bool) -> dict:
         return _json(self.call("Run", "ssb", [spec_path, name or "", keep_failed])[1])
 
-    def list(self) -> list[dict]:
+    def list(self) -> builtins.list[dict]:
         return _json(self.call("ListJSON")[0])
 
     def status(self, name: str) -> dict:
@@ -188,19 +178,19 @@ class Client:
     def remove(self, name: str, force: bool) -> None:
         self.call("Remove", "sb", [name, force])
 
-    def shutdown_all(self) -> list[str]:
+    def shutdown_all(self) -> builtins.list[str]:
         return self.call("Shutdown", "b", [True])[0]
 
-    def rotate_secret(self, secret: str) -> list[str]:
+    def rotate_secret(self, secret: str) -> builtins.list[str]:
         return self.call("RotateSecret", "s", [secret])[0]
 
-    def secret_holders(self) -> list[list[str]]:
+    def secret_holders(self) -> builtins.list[builtins.list[str]]:
         return self.call("SecretHolders")[0]
 
     def upgrade(self, name: str, component: str, version: str) -> dict:
         return _json(self.call("Upgrade", "sss", [name, component, version])[0])
 
-    def exec(self, name: str, argv: list[str], fds: tuple[int, int, int] = (0, 1, 2)) -> int:
+    def exec(self, name: str, argv: builtins.list[str], fds: tuple[int, int, int] = (0, 1, 2)) -> int:
         return self.call("Exec", "sashhh", [name, argv, 0, 1, 2], unix_fds=list(fds))[0]
 
 
@@ -211,17 +201,8 @@ def _json(text: str):
 
 
 def _error(reply: Message) -> errors.TupperError:
-    text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else reply.error_name
-    if reply.error_name == "org.freedesktop.DBus.Error.AccessDenied":
-        return errors.Failed(f"access denied: {text}", hint="run as root or as a member of tupperd's admin group")
-    if reply.error_name in ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.Spawn.ChildExited",
-                            "org.freedesktop.DBus.Error.Spawn.ExecFailed", "org.freedesktop.DBus.Error.NameHasNoOwner"):
-        return errors.Failed(f"tupperd is not available: {text}", hint="install its bus activation files with `make setup`, or start `tupperd`")
-    cls = _ERRORS.get(reply.error_name, errors.Failed)
-    hint = None
-    if text.endswith(")") and " (hint: " in text:  # tupper.api.dbus_error puts the hint there
-        text, _, hint = text[:-1].rpartition(" (hint: ")
-    return cls(text, hint=hint)
+    text: str = reply.body[0] if reply.body and isinstance(reply.body[0], str) else (reply.error_name or "an error without a name")
+    return error_from(reply.error_name, text)
 
 
 # ---- addresses ----------------------------------------------------------------------------------

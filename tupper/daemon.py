@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import builtins
 import contextlib
 import logging
 import os
@@ -26,14 +27,14 @@ from dbus_next.constants import NameFlag, RequestNameReply
 
 from tupper import api, mountns, proc
 from tupper import spec as specmod
+from tupper.agent import Agent, agent_dir
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
 from tupper.progress import Progress
-from tupper.agent import Agent, agent_dir
 from tupper.records import Record
 from tupper.runtime import RunFailed, Runtime
 from tupper.secrets import SecretStore
 from tupper.store import Store
-from tupper.systemd import bus_socket
+from tupper.systemd import bus_socket, unit_object_path
 
 log = logging.getLogger("tupperd")
 
@@ -251,15 +252,13 @@ class Daemon:
         w.jobs.clear()
 
     async def _subscribe_units(self, w: Watched, rec: Record) -> None:
-        from pystemd.dbuslib import path_encode
-
         pidfd = w.pidfd
         cbus = await MessageBus(bus_address=f"unix:path={bus_socket(rec.leader_pid)}").connect()
         if w.pidfd != pidfd or pidfd is None:  # stopped or re-attached while we connected: not ours to keep
             close_bus(cbus)
             return
         w.cbus = cbus
-        w.unit_paths = {path_encode(UNIT_PREFIX.rstrip("/").encode(), u.encode()).decode(): u for u in rec.units}
+        w.unit_paths = {unit_object_path(u): u for u in rec.units}
 
         def on_message(msg: Message) -> None:
             if msg.message_type != MessageType.SIGNAL:
@@ -293,6 +292,8 @@ class Daemon:
     @staticmethod
     async def _call(bus: MessageBus, dest: str, path: str, iface: str, member: str, sig: str = "", body: list | None = None):
         reply = await bus.call(Message(destination=dest, path=path, interface=iface, member=member, signature=sig, body=body or []))
+        if reply is None:
+            raise Failed(f"{member}: no reply from the container's bus")
         if reply.message_type == MessageType.ERROR:
             raise Failed(f"{member}: {reply.error_name}: {reply.body[0] if reply.body else ''}")
         return reply.body
@@ -318,7 +319,7 @@ class Daemon:
             self.manager.ContainerStateChanged(w.name, state)
             w.iface.emit_properties_changed({"State": state})
 
-    def list(self) -> list[dict]:
+    def list(self) -> builtins.list[dict]:
         out = []
         for name in sorted(self.watched):
             try:
@@ -331,7 +332,7 @@ class Daemon:
         self.get(name)
         return await asyncio.to_thread(self.runtime.status, name)
 
-    async def units(self, name: str) -> list[dict]:
+    async def units(self, name: str) -> builtins.list[dict]:
         return (await self.status(name))["units"]
 
     # ---- operations ---------------------------------------------------------------------------
@@ -446,20 +447,20 @@ class Daemon:
             await asyncio.to_thread(self.runtime.remove, name, force=force)
         self._untrack(name)
 
-    async def shutdown_all(self) -> list[str]:
+    async def shutdown_all(self) -> builtins.list[str]:
         order = [r for r in self.runtime.shutdown_order() if r.name in self.watched]
         for rec in order:
             await self.stop(rec.name, None)
         return [r.name for r in order]
 
-    async def exec(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
+    async def exec(self, name: str, argv: builtins.list[str], stdin: int, stdout: int, stderr: int) -> int:
         """The descriptors belong to the call: the bus closes them when the reply goes out (api.TupperBus)."""
         self._watched(name)
         return await asyncio.to_thread(self.runtime.exec_fds, name, argv, stdin, stdout, stderr)
 
     # ---- secrets ------------------------------------------------------------------------------
 
-    def secret_holders(self) -> list[tuple[str, str, str]]:
+    def secret_holders(self) -> builtins.list[tuple[str, str, str]]:
         """(container, credential ID, secret name) for every container granted a secret: names only."""
         out = []
         for name in sorted(self.watched):
@@ -470,7 +471,7 @@ class Daemon:
             out += [(name, cred, secret) for cred, secret in sorted(rec.grants.items())]
         return out
 
-    async def rotate_secret(self, secret: str) -> list[str]:
+    async def rotate_secret(self, secret: str) -> builtins.list[str]:
         """Make every running unit that loads `secret` pick up its current value, by its component's
         on_rotate policy, through the container's systemd; containers keep running.
         restart: the unit restarts and loads the value from the agent. reload: systemd 252 loads
@@ -520,7 +521,7 @@ class Daemon:
         w.jobs[job] = fut
         try:
             return await asyncio.wait_for(fut, timeout=rec.start_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             w.jobs.pop(job, None)
             raise Failed(f"{unit}: {method} did not finish within {rec.start_timeout:.0f}s") from None
 

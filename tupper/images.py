@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import json
 import os
@@ -166,7 +167,7 @@ class Images:
     def exists(self, name: str) -> bool:
         return self.path(name).is_dir() and self._meta(name).is_file()
 
-    def list(self) -> list[Image]:
+    def list(self) -> builtins.list[Image]:
         out = []
         for meta in sorted(self.store.images_dir.glob("*.json")):
             try:
@@ -175,7 +176,7 @@ class Images:
                 continue
         return out
 
-    def remove(self, name: str, users: list[str]) -> None:
+    def remove(self, name: str, users: builtins.list[str]) -> None:
         image = self.get(name)
         if users:
             raise Busy(f"image {name!r} is used by container(s): {', '.join(users)}", hint="remove those containers first")
@@ -221,7 +222,7 @@ class Images:
     def _debootstrap(self, d: ImageDef, target: Path, mirror: str, progress: Progress) -> None:
         argv = ["debootstrap", f"--variant={d.variant}", f"--include={','.join(d.packages)}", d.suite, str(target), mirror]
         p = proc.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail: list[str] = []
+        tail: builtins.list[str] = []
         counts = {"Retrieving": 0, "Extracting": 0, "Unpacking": 0, "Configuring": 0}
         assert p.stdout is not None
         for line in p.stdout:

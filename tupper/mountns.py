@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import sys
 
 from tupper import proc
@@ -64,8 +63,8 @@ def replace_mount(leader: int, source: str, target: str) -> None:
     replacing what is mounted there."""
     fd = clone_tree(source)
     try:
-        p = subprocess.run([sys.executable, "-m", "tupper.mountns", "move", str(leader), str(fd), target],
-                           pass_fds=(fd,), capture_output=True, text=True, env=proc.environment(), timeout=30)
+        p = proc.run([sys.executable, "-m", "tupper.mountns", "move", str(leader), str(fd), target],
+                     check=False, pass_fds=(fd,), timeout=30)
     finally:
         os.close(fd)
     if p.returncode != 0:
@@ -76,8 +75,8 @@ def refresh_credential(leader: int, unit: str, credential: str, value: bytes) ->
     """Replace a running unit's credential in the container's /run/credentials/UNIT (a ramfs that
     systemd made read-only): systemd 252 loads credentials only when a unit starts, so a `reload`
     rotation puts the new value there itself. The value travels on a pipe, never on a command line."""
-    p = subprocess.run([sys.executable, "-m", "tupper.mountns", "credential", str(leader), unit, credential],
-                       input=value, capture_output=True, env=proc.environment(), timeout=30)
+    p = proc.run([sys.executable, "-m", "tupper.mountns", "credential", str(leader), unit, credential],
+                 check=False, input=value, binary=True, timeout=30)
     if p.returncode != 0:
         raise Failed(f"cannot refresh credential {credential} of {unit}: {p.stderr.decode(errors='replace').strip() or p.returncode}")
 

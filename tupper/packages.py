@@ -8,6 +8,7 @@ directory gives the same bytes whatever its files' mtimes, owners or directory o
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import gzip
 import hashlib
@@ -18,8 +19,9 @@ import stat
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import attrs
 
@@ -60,6 +62,25 @@ def digest_of(entries: list[Entry]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+def hash_stream(src: IO[bytes], *sinks: Callable[[bytes], object]) -> tuple[str, int]:
+    """sha256 hex digest and size of what `src` yields, in chunks; each chunk also goes to every sink."""
+    h, size = hashlib.sha256(), 0
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+        for sink in sinks:
+            sink(chunk)
+    return h.hexdigest(), size
+
+
+def _member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> IO[bytes]:
+    """A regular member's data (tarfile returns None only for what is not a file, checked before)."""
+    data = tar.extractfile(m)
+    if data is None:
+        raise InvalidInput(f"{m.name}: not a regular file in the package")
+    return data
+
+
 def normal_mode(mode: int, kind: str) -> int:
     if kind == "dir":
         return 0o755
@@ -69,12 +90,8 @@ def normal_mode(mode: int, kind: str) -> int:
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+        return hash_stream(f)
 
 
 def scan(root: Path) -> list[Entry]:
@@ -176,7 +193,7 @@ def _meta(pkg: Path, tar: tarfile.TarFile) -> dict:
         first = tar.next()
         if first is None or first.name != META or not first.isreg() or not 0 <= first.size <= 65536:
             raise InvalidInput(f"{pkg}: not a tupper package (its first member is not {META})")
-        raw = tar.extractfile(first).read()
+        raw = _member(tar, first).read()
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deeply
@@ -272,14 +289,10 @@ def inspect(pkg: Path) -> dict:
             elif m.issym():
                 entries.append(Entry("symlink", m.name, 0o777, target=m.linkname))
             else:
-                data = tar.extractfile(m)
-                h, size = hashlib.sha256(), 0
-                while chunk := data.read(CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    if m.name == comp.MANIFEST:
-                        manifest_text += chunk.decode("utf-8", "replace")
-                entries.append(Entry("file", m.name, normal_mode(m.mode, "file"), size, h.hexdigest()))
+                manifest = bytearray()
+                digest, size = hash_stream(_member(tar, m), *([manifest.extend] if m.name == comp.MANIFEST else []))
+                manifest_text += manifest.decode("utf-8", "replace")
+                entries.append(Entry("file", m.name, normal_mode(m.mode, "file"), size, digest))
                 if m.name.startswith("units/"):
                     units.append(m.name[len("units/"):])
     actual = digest_of(entries)
@@ -328,7 +341,7 @@ class Installer:
         data = json.loads(meta.read_text())
         return Installed(name, version, self.path(name, version), data["digest"], data["installed_at"])
 
-    def list(self) -> list[Installed]:
+    def list(self) -> builtins.list[Installed]:
         out = []
         for meta in sorted(self.dir.glob("*/*.json")):
             try:
@@ -370,8 +383,8 @@ class Installer:
         return self.get(name, version)
 
     @staticmethod
-    def _extract(pkg: Path, dest: Path) -> list[Entry]:
-        entries: list[Entry] = []
+    def _extract(pkg: Path, dest: Path) -> builtins.list[Entry]:
+        entries: builtins.list[Entry] = []
         for m, tar in members(pkg):
             path = dest / m.name
             if m.isdir():
@@ -385,18 +398,13 @@ class Installer:
                 path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
                 mode = normal_mode(m.mode, "file")
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-                h, size = hashlib.sha256(), 0
                 with os.fdopen(fd, "wb") as out:
-                    data = tar.extractfile(m)
-                    while chunk := data.read(CHUNK):
-                        h.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
+                    digest, size = hash_stream(_member(tar, m), out.write)
                 os.chmod(path, mode)
-                entries.append(Entry("file", m.name, mode, size, h.hexdigest()))
+                entries.append(Entry("file", m.name, mode, size, digest))
         return entries
 
-    def remove(self, name: str, version: str, users: list[str]) -> None:
+    def remove(self, name: str, version: str, users: builtins.list[str]) -> None:
         installed = self.get(name, version)
         if users:
             raise Busy(f"component {name} {version} is used by container(s): {', '.join(users)}", hint="remove those containers first")

@@ -34,6 +34,7 @@ def run(
     input: bytes | None = None,
     timeout: float | None = None,
     binary: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess:
     """Run argv to completion; raise CommandFailed on a non-zero exit when `check`. With `binary`,
     input and output stay bytes (secrets: never decoded, never logged; only argv is traced)."""
@@ -49,6 +50,7 @@ def run(
             env=environment(env),
             timeout=timeout,
             check=False,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as exc:
         raise Failed(f"{argv[0]}: command not found", hint="run `make setup` to install tupper's dependencies") from exc

@@ -13,7 +13,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -331,7 +330,7 @@ class Runtime:
             for child in proc.children(rec.nspawn_pid):
                 try:
                     with open(f"/proc/{child}/status") as f:
-                        nspid = next((l.split()[1:] for l in f if l.startswith("NSpid:")), [])
+                        nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
                 except OSError:
                     continue
                 if len(nspid) >= 2 and nspid[-1] == "1":
@@ -370,7 +369,7 @@ class Runtime:
     def journal_tail(self, rec: Record, unit: str | None, lines: int) -> list[str]:
         argv = self.logs_argv(rec, unit=unit, lines=lines, follow=False)
         out = proc.run(argv, check=False)
-        return [l for l in out.stdout.splitlines() if l and not l.startswith("-- ")]
+        return [line for line in out.stdout.splitlines() if line and not line.startswith("-- ")]
 
     def _check_inotify(self, progress: Progress) -> None:
         # systemd in each container takes inotify instances; the usual 128 runs out after a few containers.
@@ -557,9 +556,6 @@ class Runtime:
             units = [{"name": u, "active_state": "inactive", "sub_state": "dead", "result": "", "main_pid": 0, "active_enter_usec": 0, "inactive_exit_usec": 0} for u in rec.units]
         out["units"] = units
         return out
-
-    def exec(self, name: str, argv: list[str]) -> int:
-        return self.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
 
     # ---- components ---------------------------------------------------------------------------
 
@@ -789,7 +785,7 @@ def _wait_exit(pid: int, alive, deadline: float) -> bool:
 
 def _tail(path: Path, n: int = 3) -> str:
     try:
-        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "(no output)"
     return " / ".join(lines[-n:]) or "(no output)"
@@ -799,6 +795,10 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
     """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
     code = 1
     try:
+        # `ps` says what this is (it is a fork of tupperd or of the CLI, and would show as one).
+        from setproctitle import setproctitle
+
+        setproctitle(f"tupper-monitor {name}")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -810,16 +810,15 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
         os.closerange(reply_fd + 1, 65536)
         out = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            p = subprocess.Popen(
+            p = proc.popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
-                env=proc.environment(),
                 close_fds=True,
                 preexec_fn=(lambda: cgroups.join(name, parent=cgroup)) if cgroup else None,
             )
-        except OSError as exc:
+        except (OSError, TupperError) as exc:
             os.write(reply_fd, f"error: {exc}".encode())
             os._exit(1)
         os.write(reply_fd, f"{os.getpid()} {p.pid}\n".encode())

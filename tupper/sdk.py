@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import shlex
 import stat
-import tomllib
 from pathlib import Path, PurePosixPath
 
 import attrs
 
 from tupper import components as comp
+from tupper import tomlfile
 from tupper.errors import InvalidInput
 
 MAX_TOTAL_BYTES = 1 << 30  # 1 GiB of payload
@@ -78,10 +78,10 @@ def check(directory: Path, image: Path | None = None) -> tuple[comp.Component | 
     except InvalidInput as exc:
         problems.append(Problem(*_split(exc.message, str(manifest))))
     doc = _loose_manifest(manifest)
-    listed = doc.get("units") if isinstance(doc.get("units"), list) else []
+    listed: list = doc["units"] if isinstance(doc.get("units"), list) else []
     units = [u for u in listed if isinstance(u, str) and "/" not in u and u not in (".", "..")]
     name = doc.get("name") if isinstance(doc.get("name"), str) else directory.name
-    mount = doc.get("mount") if isinstance(doc.get("mount"), str) else f"/opt/{name}"
+    mount = str(doc["mount"]) if isinstance(doc.get("mount"), str) else f"/opt/{name}"
     secrets = [s for s in doc.get("secrets", []) if isinstance(s, str)] if isinstance(doc.get("secrets"), list) else []
     for i, unit in enumerate(units):
         path = root / "units" / unit
@@ -109,13 +109,13 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 def _loose_manifest(path: Path) -> dict:
     """What TOML the manifest holds, for the checks that need some of its keys ({} if unreadable).
-    Only a regular file is read: a FIFO or a device (or a symlink to one) would block or never end."""
+    Only a regular file is read: a FIFO or a device would block or never end; a symlink is not followed."""
     try:
         if not stat.S_ISREG(path.lstat().st_mode):
             return {}
-        return tomllib.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+    except OSError:
         return {}
+    return tomlfile.load_loose(path)
 
 
 def check_tree(root: Path) -> list[Problem]:
@@ -205,7 +205,7 @@ def check_unit(path: Path, unit: str, where: str, root: Path, mount: str, secret
     settings = [(sec, k, v) for sec, items in sections.items() for k, v in items]
     if suffix == ".service" and not any(k == "ExecStart" and v for _, k, v in settings):
         problems.append(Problem(where, "no ExecStart="))
-    for sec, key, value in settings:
+    for _section, key, value in settings:
         if key in EXEC_KEYS and value:
             problems += _check_exec(where, key, value, root, mount, image)
         if key in CREDENTIAL_KEYS and value:

@@ -8,6 +8,7 @@ delivery (time, container, unit, credential, secret, version), never a value.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -17,8 +18,8 @@ from pathlib import Path
 import attrs
 
 from tupper import proc
-from tupper.spec import SECRET_NAME_RE as NAME_RE
 from tupper.errors import Failed, InvalidInput, NotFound
+from tupper.spec import SECRET_NAME_RE as NAME_RE
 from tupper.store import Store
 
 MAX_VALUE = 1 << 20  # systemd's own limit for one credential is 1 MiB
@@ -63,7 +64,7 @@ class SecretStore:
         m = self._meta(name)
         return SecretInfo(name, m["version"], m["created_at"], m["updated_at"])
 
-    def list(self) -> list[SecretInfo]:
+    def list(self) -> builtins.list[SecretInfo]:
         return [self.info(d.name) for d in sorted(self.dir.iterdir()) if d.is_dir() and (d / "meta.json").is_file()]
 
     def set(self, name: str, value: bytes) -> SecretInfo:
@@ -111,7 +112,7 @@ class SecretStore:
         with os.fdopen(fd, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def audit_entries(self, name: str | None = None) -> list[dict]:
+    def audit_entries(self, name: str | None = None) -> builtins.list[dict]:
         try:
             lines = self.audit_log.read_text().splitlines()
         except FileNotFoundError:

@@ -212,7 +212,7 @@ def _check_components(uses: list[ComponentUse], display: str) -> None:
             if theirs in mine.parents or mine in theirs.parents:
                 raise InvalidInput(f"{where}: mount {c.mount} overlaps mount {other} of {owner!r}")
         mounts[c.mount] = c.name
-    for i, use in enumerate(uses):
+    for use in uses:
         for j, req in enumerate(use.component.requires):
             if req not in names:
                 raise InvalidInput(

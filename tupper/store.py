@@ -93,7 +93,7 @@ class Store:
             if any(root.iterdir()):
                 raise Failed(
                     f"{root} is not on btrfs and is not empty",
-                    hint=f"empty it, mount btrfs there, or pick another root with --root / TUPPER_ROOT",
+                    hint="empty it, mount btrfs there, or pick another root with --root / TUPPER_ROOT",
                 )
             fresh = os.fstat(fd).st_size == 0
             if fresh:
@@ -262,10 +262,6 @@ class Store:
             if btrfsutil.get_subvolume_read_only(str(nested_path)):
                 self.set_read_only(nested_path, False)
         self._call(btrfsutil.delete_subvolume, path, recursive=True)
-
-    def subvolumes(self) -> list[str]:
-        """Paths (relative to the root) of every subvolume in the store."""
-        return [p for p, _ in btrfsutil.SubvolumeIterator(str(self.root))]
 
     @staticmethod
     def _call(fn, path: Path, *args, **kwargs):

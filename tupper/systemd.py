@@ -40,6 +40,11 @@ class UnitState:
         return attrs.asdict(self)
 
 
+def unit_object_path(name: str) -> str:
+    """systemd's D-Bus object path of unit `name` (/org/freedesktop/systemd1/unit/<escaped name>)."""
+    return path_encode(b"/org/freedesktop/systemd1/unit", name.encode()).decode()
+
+
 def bus_socket(leader: int) -> Path:
     return Path(f"/proc/{leader}/root/run/dbus/system_bus_socket")
 
@@ -123,10 +128,6 @@ class ContainerBus:
             main_pid = int(self._get(path, SERVICE, b"MainPID", b"u"))
         return UnitState(name, active, sub, result, main_pid, enter, leave)
 
-    def unit_active_state(self, name: str) -> str:
-        path = path_encode(b"/org/freedesktop/systemd1/unit", name.encode())
-        return _s(self._get(path, UNIT, b"ActiveState", b"s"))
-
     def has_job(self, name: str) -> bool:
         path = path_encode(b"/org/freedesktop/systemd1/unit", name.encode())
         job = self._get(path, UNIT, b"Job", b"(uo)")
@@ -136,9 +137,6 @@ class ContainerBus:
 
     def power_off(self) -> None:
         self._call(b"PowerOff")
-
-    def start_unit(self, name: str) -> None:
-        self._call(b"StartUnit", b"ss", name.encode(), b"replace")
 
     def stop_unit(self, name: str) -> None:
         self._call(b"StopUnit", b"ss", name.encode(), b"replace")

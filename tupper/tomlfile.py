@@ -56,6 +56,15 @@ def _read_regular(path: Path, what: str) -> bytes:
     return data
 
 
+def load_loose(path: Path) -> dict[str, Any]:
+    """What TOML `path` holds, or {} where it cannot be read or parsed: for the callers that only peek
+    (a spec's name to follow its progress, manifest keys for the SDK's checks). Same reading rules as load()."""
+    try:
+        return tomllib.loads(_read_regular(path, "file").decode("utf-8"))
+    except (OSError, ValueError, RecursionError, InvalidInput):
+        return {}
+
+
 def parse(text: str, display: str) -> dict[str, Any]:
     """Parse TOML text; any problem is an InvalidInput naming `display`."""
     try:

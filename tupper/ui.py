@@ -6,6 +6,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from tupper.progress import Progress
 
@@ -17,7 +18,7 @@ class TerminalProgress(Progress):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.tty = self.stream.isatty()
-        self._status = None
+        self._status: Any = None  # rich's Status while a step shows a spinner
         self._text = ""
 
     @contextlib.contextmanager
@@ -88,7 +89,7 @@ def table(headers: list[str], rows: list[list[str]], stream=None) -> None:
     stream = stream or sys.stdout
     widths = [len(h) for h in headers]
     for row in rows:
-        widths = [max(w, len(str(c))) for w, c in zip(widths, row)]
+        widths = [max(w, len(str(c))) for w, c in zip(widths, row, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     print(fmt.format(*headers).rstrip(), file=stream)
     for row in rows:

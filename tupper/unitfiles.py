@@ -61,17 +61,6 @@ def target_file(name: str, units: list[str]) -> dict[str, str]:
     return {f"{UNIT_DIR}/{TARGET}": "\n".join(["[Unit]", f"Description=tupper components of {name}", f"Wants={' '.join(units)}", ""])}
 
 
-def read(rootfs: Path, paths: list[str]) -> dict[str, str | None]:
-    """The current content of `paths` (None: absent), to put back on a rollback."""
-    with Root(rootfs) as root:
-        return {rel: root.read_text(rel) for rel in paths}
-
-
-def restore(rootfs: Path, saved: dict[str, str | None]) -> None:
-    write(rootfs, {rel: text for rel, text in saved.items() if text is not None})
-    remove(rootfs, [rel for rel, text in saved.items() if text is None])
-
-
 def remove(rootfs: Path, paths: list[str]) -> None:
     """Remove unit files (a directory in their place is left alone)."""
     with Root(rootfs) as root:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, SERVICES, _clean_env, ensure_image, mounted
 
 FULL_ROOT = Path("/var/lib/tupper-test-full")

@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import SERVICES, system_snapshot
 
 
@@ -181,9 +180,9 @@ def test_sdk_cli_init_check_and_every_problem_reported_with_exit_2(tupper, tmp_p
     bad = tupper("sdk", "check", d)
     assert bad.returncode == 2
     lines = bad.stderr.splitlines()
-    assert any("bin/nope: no file" in l for l in lines)
-    assert any("credential 'token' is not declared" in l for l in lines)
-    assert any("setuid/setgid" in l for l in lines)
+    assert any("bin/nope: no file" in line for line in lines)
+    assert any("credential 'token' is not declared" in line for line in lines)
+    assert any("setuid/setgid" in line for line in lines)
     assert lines[-1] == f"tupper: 3 problem(s) in {d}"
     assert tupper("sdk", "build", d, "-o", tmp_path).returncode == 2, "build refuses what check refuses"
     assert not list(tmp_path.glob("*.tupper"))

@@ -236,7 +236,7 @@ def test_sigkill_of_the_monitor_leaves_the_container_running_controllable_and_it
     name = names()
     tupper("run", HELLO, "--name", name, check=True)
     rec = record(tupper.root, name)
-    assert "tupper" in Path(f"/proc/{rec['monitor_pid']}/cmdline").read_text()
+    assert Path(f"/proc/{rec['monitor_pid']}/cmdline").read_text().rstrip("\0") == f"tupper-monitor {name}", "ps says what the monitor is"
     os.kill(rec["monitor_pid"], signal.SIGKILL)
     wait_for(lambda: not alive(rec["monitor_pid"]), 5, "the monitor to die")
     assert tupper.json("status", name)["state"] == "running"

@@ -63,7 +63,7 @@ def gone(pid: int) -> bool:
 
 
 def spec_name(spec: Path) -> str:
-    return next(l.split('"')[1] for l in spec.read_text().splitlines() if l.startswith("name ="))
+    return next(line.split('"')[1] for line in spec.read_text().splitlines() if line.startswith("name ="))
 
 
 def test_failing_component_exits_1_names_the_unit_and_leaves_nothing(tupper, names, store_root, tmp_path):

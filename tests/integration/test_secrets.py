@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import write_component
 
 FORGE = """
@@ -113,7 +112,6 @@ def test_a_container_cannot_get_another_containers_secret_nor_an_ungranted_one(t
     a, b = names("a"), names("b")
     tupper("run", spec(tmp_path, a, [component(tmp_path, "alpha", "a_key")], {"a_key": a_secret}), check=True)
     tupper("run", spec(tmp_path, b, [component(tmp_path, "beta", "b_key")], {"b_key": b_secret}), check=True)
-    forge = tmp_path / "forge.py"
 
     def forged(container: str, unit: str, cred: str) -> str:
         return tupper("exec", container, "--", "python3", "-c", FORGE, "/run/host/tupper/creds.sock", unit, cred).stdout.strip()

@@ -36,7 +36,7 @@ def _loops_backed_by(path: Path, settle: float = 0.0) -> list[str]:
     deadline = time.monotonic() + settle
     while True:
         out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
-        found = [l for l in out.splitlines() if str(path) in l]
+        found = [line for line in out.splitlines() if str(path) in line]
         if not found or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)
@@ -97,7 +97,7 @@ def test_store_on_a_real_btrfs_mount_is_used_directly(tmp_path):
         refused = _tupper(root, "store", "unmount")
         assert refused.returncode == 2 and "did not create" in refused.stderr
     finally:
-        device = next(l.split()[0] for l in open("/proc/self/mounts") if l.split()[1] == str(mnt))
+        device = next(line.split()[0] for line in open("/proc/self/mounts") if line.split()[1] == str(mnt))
         subprocess.run(["umount", "-R", str(mnt)], check=True)
         subprocess.run(["losetup", "--detach", device], check=False)
     assert not _loops_backed_by(image, settle=3)

@@ -5,7 +5,8 @@ import pwd
 
 import pytest
 
-from tupper.api import container_path, escape_label, unescape_label, uid_allowed
+from tupper.api import uid_allowed
+from tupper.busnames import container_path, escape_label, unescape_label
 
 
 def test_root_is_always_allowed():

@@ -37,7 +37,7 @@ from dbus_next.validators import is_object_path_valid
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tupper import api, images, packages, sdk, spec
+from tupper import api, busnames, images, packages, sdk, spec
 from tupper import components as comp
 from tupper.daemon import Daemon
 from tupper.errors import InvalidInput, NotFound, TupperError
@@ -563,25 +563,25 @@ LABEL = re.compile(r"[A-Za-z0-9_]+")
 @given(name=st.one_of(CONTAINER_NAMES.filter(lambda n: spec.NAME_RE.fullmatch(n) and len(n) <= 64),
                       st.text(st.characters(max_codepoint=0xFF), min_size=1)))
 def test_an_object_path_label_round_trips_for_every_container_name_and_latin1_text(name):
-    label = api.escape_label(name)
+    label = busnames.escape_label(name)
     assert LABEL.fullmatch(label)
-    assert api.unescape_label(label) == name
-    assert is_object_path_valid(api.container_path(name))
+    assert busnames.unescape_label(label) == name
+    assert is_object_path_valid(busnames.container_path(name))
 
 
 @budget(300)
 @given(name=st.text())
 def test_an_object_path_label_round_trips_for_any_text(name):
-    label = api.escape_label(name)
+    label = busnames.escape_label(name)
     assert LABEL.fullmatch(label)
-    assert api.unescape_label(label) == name
+    assert busnames.unescape_label(label) == name
 
 
 def test_label_escapes_each_utf8_byte_as_systemd_does():
     """Regression: 'Ā' was written '_100', which did not read back."""
-    assert api.escape_label("Ā") == "_c4_80" and api.unescape_label("_c4_80") == "Ā"
-    assert api.escape_label("") == "_" and api.unescape_label("_") == ""
-    assert api.escape_label("_") == "_5f"
+    assert busnames.escape_label("Ā") == "_c4_80" and busnames.unescape_label("_c4_80") == "Ā"
+    assert busnames.escape_label("") == "_" and busnames.unescape_label("_") == ""
+    assert busnames.escape_label("_") == "_5f"
 
 
 # ---- packages ---------------------------------------------------------------------------------------------
