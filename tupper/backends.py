@@ -8,8 +8,6 @@ import builtins
 import math
 import sys
 
-from tupper.errors import Failed
-
 # The CLI imports this module for every daemon command: types only for checkers (as typing.TYPE_CHECKING,
 # without importing typing, which alone costs milliseconds).
 TYPE_CHECKING = False
@@ -64,18 +62,10 @@ class DirectBackend:
 
     def run(self, spec_path: Path, name: str | None, keep_failed: bool, progress: Progress) -> dict:
         from tupper import spec as specmod
-        from tupper.runtime import RunFailed
 
         self._not_served()
         spec = specmod.load(spec_path, name=name, resolve=self.runtime.resolve_component)
-        try:
-            result = self.runtime.run(spec, keep_failed=keep_failed, progress=progress)
-        except RunFailed as exc:
-            raise Failed(exc.describe()) from None
-        out = dict(result.record)
-        out["units"] = [u.to_json() for u in result.units]
-        out["seconds"] = round(result.seconds, 3)
-        return out
+        return self.runtime.run(spec, keep_failed=keep_failed, progress=progress).to_json()
 
     def list(self) -> builtins.list[dict]:
         return [r.to_json() for r in self.runtime.records()]
@@ -84,13 +74,8 @@ class DirectBackend:
         return self.runtime.status(name)
 
     def start(self, name: str) -> str:
-        from tupper.runtime import RunFailed
-
         self._not_served()
-        try:
-            self.runtime.start(self.runtime.record(name))
-        except RunFailed as exc:
-            raise Failed(exc.describe()) from None
+        self.runtime.start(self.runtime.record(name))
         return self.runtime.record(name).state()
 
     def stop(self, name: str, timeout: float | None) -> str:
@@ -99,9 +84,7 @@ class DirectBackend:
 
     def kill(self, name: str, signal_number: int) -> str:
         self._not_served()
-        if signal_number == 9:
-            return self.runtime.kill(name).state()
-        self.runtime.signal(name, signal_number)
+        self.runtime.kill(name, signal_number)
         return self.runtime.record(name).state()
 
     def remove(self, name: str, force: bool) -> None:

@@ -21,20 +21,18 @@ import time
 from pathlib import Path
 
 import attrs
-from dbus_next import Message, MessageType
-from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 
-from tupper import api, mountns, proc
+from tupper import api, proc
 from tupper import spec as specmod
 from tupper.agent import Agent, agent_dir
-from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
+from tupper.errors import Exists, Failed, InvalidInput, NotFound, TupperError
 from tupper.progress import Progress
 from tupper.records import Record
 from tupper.runtime import RunFailed, Runtime
 from tupper.secrets import SecretStore
 from tupper.store import Store
-from tupper.systemd import bus_socket, unit_object_path
+from tupper.systemd import UnitWatch
 
 log = logging.getLogger("tupperd")
 
@@ -44,10 +42,6 @@ log = logging.getLogger("tupperd")
 RESTART_MAX_DELAY = 60.0
 STABLE_AFTER = 60.0
 
-SD = "org.freedesktop.systemd1"
-SD_PATH = "/org/freedesktop/systemd1"
-SD_MANAGER = "org.freedesktop.systemd1.Manager"
-UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 
 class SignalProgress(Progress):
@@ -86,10 +80,7 @@ class Watched:
     iface: api.ContainerInterface
     pidfd: int | None = None
     nspawn_pid: int = 0
-    cbus: MessageBus | None = None
-    unit_paths: dict[str, str] = attrs.Factory(dict)  # systemd object path -> unit name
-    jobs: dict[str, asyncio.Future] = attrs.Factory(dict)  # job path -> future of its result
-    finished: dict[str, str] = attrs.Factory(dict)  # jobs that ended before anyone waited for them
+    units: UnitWatch | None = None  # its units' state changes, forwarded as UnitStateChanged
     failures: int = 0
     restart_task: asyncio.Task | None = None
     deliberate: bool = False  # stopped or killed on purpose: no restart
@@ -243,60 +234,17 @@ class Daemon:
             self.loop.remove_reader(w.pidfd)
             os.close(w.pidfd)
             w.pidfd = None
-        if w.cbus is not None:
-            close_bus(w.cbus)
-            w.cbus = None
-        for fut in w.jobs.values():
-            if not fut.done():
-                fut.set_result("canceled")
-        w.jobs.clear()
+        if w.units is not None:
+            w.units.close()
+            w.units = None
 
     async def _subscribe_units(self, w: Watched, rec: Record) -> None:
         pidfd = w.pidfd
-        cbus = await MessageBus(bus_address=f"unix:path={bus_socket(rec.leader_pid)}").connect()
+        watch = await UnitWatch.open(rec.leader_pid, rec.units, w.iface.UnitStateChanged)
         if w.pidfd != pidfd or pidfd is None:  # stopped or re-attached while we connected: not ours to keep
-            close_bus(cbus)
+            watch.close()
             return
-        w.cbus = cbus
-        w.unit_paths = {unit_object_path(u): u for u in rec.units}
-
-        def on_message(msg: Message) -> None:
-            if msg.message_type != MessageType.SIGNAL:
-                return
-            if msg.member == "PropertiesChanged" and msg.path in w.unit_paths and msg.body[0] == "org.freedesktop.systemd1.Unit":
-                changed = msg.body[1]
-                if "ActiveState" in changed or "SubState" in changed:
-                    active = changed["ActiveState"].value if "ActiveState" in changed else ""
-                    sub = changed["SubState"].value if "SubState" in changed else ""
-                    w.iface.UnitStateChanged(w.unit_paths[msg.path], active, sub)
-            elif msg.member == "JobRemoved" and msg.interface == SD_MANAGER:
-                _, job, _, result = msg.body
-                fut = w.jobs.pop(job, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(result)
-                else:
-                    # A quick job can end before the reply to StartUnit reaches us: keep its result.
-                    w.finished[job] = result
-                    while len(w.finished) > 64:
-                        w.finished.pop(next(iter(w.finished)))
-
-        cbus.add_message_handler(on_message)
-        for rule in (
-            f"type='signal',sender='{SD}',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path_namespace='{UNIT_PREFIX.rstrip('/')}'",
-            f"type='signal',sender='{SD}',interface='{SD_MANAGER}',member='JobRemoved'",
-        ):
-            await self._call(cbus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule])
-        # systemd sends unit signals only to subscribed clients.
-        await self._call(cbus, SD, SD_PATH, SD_MANAGER, "Subscribe")
-
-    @staticmethod
-    async def _call(bus: MessageBus, dest: str, path: str, iface: str, member: str, sig: str = "", body: list | None = None):
-        reply = await bus.call(Message(destination=dest, path=path, interface=iface, member=member, signature=sig, body=body or []))
-        if reply is None:
-            raise Failed(f"{member}: no reply from the container's bus")
-        if reply.message_type == MessageType.ERROR:
-            raise Failed(f"{member}: {reply.error_name}: {reply.body[0] if reply.body else ''}")
-        return reply.body
+        w.units = watch
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -368,17 +316,14 @@ class Daemon:
                     await self._track(self.runtime.record(spec.name))
                 else:
                     await self._close_agent(spec.name)
-                raise Failed(exc.describe()) from None
+                raise
             except BaseException:
                 if spec.name not in self.watched:
                     await self._close_agent(spec.name)
                 raise
             w = await self._track(self.runtime.record(spec.name))
             self._set_state(w)
-            out = dict(result.record)
-            out["units"] = [u.to_json() for u in result.units]
-            out["seconds"] = round(result.seconds, 3)
-            return out
+            return result.to_json()
         finally:
             self.creating.discard(spec.name)
 
@@ -396,9 +341,6 @@ class Daemon:
         rec = self.runtime.record(w.name)
         try:
             await asyncio.to_thread(self.runtime.start, rec, progress=progress)
-        except RunFailed as exc:
-            self._set_state(w)
-            raise Failed(exc.describe()) from None
         finally:
             self._set_state(w)
         await self._attach(w, self.runtime.record(w.name))
@@ -417,17 +359,13 @@ class Daemon:
 
     async def kill(self, name: str, signal_number: int) -> str:
         w = self._watched(name)
-        if not 1 <= signal_number <= signal.SIGRTMAX:
-            raise InvalidInput(f"invalid signal number {signal_number}")
-        sig = signal_number
-        if sig == signal.SIGKILL:
-            w.deliberate = True
+        if signal_number == signal.SIGKILL:
+            w.deliberate = True  # killed on purpose: no restart
             if w.restart_task:
                 w.restart_task.cancel()
-            await asyncio.to_thread(self.runtime.kill, name)
+        await asyncio.to_thread(self.runtime.kill, name, signal_number)
+        if signal_number == signal.SIGKILL:
             await self._settle(w)
-        else:
-            await asyncio.to_thread(self.runtime.signal, name, sig)
         return self.state_of(name)
 
     async def remove(self, name: str, force: bool) -> None:
@@ -437,14 +375,15 @@ class Daemon:
             await asyncio.to_thread(self.runtime.remove, name, force=force)
             return
         w = self._watched(name)
-        rec = self.runtime.record(name)
-        if rec.alive() and not force:
-            raise Busy(f"container {name!r} is {rec.state()}", hint=f"stop it first (`tupper stop {name}`) or use --force")
-        w.deliberate = True
+        deliberate, w.deliberate = w.deliberate, True  # no restart while it goes
         if w.restart_task:
             w.restart_task.cancel()
         async with w.lock:
-            await asyncio.to_thread(self.runtime.remove, name, force=force)
+            try:
+                await asyncio.to_thread(self.runtime.remove, name, force=force)  # refuses a running one without force
+            except BaseException:
+                w.deliberate = deliberate
+                raise
         self._untrack(name)
 
     async def shutdown_all(self) -> builtins.list[str]:
@@ -461,46 +400,10 @@ class Daemon:
     # ---- secrets ------------------------------------------------------------------------------
 
     def secret_holders(self) -> builtins.list[tuple[str, str, str]]:
-        """(container, credential ID, secret name) for every container granted a secret: names only."""
-        out = []
-        for name in sorted(self.watched):
-            try:
-                rec = self.runtime.record(name)
-            except NotFound:
-                continue
-            out += [(name, cred, secret) for cred, secret in sorted(rec.grants.items())]
-        return out
+        return [h for h in self.runtime.secret_holders() if h[0] in self.watched]
 
     async def rotate_secret(self, secret: str) -> builtins.list[str]:
-        """Make every running unit that loads `secret` pick up its current value, by its component's
-        on_rotate policy, through the container's systemd; containers keep running.
-        restart: the unit restarts and loads the value from the agent. reload: systemd 252 loads
-        credentials only at start, so tupper writes the value into the unit's credentials (in the
-        container's memory), then asks systemd to reload the unit."""
-        self.secrets.info(secret)  # NotFound for an unknown name
-        done = []
-        for name in sorted(self.watched):
-            rec = self.runtime.record(name)
-            if not rec.alive():
-                continue
-            for c in rec.components:
-                creds = [cred for cred in c.get("secrets", []) if rec.grants.get(cred) == secret]
-                if not creds:
-                    continue
-                for unit in (u for u in c["units"] if u.endswith(".service")):
-                    if c.get("on_rotate") == "reload":
-                        version, value = await asyncio.to_thread(self.secrets.value, secret)
-                        for cred in creds:
-                            await asyncio.to_thread(mountns.refresh_credential, rec.leader_pid, unit, cred, value)
-                            self.secrets.audit(container=name, unit=unit, credential=cred, secret=secret, version=version,
-                                               result="delivered (reload)")
-                        del value
-                        result = await self.unit_job(name, unit, "ReloadUnit")
-                        done.append(f"{name}/{unit}: reload {result}")
-                    else:
-                        result = await self.unit_job(name, unit, "RestartUnit")
-                        done.append(f"{name}/{unit}: restart {result}")
-        return done
+        return await asyncio.to_thread(self.runtime.rotate_secret, secret)
 
     async def upgrade(self, name: str, component: str, version: str) -> dict:
         w = self._watched(name)
@@ -508,22 +411,8 @@ class Daemon:
             return await asyncio.to_thread(self.runtime.upgrade, name, component, version, SignalProgress(self, name))
 
     async def unit_job(self, name: str, unit: str, method: str) -> str:
-        w = self._watched(name)
-        rec = self.runtime.record(name)
-        if unit not in rec.units:
-            raise InvalidInput(f"{unit}: not a unit of container {name!r} (its units: {', '.join(rec.units)})")
-        if w.cbus is None:
-            raise Failed(f"container {name!r} is not running (state: {rec.state()})")
-        fut = self.loop.create_future()
-        (job,) = await self._call(w.cbus, SD, SD_PATH, SD_MANAGER, method, "ss", [unit, "replace"])
-        if job in w.finished:
-            return w.finished.pop(job)
-        w.jobs[job] = fut
-        try:
-            return await asyncio.wait_for(fut, timeout=rec.start_timeout)
-        except TimeoutError:
-            w.jobs.pop(job, None)
-            raise Failed(f"{unit}: {method} did not finish within {rec.start_timeout:.0f}s") from None
+        self._watched(name)
+        return await asyncio.to_thread(self.runtime.unit_job, name, unit, method)
 
     def _watched(self, name: str) -> Watched:
         self.get(name)
@@ -586,31 +475,6 @@ class Daemon:
                 log.warning("%s: restart failed: %s", w.name, exc.message if isinstance(exc, TupperError) else exc)
             w.failures += 1
             self._schedule_restart(w, self.runtime.record(w.name))
-
-
-def close_bus(bus: MessageBus) -> None:
-    """Disconnect a dbus-next connection and close its socket now.
-
-    dbus-next's disconnect() only shuts the socket down; the fd stays open (held by the socket and the
-    file object dbus-next made from it) until the collector frees the bus: one fd per stopped container
-    in tupperd for an unbounded time.
-    """
-    bus.disconnect()
-
-    def close(fut: asyncio.Future | None = None) -> None:
-        if fut is not None and not fut.cancelled():
-            fut.exception()  # retrieved: an abrupt end is expected here, not worth a warning
-        for f in (bus._stream, bus._sock):  # noqa: SLF001 - dbus-next has no public close
-            try:
-                f.close()
-            except OSError:
-                pass
-
-    done = bus._disconnect_future  # noqa: SLF001 - resolved by dbus-next once its reader is removed
-    if done.done():
-        close(done)
-    else:
-        done.add_done_callback(close)
 
 
 async def serve(root: Path | None, admin_group: str | None) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import attrs
 
-from tupper import cgroups, nspawn, proc, records, unitfiles
+from tupper import cgroups, nspawn, proc, records, systemd, unitfiles
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
 from tupper.images import ImageDef, Images, find_definition
 from tupper.inroot import Root, find_command
@@ -47,20 +47,20 @@ class UnitFailure:
 
 
 class RunFailed(Failed):
-    def __init__(self, message: str, failures: list[UnitFailure], kept: bool) -> None:
-        super().__init__(message)
-        self.failures = failures
-        self.kept = kept
+    """A run or start whose units failed. Its message is the whole story for the user: which units,
+    their result, their last journal lines, and what became of the container."""
 
-    def describe(self) -> str:
-        """The whole story for the user: which units, their result, their last journal lines."""
-        lines = [self.message]
-        for f in self.failures:
+    def __init__(self, summary: str, failures: list[UnitFailure], kept: bool) -> None:
+        lines = [summary]
+        for f in failures:
             lines.append(f"unit {f.unit} failed (result: {f.result})")
             lines += [f"    {line}" for line in f.journal]
-        lines.append("the container was kept for inspection (tupper rm --force to remove)" if self.kept
+        lines.append("the container was kept for inspection (tupper rm --force to remove)" if kept
                      else "the container was stopped and removed")
-        return "\n".join(lines)
+        super().__init__("\n".join(lines))
+        self.summary = summary
+        self.failures = failures
+        self.kept = kept
 
 
 @attrs.frozen
@@ -68,6 +68,9 @@ class RunResult:
     record: dict
     units: list[UnitState]
     seconds: float
+
+    def to_json(self) -> dict:
+        return {**self.record, "units": [u.to_json() for u in self.units], "seconds": round(self.seconds, 3)}
 
 
 @attrs.define
@@ -463,7 +466,15 @@ class Runtime:
             cgroups.remove(rec.name, parent=self.store.cgroup_parent)
         nspawn.remove_runtime_dirs(rec.name)
 
-    def kill(self, name: str) -> Record:
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> Record:
+        """SIGKILL: the container ends now (nspawn and everything in it), recorded as stopped. Any other
+        signal goes to its PID 1 (systemd: SIGRTMIN+3 halts, SIGTERM re-executes, …)."""
+        if not 1 <= sig <= signal.SIGRTMAX:
+            raise InvalidInput(f"invalid signal number {sig}")
+        if sig != signal.SIGKILL:
+            rec = self.running(name)
+            os.kill(rec.leader_pid, sig)
+            return rec
         rec = self.record(name)
         rec.begin("stopping")
         _save_if_possible(rec)
@@ -706,6 +717,50 @@ class Runtime:
                 raise Failed(f"units did not become active within {timeout:.0f}s")
             time.sleep(0.02)
 
+    # ---- live changes: unit jobs, secret rotation --------------------------------------------
+
+    def unit_job(self, name: str, unit: str, method: str) -> str:
+        """Start, stop, restart or reload one of the container's units through its systemd, waited for;
+        the job's result ("done", "failed", …)."""
+        if unit not in self.record(name).units:
+            raise InvalidInput(f"{unit}: not a unit of container {name!r} (its units: {', '.join(self.record(name).units)})")
+        rec = self.running(name)
+        return systemd.run_job(rec.leader_pid, unit, method, rec.start_timeout)
+
+    def secret_holders(self) -> list[tuple[str, str, str]]:
+        """(container, credential ID, secret name) for every container granted a secret: names only."""
+        return [(rec.name, cred, secret) for rec in self.records() for cred, secret in sorted(rec.grants.items())]
+
+    def rotate_secret(self, secret: str) -> list[str]:
+        """Make every running unit that loads `secret` pick up its current value, by its component's
+        on_rotate policy, through the container's systemd; containers keep running.
+        restart: the unit restarts and loads the value from the agent. reload: systemd 252 loads
+        credentials only at start, so tupper writes the value into the unit's credentials (in the
+        container's memory), then asks systemd to reload the unit."""
+        from tupper import mountns
+        from tupper.secrets import SecretStore
+
+        secrets = SecretStore(self.store)
+        secrets.info(secret)  # NotFound for an unknown name
+        done = []
+        for rec in self.records():
+            if not rec.alive():
+                continue
+            for c in rec.components:
+                creds = [cred for cred in c.get("secrets", []) if rec.grants.get(cred) == secret]
+                for unit in (u for u in c["units"] if u.endswith(".service")) if creds else ():
+                    if c.get("on_rotate") == "reload":
+                        version, value = secrets.value(secret)
+                        for cred in creds:
+                            mountns.refresh_credential(rec.leader_pid, unit, cred, value)
+                            secrets.audit(container=rec.name, unit=unit, credential=cred, secret=secret, version=version,
+                                          result="delivered (reload)")
+                        del value
+                        done.append(f"{rec.name}/{unit}: reload {self.unit_job(rec.name, unit, 'ReloadUnit')}")
+                    else:
+                        done.append(f"{rec.name}/{unit}: restart {self.unit_job(rec.name, unit, 'RestartUnit')}")
+        return done
+
     def exec_fds(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
         """exec with the caller's file descriptors (the daemon receives them over D-Bus)."""
         rec = self.running(name)
@@ -713,11 +768,6 @@ class Runtime:
         if path is None:
             raise InvalidInput(f"{argv[0] if argv else '(empty)'}: command not found in container {name!r}")
         return run_command(rec.leader_pid, [path, *argv[1:]], stdin=stdin, stdout=stdout, stderr=stderr)
-
-    def signal(self, name: str, sig: int) -> None:
-        """Send `sig` to the container's PID 1 (systemd: SIGRTMIN+3 halts, SIGTERM re-executes, …)."""
-        rec = self.running(name)
-        os.kill(rec.leader_pid, sig)
 
     def logs_argv(self, rec: Record, *, unit: str | None, lines: int | None, follow: bool) -> list[str]:
         """journalctl on the host, reading the container's journal files (no process inside)."""

@@ -1,7 +1,9 @@
-"""Talking to the systemd inside a container, over its own system bus, through pystemd.
+"""Talking to the systemd inside a container, over its own system bus: the one adapter for it.
 
-The one place pystemd is imported. D-Bus names stay as systemd spells them; bytes become str here.
-pystemd is blocking: asyncio callers use asyncio.to_thread.
+Blocking calls (properties, unit methods, jobs waited for, transient exec units) go through pystemd's
+sd-bus binding, the one place pystemd is imported; asyncio callers use asyncio.to_thread. The one
+asynchronous piece, UnitWatch (tupperd follows unit state changes as they happen), uses dbus-next on
+tupperd's event loop, imported only there. D-Bus names stay as systemd spells them; bytes become str here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ SD_PATH = b"/org/freedesktop/systemd1"
 MANAGER = b"org.freedesktop.systemd1.Manager"
 UNIT = b"org.freedesktop.systemd1.Unit"
 SERVICE = b"org.freedesktop.systemd1.Service"
+JOB_METHODS = ("StartUnit", "StopUnit", "RestartUnit", "ReloadUnit")
 PROPERTIES = b"org.freedesktop.DBus.Properties"
 _FINISHED = ("exited", "failed", "dead")
 
@@ -218,3 +221,102 @@ def _unload(bus: DBusAddress, unit: str, path: bytes) -> None:
         bus.call_method(SD, SD_PATH, MANAGER, method, apply_signature(sig, values))
     except Exception:  # noqa: BLE001 - the unit may already be gone (container stopping); nothing to clean then
         pass
+
+
+def run_job(leader: int, unit: str, method: str, timeout: float) -> str:
+    """`method` (StartUnit, StopUnit, RestartUnit, ReloadUnit) of `unit`, waited for: the job's result
+    as systemd's JobRemoved says it ("done", "failed", "canceled", "timeout", "dependency", "skipped")."""
+    if method not in JOB_METHODS:
+        raise ValueError(method)
+    results: dict[str, str] = {}
+
+    def removed(msg, error=None, userdata=None) -> None:
+        msg.process_reply(False)
+        _id, job, _unit, result = msg.body
+        results[_s(job)] = _s(result)
+
+    bus = DBusAddress(f"unix:path={bus_socket(leader)}".encode())
+    bus.open()
+    try:
+        try:
+            # Subscribe + the match first: a quick job can end before the reply to its method comes back.
+            bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
+            bus.match_signal(SD, SD_PATH, MANAGER, b"JobRemoved", removed)
+            reply = bus.call_method(SD, SD_PATH, MANAGER, method.encode(), apply_signature(b"ss", [unit.encode(), b"replace"]))
+        except DBusBaseError as exc:
+            raise Failed(f"the container's systemd refused {method}({unit}): {_why(exc)}") from None
+        body = reply.body  # pystemd unwraps a single return value: the job's object path, as bytes
+        job = _s(body if isinstance(body, bytes) else body[0])
+        deadline = time.monotonic() + timeout
+        while job not in results:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Failed(f"{unit}: {method} did not finish within {timeout:.0f}s")
+            bus.wait(int(min(left, 1.0) * 1_000_000))
+            while not bus.process().is_empty():
+                pass
+        return results[job]
+    finally:
+        bus.close()
+
+
+class UnitWatch:
+    """Follows units of one container as they change (tupperd's event loop, dbus-next): `on_change(unit,
+    active_state, sub_state)` for every ActiveState/SubState change systemd announces."""
+
+    def __init__(self, bus, paths: dict[str, str]) -> None:
+        self._bus = bus
+        self._paths = paths  # systemd object path -> unit name
+
+    @classmethod
+    async def open(cls, leader: int, units: list[str], on_change) -> UnitWatch:
+        from dbus_next import Message, MessageType
+        from dbus_next.aio import MessageBus
+
+        bus = await MessageBus(bus_address=f"unix:path={bus_socket(leader)}").connect()
+        watch = cls(bus, {unit_object_path(u): u for u in units})
+        try:
+            def on_message(msg: Message) -> None:
+                if (msg.message_type == MessageType.SIGNAL and msg.member == "PropertiesChanged" and msg.path in watch._paths
+                        and msg.body[0] == UNIT.decode()):
+                    changed = msg.body[1]
+                    if "ActiveState" in changed or "SubState" in changed:
+                        active = changed["ActiveState"].value if "ActiveState" in changed else ""
+                        sub = changed["SubState"].value if "SubState" in changed else ""
+                        on_change(watch._paths[msg.path], active, sub)
+
+            bus.add_message_handler(on_message)
+            rule = (f"type='signal',sender='{SD.decode()}',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',"
+                    f"path_namespace='/org/freedesktop/systemd1/unit'")
+            for dest, path, iface, member, sig, body in (
+                ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule]),
+                (SD.decode(), SD_PATH.decode(), MANAGER.decode(), "Subscribe", "", []),  # systemd signals only to subscribers
+            ):
+                reply = await bus.call(Message(destination=dest, path=path, interface=iface, member=member, signature=sig, body=body))
+                if reply is None or reply.message_type == MessageType.ERROR:
+                    raise Failed(f"{member}: {reply.error_name if reply else 'no reply'}: {reply.body[0] if reply and reply.body else ''}")
+        except BaseException:
+            watch.close()
+            raise
+        return watch
+
+    def close(self) -> None:
+        """Disconnect and close the socket now. dbus-next's disconnect() only shuts the socket down and
+        leaves the fd to the garbage collector: one fd per stopped container in tupperd, for an unbounded time."""
+        bus = self._bus
+        bus.disconnect()
+
+        def close(fut=None) -> None:
+            if fut is not None and not fut.cancelled():
+                fut.exception()  # retrieved: an abrupt end is expected here, not worth a warning
+            for f in (bus._stream, bus._sock):  # dbus-next has no public close
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+        done = bus._disconnect_future  # resolved by dbus-next once its reader is removed
+        if done.done():
+            close(done)
+        else:
+            done.add_done_callback(close)
