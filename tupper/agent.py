@@ -20,18 +20,9 @@ from pathlib import Path
 
 from tupper.errors import TupperError
 from tupper.secrets import SecretStore
+from tupper.unitfiles import AGENT_SOCKET_NAME
 
 log = logging.getLogger("tupperd")
-
-SOCKET_NAME = "creds.sock"
-IN_CONTAINER_DIR = "/run/host/tupper"
-IN_CONTAINER_SOCKET = f"{IN_CONTAINER_DIR}/{SOCKET_NAME}"
-
-
-def agent_dir(run_dir: Path, name: str) -> Path:
-    """The directory holding container `name`'s socket, bind-mounted into that container only."""
-    return run_dir / "agents" / name
-
 
 def parse_peer(address: bytes | str) -> tuple[str, str] | None:
     """(unit, credential ID) from systemd's abstract peer address, None if it is not one."""
@@ -74,7 +65,7 @@ class Agent:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir.parent, 0o700)  # agents/: only root finds the sockets
         os.chmod(self.dir, 0o755)
-        path = self.dir / SOCKET_NAME
+        path = self.dir / AGENT_SOCKET_NAME
         path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(path))

@@ -107,7 +107,7 @@ class TupperBus(MessageBus):
         inner_call = send_reply.__call__
         fds = list(msg.unix_fds)
 
-        class ClosingSendReply(type(send_reply)):
+        class ClosingSendReply(type(send_reply)):  # type: ignore[misc]  # the class dbus-next made the reply with
             def __call__(self, reply):
                 try:
                     inner_call(reply)
@@ -316,7 +316,7 @@ class ContainerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Components(self) -> "as":
-        return [c["name"] for c in self._rec().components]
+        return [c.name for c in self._rec().components]
 
     @dbus_property(access=PropertyAccess.READ)
     def Units(self) -> "as":

@@ -74,7 +74,7 @@ def check(runtime: Runtime) -> list[Finding]:
         for d in nspawn.runtime_dirs(name):
             if d.is_dir():
                 found.append(Finding("nspawn-dir", str(d), f"nspawn's runtime directory for {name}, which does not run", "remove it"))
-    agents = store.run_dir / "agents"
+    agents = store.agents_dir
     if agents.is_dir():
         granted = {r.name for r in runtime.records() if r.grants}
         for d in sorted(agents.iterdir()):

@@ -499,22 +499,16 @@ def cmd_image(args) -> int:
         image = Images(store).build(definition, force=args.force, progress=_progress(args))
         print(f"image {image.name}: {image.path}")
         return 0
-    store = _store(args)
-    images = Images(store)
+    runtime = _runtime(args)
     if args.image_command == "ls":
-        from tupper.runtime import Runtime
-
-        rt = Runtime(store)
-        rows = [dict(i.to_json(), used_by=rt.images_in_use(i.name)) for i in images.list()]
+        rows = runtime.list_images()
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
             table(["NAME", "SUITE", "BUILT", "USED BY"], [[r["name"], r["suite"], ago(r["built_at"]), ",".join(r["used_by"]) or "-"] for r in rows])
         return 0
     if args.image_command == "rm":
-        from tupper.runtime import Runtime
-
-        images.remove(args.name, users=Runtime(store).images_in_use(args.name))
+        runtime.remove_image(args.name)
         print(f"image {args.name}: removed")
         return 0
     raise AssertionError(args.image_command)
@@ -541,15 +535,9 @@ def cmd_store(args) -> int:
     if args.store_command == "check":
         return cmd_store_check(args, store)
     if args.store_command == "unmount":
-        from tupper.errors import Busy
         from tupper.runtime import Runtime
 
-        if pid := store.daemon_pid():
-            raise Busy(f"tupperd (pid {pid}) serves the store {store.root}", hint="stop tupperd first")
-        running = [r.name for r in Runtime(store).records() if r.alive()]
-        if running:
-            raise Busy(f"containers are running: {', '.join(running)}", hint="stop them first")
-        store.unmount()
+        Runtime(store).unmount_store()
         print(f"unmounted {store.root}")
         return 0
     raise AssertionError(args.store_command)

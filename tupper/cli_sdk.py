@@ -136,7 +136,7 @@ def _component(args, backend_factory, store_factory) -> int:
 
     runtime = Runtime(store)
     if cmd == "ls":
-        rows = [dict(i.to_json(), used_by=runtime.components_in_use(i.path)) for i in installer.list()]
+        rows = runtime.list_components()
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -146,8 +146,7 @@ def _component(args, backend_factory, store_factory) -> int:
                   [[r["name"], r["version"], r["digest"][:19], ago(r["installed_at"]), ",".join(r["used_by"]) or "-"] for r in rows])
         return 0
     if cmd == "rm":
-        installed = installer.get(args.name, args.version)
-        installer.remove(args.name, args.version, users=runtime.components_in_use(installed.path))
+        runtime.remove_component(args.name, args.version)
         print(f"removed {args.name} {args.version}")
         return 0
     raise InvalidInput(f"unknown component action {cmd}")

@@ -25,7 +25,7 @@ from dbus_next.constants import NameFlag, RequestNameReply
 
 from tupper import api, proc
 from tupper import spec as specmod
-from tupper.agent import Agent, agent_dir
+from tupper.agent import Agent
 from tupper.errors import Exists, Failed, InvalidInput, NotFound, TupperError
 from tupper.progress import Progress
 from tupper.records import Record
@@ -142,7 +142,7 @@ class Daemon:
             except (TupperError, OSError) as exc:
                 log.error("could not remove %s: %s", entry, exc)
         # Agent directories are tupperd's own: those of containers that are gone (a run cut short) go too.
-        agents = store.run_dir / "agents"
+        agents = store.agents_dir
         granted = {r.name for r in self.runtime.records() if r.grants}
         for d in sorted(agents.iterdir()) if agents.is_dir() else []:
             if d.name not in granted:
@@ -191,7 +191,7 @@ class Daemon:
             except NotFound:
                 return fallback or {}
 
-        agent = Agent(name, self.secrets, grants, agent_dir(self.runtime.store.run_dir, name))
+        agent = Agent(name, self.secrets, grants, self.runtime.store.agent_dir(name))
         await agent.open()
         self.agents[name] = agent
 

@@ -54,6 +54,48 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _strs(value) -> tuple[str, ...]:
+    return tuple(str(v) for v in value or ())
+
+
+@attrs.frozen
+class ComponentEntry:
+    """One component as the container was made with it (or live-upgraded to): typed in memory, a JSON
+    object on disk (the keys of records written before this type existed are the same)."""
+
+    name: str
+    version: str
+    mount: str
+    source: str  # the component's directory on the host (an installed version, or a spec's path)
+    units: tuple[str, ...] = attrs.field(converter=_strs)
+    env: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=lambda kv: tuple((str(k), str(v)) for k, v in kv or ()))
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_strs)
+    secrets: tuple[str, ...] = attrs.field(default=(), converter=_strs)
+    on_rotate: str = "restart"
+
+    @classmethod
+    def from_json(cls, data: dict) -> ComponentEntry:
+        return cls(**{f.name: data[f.name] for f in attrs.fields(cls) if f.name in data})
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "version": self.version, "mount": self.mount, "source": self.source, "units": list(self.units),
+                "env": [list(kv) for kv in self.env], "requires": list(self.requires), "secrets": list(self.secrets),
+                "on_rotate": self.on_rotate}
+
+
+@attrs.frozen
+class PendingUpgrade:
+    """A live upgrade under way: what to roll back to if its process dies half-way."""
+
+    component: str
+    version: str  # the version it replaces
+    source: str  # ... and its directory
+    to_source: str  # the directory of the version it installs
+
+    def to_json(self) -> dict:
+        return attrs.asdict(self)
+
+
 @attrs.define
 class Record:
     name: str
@@ -67,11 +109,11 @@ class Record:
     restart_delay: float = 1.0
     restart_limit: int = 5
     grants: dict = attrs.Factory(dict)  # credential ID -> secret name (names only, never values)
-    components: list[dict] = attrs.Factory(list)  # {name, version, mount, units}
+    components: list[ComponentEntry] = attrs.Factory(list)
     phase: str = "creating"  # creating → running | failed; starting → running | failed; stopping → stopped; crash-loop; removing
     owner_pid: int = 0  # the process doing the operation of a transitional phase (or a live upgrade)
     owner_starttime: int = 0
-    upgrade: dict | None = None  # a live upgrade under way: {component, version, source} to roll back to
+    upgrade: PendingUpgrade | None = None  # a live upgrade under way
     nspawn_pid: int = 0
     nspawn_starttime: int = 0
     monitor_pid: int = 0
@@ -87,14 +129,14 @@ class Record:
 
     @property
     def units(self) -> list[str]:
-        return [u for c in self.components for u in c["units"]]
+        return [u for c in self.components for u in c.units]
 
     def credential_grants(self) -> dict[str, dict[str, str]]:
         """{unit: {credential ID: secret name}}: what each unit may load from the agent."""
         out: dict[str, dict[str, str]] = {}
         for c in self.components:
-            creds = {cred: self.grants[cred] for cred in c.get("secrets", []) if cred in self.grants}
-            for unit in c["units"]:
+            creds = {cred: self.grants[cred] for cred in c.secrets if cred in self.grants}
+            for unit in c.units:
                 if creds and unit.endswith(".service"):
                     out[unit] = creds
         return out
@@ -102,8 +144,14 @@ class Record:
     def save(self) -> None:
         write_json(self.dir / RECORD, self.to_disk())
 
+    def component(self, name: str) -> ComponentEntry | None:
+        return next((c for c in self.components if c.name == name), None)
+
     def to_disk(self) -> dict:
-        return {f: getattr(self, f) for f in self.FIELDS}
+        out = {f: getattr(self, f) for f in self.FIELDS}
+        out["components"] = [c.to_json() for c in self.components]
+        out["upgrade"] = self.upgrade.to_json() if self.upgrade else None
+        return out
 
     def begin(self, phase: str) -> None:
         """Record that this process starts an operation (saved by the caller)."""
@@ -131,7 +179,10 @@ class Record:
             data = json.loads((directory / RECORD).read_text())
         except FileNotFoundError:
             raise NotFound(f"no container {directory.name!r}", hint="see `tupper ps`") from None
-        return cls(dir=directory, **{f: data[f] for f in cls.FIELDS if f in data})
+        fields = {f: data[f] for f in cls.FIELDS if f in data}
+        fields["components"] = [ComponentEntry.from_json(c) for c in data.get("components", [])]
+        fields["upgrade"] = PendingUpgrade(**data["upgrade"]) if data.get("upgrade") else None
+        return cls(dir=directory, **fields)
 
     def exit_info(self) -> dict | None:
         try:
@@ -172,7 +223,7 @@ class Record:
             "created_at": self.created_at,
             "started_at": self.started_at or None,
             "spec": self.spec_file,
-            "components": [{k: c[k] for k in ("name", "version", "mount")} for c in self.components],
+            "components": [{"name": c.name, "version": c.version, "mount": c.mount} for c in self.components],
             "restart_policy": self.restart_policy,
             "secrets": dict(self.grants),
         }

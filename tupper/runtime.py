@@ -10,16 +10,14 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import signal
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import attrs
 
-from tupper import cgroups, nspawn, proc, records, systemd, unitfiles
+from tupper import cgroups, monitor, nspawn, proc, records, systemd, unitfiles
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
 from tupper.images import ImageDef, Images, find_definition
 from tupper.inroot import Root, find_command
@@ -105,6 +103,38 @@ class Runtime:
     def images_in_use(self, image: str) -> list[str]:
         return [r.name for r in self.records() if r.image == image]
 
+    # ---- the store's images and components, and the store itself ------------------------------
+
+    def list_images(self) -> list[dict]:
+        """Every built image, with the containers made from it."""
+        return [dict(i.to_json(), used_by=self.images_in_use(i.name)) for i in Images(self.store).list()]
+
+    def remove_image(self, name: str) -> None:
+        """Delete an image; refused while a container was made from it."""
+        Images(self.store).remove(name, users=self.images_in_use(name))
+
+    def list_components(self) -> list[dict]:
+        """Every installed component version, with the containers that use it."""
+        from tupper.packages import Installer
+
+        return [dict(i.to_json(), used_by=self.components_in_use(i.path)) for i in Installer(self.store).list()]
+
+    def remove_component(self, name: str, version: str) -> None:
+        """Uninstall one version; refused while a container uses it (or is being upgraded to it)."""
+        from tupper.packages import Installer
+
+        installer = Installer(self.store)
+        installer.remove(name, version, users=self.components_in_use(installer.get(name, version).path))
+
+    def unmount_store(self) -> None:
+        """Unmount the store's loopback pool; refused while tupperd serves it or a container runs."""
+        if pid := self.store.daemon_pid():
+            raise Busy(f"tupperd (pid {pid}) serves the store {self.store.root}", hint="stop tupperd first")
+        running = [r.name for r in self.records() if r.alive()]
+        if running:
+            raise Busy(f"containers are running: {', '.join(running)}", hint="stop them first")
+        self.store.unmount()
+
     # ---- run ----------------------------------------------------------------------------------
 
     def resolve_image(self, spec: Spec, progress: Progress = SILENT) -> Path:
@@ -168,10 +198,10 @@ class Runtime:
                 restart_limit=spec.restart_limit,
                 grants=dict(spec.grants),
                 components=[
-                    {"name": u.component.name, "version": u.component.version, "mount": u.component.mount,
-                     "units": list(u.component.units), "source": str(u.component.root),
-                     "env": [list(kv) for kv in u.env], "requires": list(u.component.requires),
-                     "secrets": list(u.component.secrets), "on_rotate": u.component.on_rotate}
+                    records.ComponentEntry(name=u.component.name, version=u.component.version, mount=u.component.mount,
+                                           units=u.component.units, source=str(u.component.root), env=u.env,
+                                           requires=u.component.requires, secrets=u.component.secrets,
+                                           on_rotate=u.component.on_rotate)
                     for u in spec.components
                 ],
             )
@@ -239,15 +269,13 @@ class Runtime:
             undo.callback(self._abort_start, rec)  # whatever fails from here on ends the phase
             self._check_inotify(progress)
             (rec.dir / records.EXIT).unlink(missing_ok=True)
-            binds = [nspawn.Bind(Path(c["source"]), c["mount"]) for c in rec.components]
+            binds = [nspawn.Bind(Path(c.source), c.mount) for c in rec.components]
             self._make_mount_points(rec, [b.target for b in binds])
             if rec.grants:
-                from tupper import agent
-
                 if not self.serves_secrets:
                     raise Failed(f"container {rec.name!r} has secrets, which tupperd's agent delivers: start it through tupperd")
                 # The directory, not the socket file: a restarted tupperd makes a new socket the container still sees.
-                binds.append(nspawn.Bind(agent.agent_dir(self.store.run_dir, rec.name), agent.IN_CONTAINER_DIR))
+                binds.append(nspawn.Bind(self.store.agent_dir(rec.name), unitfiles.AGENT_DIR))
             argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host)
             with progress.step(f"Booting {rec.name}"):
                 self._start(rec, argv)
@@ -298,51 +326,15 @@ class Runtime:
                                       f"`tupper rm {rec.name}` and run it again") from None
 
     def _start(self, rec: Record, argv: list[str]) -> None:
-        """Fork a monitor that owns nspawn (waits for it, records its exit, removes its cgroups)."""
-        if not self.host.systemd:
-            cgroups.create(rec.name, parent=self.store.cgroup_parent)
-        console = rec.dir / "console.log"
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(r)
-                os.setsid()
-                if os.fork() == 0:
-                    _monitor(rec.name, rec.dir, argv, w, console, cgroup=None if self.host.systemd else self.store.cgroup_parent)
-                os._exit(0)
-            except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
-                os._exit(1)
-        os.close(w)
-        os.waitpid(pid, 0)
-        with os.fdopen(r) as f:
-            reply = f.read().split()
-        if len(reply) != 2 or not all(x.isdigit() for x in reply):
-            raise Failed(f"could not start systemd-nspawn: {' '.join(reply) or 'the monitor died'}")
-        rec.monitor_pid, rec.nspawn_pid = int(reply[0]), int(reply[1])
+        """Fork the monitor that owns nspawn (see tupper.monitor); record the processes and PID 1."""
+        cgroup = None if self.host.systemd else self.store.cgroup_parent
+        if cgroup:
+            cgroups.create(rec.name, parent=cgroup)
+        rec.monitor_pid, rec.nspawn_pid = monitor.spawn(rec.name, rec.dir, argv, rec.dir / "console.log", cgroup)
         rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
         rec.started_at = time.time()
-        rec.leader_pid = self._find_leader(rec)
+        rec.leader_pid = monitor.find_leader(rec.nspawn_pid, rec.alive, rec.dir / "console.log")
         rec.save()
-
-    @staticmethod
-    def _find_leader(rec: Record, timeout: float = 10.0) -> int:
-        """The container's PID 1 as the host sees it: nspawn's child that is PID 1 in its own namespace."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for child in proc.children(rec.nspawn_pid):
-                try:
-                    with open(f"/proc/{child}/status") as f:
-                        nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
-                except OSError:
-                    continue
-                if len(nspid) >= 2 and nspid[-1] == "1":
-                    return child
-            if not rec.alive():
-                tail = _tail(rec.dir / "console.log")
-                raise Failed(f"systemd-nspawn exited before the container started: {tail}")
-            time.sleep(0.005)
-        raise Failed(f"systemd-nspawn (pid {rec.nspawn_pid}) did not start a container within {timeout:.0f}s")
 
     def _wait_units(self, rec: Record, bus: ContainerBus, units: list[str], timeout: float, progress: Progress):
         deadline = time.monotonic() + timeout
@@ -433,7 +425,7 @@ class Runtime:
                 bus.power_off()
             except Exception:  # noqa: BLE001 - the bus may go away mid-call as the container shuts down
                 pass
-        if not _wait_gone(rec, timeout):
+        if not monitor.wait_exit(rec.nspawn_pid, rec.alive, time.monotonic() + timeout):
             self._kill(rec)
         self._wait_monitor(rec)
 
@@ -443,15 +435,15 @@ class Runtime:
         if rec.leader_pid and rec.alive() and proc.pid_alive(rec.leader_pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.leader_pid, signal.SIGKILL)
-        if not _wait_gone(rec, 3.0) and rec.alive():
+        if not monitor.wait_exit(rec.nspawn_pid, rec.alive, time.monotonic() + 3.0) and rec.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.nspawn_pid, signal.SIGKILL)
-            _wait_gone(rec, 3.0)
+            monitor.wait_exit(rec.nspawn_pid, rec.alive, time.monotonic() + 3.0)
         self._wait_monitor(rec)
 
     def _wait_monitor(self, rec: Record, timeout: float = 5.0) -> None:
         if rec.monitor_pid:
-            _wait_exit(rec.monitor_pid, lambda: proc.pid_alive(rec.monitor_pid), time.monotonic() + timeout)
+            monitor.wait_exit(rec.monitor_pid, lambda: proc.pid_alive(rec.monitor_pid), time.monotonic() + timeout)
         self.reap(rec)
 
     def reap(self, rec: Record) -> None:
@@ -581,7 +573,7 @@ class Runtime:
 
     def components_in_use(self, path: Path) -> list[str]:
         return [r.name for r in self.records()
-                if any(c.get("source") == str(path) for c in r.components) or (r.upgrade or {}).get("to_source") == str(path)]
+                if any(c.source == str(path) for c in r.components) or (r.upgrade is not None and r.upgrade.to_source == str(path))]
 
     def upgrade(self, name: str, component: str, version: str, progress: Progress = SILENT) -> dict:
         """Swap one component of a running container for another installed version: new bind mount
@@ -590,20 +582,20 @@ class Runtime:
         from tupper.packages import Installer
 
         rec = self.running(name)
-        entry = next((c for c in rec.components if c["name"] == component), None)
+        entry = rec.component(component)
         if entry is None:
-            raise InvalidInput(f"container {name!r} has no component {component!r} (it has: {', '.join(c['name'] for c in rec.components)})")
+            raise InvalidInput(f"container {name!r} has no component {component!r} (it has: {', '.join(c.name for c in rec.components)})")
         target = Installer(self.store).get(component, version)
         new = comp.load(target.path, f"component {component} {version}")
-        if new.mount != entry["mount"]:
-            raise InvalidInput(f"{component} {version} mounts at {new.mount}, the running one at {entry['mount']}: a live upgrade keeps the mount point")
-        clash = {u for c in rec.components if c["name"] != component for u in c["units"]} & set(new.units)
+        if new.mount != entry.mount:
+            raise InvalidInput(f"{component} {version} mounts at {new.mount}, the running one at {entry.mount}: a live upgrade keeps the mount point")
+        clash = {u for c in rec.components if c.name != component for u in c.units} & set(new.units)
         if clash:
             raise InvalidInput(f"{component} {version} brings unit(s) {', '.join(sorted(clash))} that another component of {name!r} has")
-        old = comp.load(Path(entry["source"]), f"component {component} {entry['version']}")
-        by_name = {c["name"]: c for c in rec.components}
+        old = comp.load(Path(entry.source), f"component {component} {entry.version}")
+        by_name = {c.name: c for c in rec.components}
         if rec.upgrade is not None:
-            raise Busy(f"container {name!r} has an upgrade of {rec.upgrade['component']} under way")
+            raise Busy(f"container {name!r} has an upgrade of {rec.upgrade.component} under way")
         missing = [r for r in new.requires if r not in by_name]
         if missing:
             raise InvalidInput(f"{component} {version} requires {', '.join(missing)}, which container {name!r} does not have")
@@ -615,32 +607,33 @@ class Runtime:
         stale = [p for p in old_files if p not in new_files]  # units the new version no longer has
         t0 = time.monotonic()
         # Written before anything changes: if this process dies half-way, `recover` puts the old version back.
-        rec.upgrade = {"component": component, "version": entry["version"], "source": entry["source"], "to_source": str(target.path)}
+        rec.upgrade = records.PendingUpgrade(component=component, version=entry.version, source=entry.source, to_source=str(target.path))
         rec.owner_pid, rec.owner_starttime = os.getpid(), proc.pid_starttime(os.getpid()) or 0
         rec.save()
         try:
             with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
                 try:
-                    with progress.step(f"Upgrading {component} {entry['version']} → {version} in {name}"):
-                        self._swap(rec, bus, entry["mount"], str(target.path), new_files, stale, old.units, new.units, progress)
+                    with progress.step(f"Upgrading {component} {entry.version} → {version} in {name}"):
+                        self._swap(rec, bus, entry.mount, str(target.path), new_files, stale, old.units, new.units, progress)
                 except (Failed, OSError) as exc:
                     # OSError: a unit file could not be written (the container changed its unit directory
                     # into a link to nothing, a full store): the old version goes back all the same.
                     why = exc.message if isinstance(exc, Failed) else f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
                     try:
-                        with progress.step(f"Rolling back {component} to {entry['version']}"):
-                            self._swap(rec, bus, entry["mount"], entry["source"], old_files, [p for p in new_files if p not in old_files],
+                        with progress.step(f"Rolling back {component} to {entry.version}"):
+                            self._swap(rec, bus, entry.mount, entry.source, old_files, [p for p in new_files if p not in old_files],
                                        new.units, old.units, progress)
                     except (Failed, OSError) as again:
                         why_not = again.message if isinstance(again, Failed) else f"{again.filename or ''}: {again.strerror}".lstrip(": ")
                         raise Failed(f"upgrade of {component} to {version} failed ({why}), and so did the rollback to "
-                                     f"{entry['version']} ({why_not}): {component} may not be running in {name}",
-                                     hint=f"see `tupper status {name}`; `tupper component upgrade {name} {component} {entry['version']}` "
+                                     f"{entry.version} ({why_not}): {component} may not be running in {name}",
+                                     hint=f"see `tupper status {name}`; `tupper component upgrade {name} {component} {entry.version}` "
                                           "tries again") from None
-                    raise Failed(f"upgrade of {component} to {version} failed ({why}); rolled back to {entry['version']}, "
+                    raise Failed(f"upgrade of {component} to {version} failed ({why}); rolled back to {entry.version}, "
                                  "which is active again") from None
-            entry.update(version=version, source=str(target.path), units=list(new.units), requires=list(new.requires),
-                         secrets=list(new.secrets), on_rotate=new.on_rotate)
+            upgraded = attrs.evolve(entry, version=version, source=str(target.path), units=new.units, requires=new.requires,
+                                    secrets=new.secrets, on_rotate=new.on_rotate)
+            rec.components = [upgraded if c is entry else c for c in rec.components]
         finally:
             rec.upgrade = None
             rec.owner_pid = rec.owner_starttime = 0
@@ -649,11 +642,10 @@ class Runtime:
 
     def _component_files(self, rec: Record, component: str, c) -> dict[str, str]:
         """The unit files and the target file of `rec` with component `component` as `c` (a Component)."""
-        by_name = {x["name"]: x for x in rec.components}
-        entry = by_name[component]
-        env = [tuple(kv) for kv in entry.get("env", [])]
-        required = [u for r in c.requires for u in by_name[r]["units"] if r in by_name]
-        others = [u for x in rec.components if x["name"] != component for u in x["units"]]
+        by_name = {x.name: x for x in rec.components}
+        env = list(by_name[component].env)
+        required = [u for r in c.requires if r in by_name for u in by_name[r].units]
+        others = [u for x in rec.components if x.name != component for u in x.units]
         return {**unitfiles.component_files(c, env, required, c.secrets),
                 **unitfiles.target_file(rec.name, others + list(c.units))}
 
@@ -661,26 +653,28 @@ class Runtime:
         """A live upgrade whose process died: put the recorded (old) version back, files and mount."""
         from tupper import components as comp
 
-        pending = rec.upgrade or {}
-        entry = next(c for c in rec.components if c["name"] == pending["component"])
-        old = comp.load(Path(entry["source"]), f"component {entry['name']} {entry['version']}")
-        old_files = self._component_files(rec, entry["name"], old)
+        pending = rec.upgrade
+        assert pending is not None
+        entry = rec.component(pending.component)
+        assert entry is not None
+        old = comp.load(Path(entry.source), f"component {entry.name} {entry.version}")
+        old_files = self._component_files(rec, entry.name, old)
         try:
-            new = comp.load(Path(pending["to_source"]), f"component {entry['name']}")
-            new_units, new_files = new.units, self._component_files(rec, entry["name"], new)
+            new = comp.load(Path(pending.to_source), f"component {entry.name}")
+            new_units, new_files = new.units, self._component_files(rec, entry.name, new)
         except TupperError:  # the new version was removed meanwhile: its unit names are in the rootfs only
             new_units, new_files = (), {}
         extra = [p for p in new_files if p not in old_files]
         if rec.alive():
             with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
-                self._swap(rec, bus, entry["mount"], entry["source"], old_files, extra, tuple(new_units), old.units, SILENT)
+                self._swap(rec, bus, entry.mount, entry.source, old_files, extra, tuple(new_units), old.units, SILENT)
         else:
             unitfiles.remove(rec.rootfs, extra)
             unitfiles.write(rec.rootfs, old_files)
         rec.upgrade = None
         rec.owner_pid = rec.owner_starttime = 0
         rec.save()
-        return f"component {entry['name']} rolled back to {entry['version']} (its upgrade was interrupted)"
+        return f"component {entry.name} rolled back to {entry.version} (its upgrade was interrupted)"
 
     def _swap(self, rec: Record, bus: ContainerBus, mount: str, source: str, files: dict[str, str], remove: list[str],
               old_units: tuple[str, ...], new_units: tuple[str, ...], progress: Progress) -> None:
@@ -747,9 +741,9 @@ class Runtime:
             if not rec.alive():
                 continue
             for c in rec.components:
-                creds = [cred for cred in c.get("secrets", []) if rec.grants.get(cred) == secret]
-                for unit in (u for u in c["units"] if u.endswith(".service")) if creds else ():
-                    if c.get("on_rotate") == "reload":
+                creds = [cred for cred in c.secrets if rec.grants.get(cred) == secret]
+                for unit in (u for u in c.units if u.endswith(".service")) if creds else ():
+                    if c.on_rotate == "reload":
                         version, value = secrets.value(secret)
                         for cred in creds:
                             mountns.refresh_credential(rec.leader_pid, unit, cred, value)
@@ -799,89 +793,3 @@ def _end_if_possible(rec: Record, phase: str) -> None:
         if exc.errno != errno.ENOSPC:
             raise
         log.warning("%s: no space left to record the phase %s", rec.name, phase)
-
-
-def _wait_gone(rec: Record, timeout: float) -> bool:
-    return _wait_exit(rec.nspawn_pid, rec.alive, time.monotonic() + timeout)
-
-
-def _wait_exit(pid: int, alive, deadline: float) -> bool:
-    """Wait until `alive()` is false (True) or the deadline passes (False). A pidfd of `pid` wakes the
-    wait the moment that process exits (polling every 5 ms noticed an exit 2.4 ms later on
-    average). `alive()` stays the judge (a zombie, a reused pid); without a pidfd this polls as before."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:  # gone already, or a kernel without pidfd_open
-        fd = None
-    try:
-        poller = None
-        if fd is not None:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-        while alive():
-            remaining = deadline - time.monotonic()
-            if remaining < 0:
-                return False
-            if poller is not None:
-                if poller.poll(min(remaining, 0.05) * 1000):
-                    poller = None  # exited; the pidfd stays readable, so from here alive() decides
-                continue
-            time.sleep(0.001 if fd is not None else 0.005)
-        return True
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _tail(path: Path, n: int = 3) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "(no output)"
-    return " / ".join(lines[-n:]) or "(no output)"
-
-
-def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None) -> None:
-    """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
-    code = 1
-    try:
-        # `ps` says what this is (it is a fork of tupperd or of the CLI, and would show as one).
-        from setproctitle import setproctitle
-
-        setproctitle(f"tupper-monitor {name}")
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        # Keep nothing of the caller's open: a pipe held here would keep the caller's reader waiting.
-        os.closerange(3, reply_fd)
-        os.closerange(reply_fd + 1, 65536)
-        out = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            p = proc.popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                close_fds=True,
-                preexec_fn=(lambda: cgroups.join(name, parent=cgroup)) if cgroup else None,
-            )
-        except (OSError, TupperError) as exc:
-            os.write(reply_fd, f"error: {exc}".encode())
-            os._exit(1)
-        os.write(reply_fd, f"{os.getpid()} {p.pid}\n".encode())
-        os.close(reply_fd)
-        rc = p.wait()
-        if cdir.exists():
-            try:
-                records.mark_exit(cdir, rc)
-            except OSError:  # a full store: the clean-up below matters more
-                pass
-        if cgroup:
-            cgroups.remove(name, parent=cgroup)
-        nspawn.remove_runtime_dirs(name)
-        code = 0
-    finally:
-        os._exit(code)

@@ -153,6 +153,14 @@ class Store:
         """Runtime files of this store's containers (agent sockets): tmpfs, gone at reboot."""
         return Path("/run/tupper") if self.is_default else Path(f"/run/tupper/store-{self.ident}")
 
+    @property
+    def agents_dir(self) -> Path:
+        return self.run_dir / "agents"
+
+    def agent_dir(self, name: str) -> Path:
+        """The directory holding container `name`'s secrets-agent socket, bind-mounted into that container only."""
+        return self.agents_dir / name
+
     # ---- scratch space: work in progress, owned by one process ------------------------------------
 
     def scratch(self, kind: str, label: str) -> Path:

@@ -13,7 +13,11 @@ from tupper.spec import Spec
 
 UNIT_DIR = "etc/systemd/system"
 TARGET = "tupper.target"
-AGENT_SOCKET = "/run/host/tupper/creds.sock"  # the secrets agent's socket as the container sees it (tupper.agent)
+# Where the container finds its secrets agent (tupper.agent serves it; the runtime bind-mounts the
+# container's agent directory there; units load their credentials from the socket).
+AGENT_DIR = "/run/host/tupper"
+AGENT_SOCKET_NAME = "creds.sock"
+AGENT_SOCKET = f"{AGENT_DIR}/{AGENT_SOCKET_NAME}"
 
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "%": "%%"}

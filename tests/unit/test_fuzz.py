@@ -834,7 +834,12 @@ def test_a_random_archive_is_inspected_and_installed_or_refused_and_writes_nowhe
 class StandInRuntime:
     """What the daemon asks of its runtime before anything runs: the store, records, installed components."""
 
-    resolve_component = Runtime.resolve_component  # the real one, on a PlainStore
+    # The real ones, on a PlainStore: what they check before touching a container is what is fuzzed.
+    resolve_component = Runtime.resolve_component
+    running = Runtime.running
+    unit_job = Runtime.unit_job
+    secret_holders = Runtime.secret_holders
+    rotate_secret = Runtime.rotate_secret
 
     def __init__(self, store: PlainStore, records: dict | None = None) -> None:
         self.store = store
