@@ -23,7 +23,7 @@ from pathlib import Path
 import btrfsutil
 from pystemd.dbuslib import DBusAddress, path_encode
 
-from tupper import cgroups
+from tupper.container import cgroups
 
 CGROUP_PARENT = "tupper-bench-raw"  # not the default store's cgroup parent
 

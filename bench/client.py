@@ -8,7 +8,7 @@ tupperd of the benchmark's own (a private dbus-daemon on the bench store, as ben
 decodes the reply. Reported: the median wall time of the whole process, and inside it the import and the
 connect+call times. The floor is `python -c pass`. Candidates:
 
-- tupper.client: the hand-written blocking client (tupper/client.py);
+- tupper.client: the hand-written blocking client (tupper/cli/client.py);
 - pystemd.dbuslib: sd-bus through pystemd (already a dependency of tupper);
 - jeepney: a pure-Python blocking D-Bus library (installed into a scratch directory for the run only,
   when PyPI can be reached; left out otherwise).
@@ -37,7 +37,7 @@ PROBES = {
     "floor (python -c pass)": "",
     "tupper.client (hand-written)": """
 t0 = time.perf_counter()
-from tupper.client import Client
+from tupper.cli.client import Client
 t1 = time.perf_counter()
 rows = Client().call("List")
 t2 = time.perf_counter()

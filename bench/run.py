@@ -36,10 +36,10 @@ from baseline import NSPAWN_RUN, RawContainer
 from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
 from sdk import PAYLOAD_MB, measure_sdk_build, measure_upgrade
 
-from tupper import cgroups
-from tupper.client import Client
+from tupper.cli.client import Client
+from tupper.container import cgroups
 from tupper.errors import TupperError
-from tupper.runtime import INOTIFY_SYSCTL, INOTIFY_WANTED
+from tupper.runtime.runtime import INOTIFY_SYSCTL, INOTIFY_WANTED
 
 REPO = Path(__file__).resolve().parent.parent
 TUPPER = REPO / ".venv/bin/tupper"  # --cli changes it

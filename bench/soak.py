@@ -63,13 +63,13 @@ class SoakFailed(RuntimeError):
 
 
 def _cgroup_parent(store_root: Path) -> str:
-    from tupper.store import Store
+    from tupper.store.store import Store
 
     return Store(Path(os.path.abspath(store_root)), "btrfs").cgroup_parent
 
 
 def _machine(name: str) -> str:
-    from tupper.nspawn import machine_name
+    from tupper.container.nspawn import machine_name
 
     return machine_name(name)
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from tupper.cli import main
+from tupper.cli.main import main
 
 sys.exit(main())

@@ -69,7 +69,7 @@ def test_every_failing_exec_closes_the_callers_descriptors_in_tupperd(tupper, bu
 
 
 def test_descriptors_sent_to_an_unknown_method_or_with_a_bad_signature_are_closed(tupper, bus, monkeypatch):
-    from tupper.client import Client
+    from tupper.cli.client import Client
     from tupper.errors import TupperError
 
     tupper("ps", check=True)
@@ -113,7 +113,7 @@ READ_ONLY = {
 
 NOBODY_CALLS = """
 import json, os, sys
-from tupper.client import Client
+from tupper.cli.client import Client
 from tupper.errors import TupperError
 out = []
 c = Client()
@@ -276,7 +276,7 @@ def _dead_pid() -> int:
 
 
 def test_store_check_finds_what_a_crash_leaves_and_repair_fixes_it(tupper, bus, names, store_root):
-    from tupper.store import Store
+    from tupper.store.store import Store
 
     store = Store(store_root, "loopback")
     tag = uuid.uuid4().hex[:6]

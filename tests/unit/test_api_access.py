@@ -5,8 +5,8 @@ import pwd
 
 import pytest
 
-from tupper.api import uid_allowed
 from tupper.busnames import container_path, escape_label, unescape_label
+from tupper.daemon.api import uid_allowed
 
 
 def test_root_is_always_allowed():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tupper import cgroups
+from tupper.container import cgroups
 
 
 def v2(root: Path) -> Path:

@@ -6,7 +6,7 @@ import pytest
 from dbus_next import Variant
 from dbus_next._private.marshaller import Marshaller
 
-from tupper import client
+from tupper.cli import client
 
 CASES = [
     ("s", ["hello"]),

@@ -10,8 +10,8 @@ import attrs
 import pytest
 from helpers import write_component
 
-from tupper import components
 from tupper.errors import InvalidInput
+from tupper.model import components
 
 UNIT = "[Service]\nExecStart=/opt/hello/bin/hello\n"
 WHERE = "spec.toml: components[0].path"

@@ -37,13 +37,16 @@ from dbus_next.validators import is_object_path_valid
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tupper import api, busnames, images, packages, sdk, spec
-from tupper import components as comp
-from tupper.daemon import Daemon
+from tupper import busnames
+from tupper.daemon import api
+from tupper.daemon.tupperd import Daemon
 from tupper.errors import InvalidInput, NotFound, TupperError
-from tupper.runtime import Runtime
-from tupper.secrets import SecretStore
-from tupper.store import Store
+from tupper.model import components as comp
+from tupper.model import sdk, spec
+from tupper.runtime.runtime import Runtime
+from tupper.store import images, packages
+from tupper.store.secrets import SecretStore
+from tupper.store.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -527,7 +530,7 @@ HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 @budget(300)
 @given(name=CONTAINER_NAMES)
 def test_a_container_name_is_accepted_only_when_it_makes_a_valid_hostname(name):
-    from tupper.nspawn import machine_name
+    from tupper.container.nspawn import machine_name
 
     if parsed_or_refused(spec.check_name, name, "name") is not None:
         host = machine_name(name)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tupper import images
 from tupper.errors import InvalidInput
+from tupper.store import images
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GOOD = """\

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tupper import unitfiles
-from tupper.inroot import Root, find_command
+from tupper.container import unitfiles
+from tupper.container.inroot import Root, find_command
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def _owners(library: str) -> list[str]:
 
 
 def test_only_the_systemd_adapter_imports_pystemd():
-    assert _owners("pystemd") == ["tupper/systemd.py"]
+    assert _owners("pystemd") == ["tupper/container/systemd.py"]
 
 
 def test_only_tomlfile_reads_toml():
@@ -50,7 +50,7 @@ def test_only_proc_starts_processes():
                   for path, tree in _modules().items() if path not in found or not found[path]})
     assert {p: f for p, f in found.items() if f and p != "tupper/proc.py"} == {
         # `tupper logs` hands the terminal to journalctl: replacing the process is the point.
-        "tupper/cli.py": ["execvp"],
+        "tupper/cli/main.py": ["execvp"],
     }
 
 
@@ -71,12 +71,35 @@ def _tupper_imports(tree: ast.Module) -> set[str]:
 
 
 def test_the_fast_client_path_does_not_import_dbus_next():
-    """cli.py and client.py serve every call to tupperd; dbus-next (and its import time) is tupperd's.
-    cli.py imports tupper.daemon only inside `tupper daemon`, which becomes tupperd."""
-    for path, allowed in (("tupper/cli.py", {"tupper.daemon"}), ("tupper/client.py", set())):
-        tree = ast.parse((REPO / path).read_text())
-        assert "dbus_next" not in _imports(tree), path
-        assert _tupper_imports(tree) & {"tupper.api", "tupper.daemon"} <= allowed, path
+    """The CLI and its client serve every call to tupperd; dbus-next (and its import time) is tupperd's.
+    cli/main.py imports tupperd only inside `tupper daemon`, which becomes tupperd."""
+    for path in sorted((REPO / "tupper/cli").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        rel = str(path.relative_to(REPO))
+        allowed = {"tupper.daemon.tupperd"} if rel == "tupper/cli/main.py" else set()
+        assert "dbus_next" not in _imports(tree), rel
+        assert {m for m in _tupper_imports(tree) if m.startswith("tupper.daemon")} <= allowed, rel
+
+
+# The subpackages, bottom up: a module may import its own package and the ones below it, never one above.
+LAYERS = ["", "model", "container", "store", "runtime", "daemon", "cli"]  # "": tupper's base modules
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 2 and parts[1] in LAYERS else 0
+
+
+def test_imports_point_down_the_layers():
+    upward = []
+    for path, tree in _modules().items():
+        if path == "tupper/__main__.py":
+            continue
+        me = _layer(path[:-3].replace("/", "."))
+        for target in _tupper_imports(tree):
+            if _layer(target) > me and not (path == "tupper/cli/main.py" and target == "tupper.daemon.tupperd"):
+                upward.append(f"{path} imports {target}")
+    assert upward == []
 
 
 def test_modules_have_docstrings():

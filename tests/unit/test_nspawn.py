@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tupper import nspawn
+from tupper.container import nspawn
 
 NO_SYSTEMD = nspawn.Host(systemd=False)
 SYSTEMD = nspawn.Host(systemd=True)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tupper import proc, records
-from tupper.agent import parse_peer
-from tupper.records import ComponentEntry, PendingUpgrade, Record
+from tupper import proc
+from tupper.daemon.agent import parse_peer
+from tupper.runtime import records
+from tupper.runtime.records import ComponentEntry, PendingUpgrade, Record
 
 
 def _dead_pid() -> tuple[int, int]:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tupper import packages, sdk
 from tupper.errors import InvalidInput
+from tupper.model import sdk
+from tupper.store import packages
 
 
 def scaffold(tmp_path: Path, name: str = "demo") -> Path:

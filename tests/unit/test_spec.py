@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import write_component
 
-from tupper import spec as specmod
 from tupper.errors import InvalidInput
+from tupper.model import spec as specmod
 
 HELLO_UNIT = "[Service]\nExecStart=/opt/hello/bin/hello\n"
 

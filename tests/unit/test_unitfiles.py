@@ -7,8 +7,8 @@ from pathlib import Path
 
 from helpers import write_component
 
-from tupper import spec as specmod
-from tupper import unitfiles
+from tupper.container import unitfiles
+from tupper.model import spec as specmod
 
 D = "etc/systemd/system"
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import attrs
 
-from tupper import proc
+from tupper import durable, proc
 from tupper.errors import Failed, InvalidInput, NotFound
-from tupper.spec import SECRET_NAME_RE as NAME_RE
-from tupper.store import Store
+from tupper.model.spec import SECRET_NAME_RE as NAME_RE
+from tupper.store.store import Store
 
 MAX_VALUE = 1 << 20  # systemd's own limit for one credential is 1 MiB
 KEEP_VERSIONS = 3  # older encrypted versions are deleted
@@ -86,7 +86,7 @@ class SecretStore:
         os.chmod(tmp, 0o600)
         os.replace(tmp, target)
         meta.update(version=version, updated_at=now)
-        _write_json(d / "meta.json", meta)
+        durable.write_json(d / "meta.json", meta, mode=0o600)
         for old in d.glob("v*.cred"):
             if int(old.stem[1:]) <= version - KEEP_VERSIONS:
                 old.unlink()
@@ -126,14 +126,6 @@ class SecretStore:
             if name is None or entry.get("secret") == name:
                 out.append(entry)
         return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def read_value(stdin, from_file: Path | None) -> bytes:

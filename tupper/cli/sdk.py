@@ -52,8 +52,8 @@ def add_component(sub) -> None:
 def _image_root(args) -> Path | None:
     """The image's rootfs for the SDK checks, if a store with it is at hand (root only)."""
     try:
-        from tupper.images import Images
-        from tupper.store import Store
+        from tupper.store.images import Images
+        from tupper.store.store import Store
 
         images = Images(Store.open(args.root, create=False))
         return images.path(args.image) if images.exists(args.image) else None
@@ -62,7 +62,7 @@ def _image_root(args) -> Path | None:
 
 
 def _check(args) -> tuple:
-    from tupper import sdk
+    from tupper.model import sdk
 
     image = _image_root(args)
     component, problems = sdk.check(args.dir, image)
@@ -78,7 +78,8 @@ def dispatch(args, backend_factory, store_factory) -> int:
 
 
 def _sdk(args) -> int:
-    from tupper import packages, sdk
+    from tupper.model import sdk
+    from tupper.store import packages
 
     cmd = args.sdk_command
     if cmd == "init":
@@ -104,7 +105,7 @@ def _sdk(args) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            from tupper.ui import size, table
+            from tupper.cli.ui import size, table
 
             print(f"component: {info['name']} {info['version']}")
             if info["description"]:
@@ -119,7 +120,7 @@ def _sdk(args) -> int:
 
 
 def _component(args, backend_factory, store_factory) -> int:
-    from tupper.packages import Installer
+    from tupper.store.packages import Installer
 
     cmd = args.component_command
     if cmd == "upgrade":
@@ -132,7 +133,7 @@ def _component(args, backend_factory, store_factory) -> int:
         installed = installer.install(args.package)
         print(f"installed {installed.name} {installed.version} ({installed.digest})")
         return 0
-    from tupper.runtime import Runtime
+    from tupper.runtime.runtime import Runtime
 
     runtime = Runtime(store)
     if cmd == "ls":
@@ -140,7 +141,7 @@ def _component(args, backend_factory, store_factory) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            from tupper.ui import ago, table
+            from tupper.cli.ui import ago, table
 
             table(["NAME", "VERSION", "DIGEST", "INSTALLED", "USED BY"],
                   [[r["name"], r["version"], r["digest"][:19], ago(r["installed_at"]), ",".join(r["used_by"]) or "-"] for r in rows])

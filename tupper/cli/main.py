@@ -106,7 +106,7 @@ def _add_status(sub) -> None:
 
 
 def _add_stop(sub) -> None:
-    from tupper.backends import finite_seconds
+    from tupper.cli.backends import finite_seconds
 
     sp = sub.add_parser("stop", help="power a container off", description="PowerOff over the container's D-Bus; SIGKILL when it is not down after the timeout.")
     sp.add_argument("name")
@@ -139,19 +139,19 @@ def _add_daemon(sub) -> None:
 
 
 def _add_sdk(sub) -> None:
-    from tupper import cli_sdk
+    from tupper.cli import sdk as cli_sdk
 
     cli_sdk.add_sdk(sub)
 
 
 def _add_component(sub) -> None:
-    from tupper import cli_sdk
+    from tupper.cli import sdk as cli_sdk
 
     cli_sdk.add_component(sub)
 
 
 def _add_secret(sub) -> None:
-    from tupper import cli_secrets
+    from tupper.cli import secrets as cli_secrets
 
     cli_secrets.add_secret(sub)
 
@@ -294,25 +294,25 @@ def _exit(code: int) -> None:
 
 
 def _progress(args):
-    from tupper.ui import TerminalProgress
+    from tupper.cli.ui import TerminalProgress
 
     return TerminalProgress(quiet=getattr(args, "json", False))
 
 
 def _store(args, create: bool = True):
-    from tupper.store import Store
+    from tupper.store.store import Store
 
     return Store.open(args.root, create=create, progress=_progress(args))
 
 
 def _runtime(args):
-    from tupper.runtime import Runtime
+    from tupper.runtime.runtime import Runtime
 
     return Runtime(_store(args))
 
 
 def _backend(args):
-    from tupper.backends import DaemonBackend, DirectBackend
+    from tupper.cli.backends import DaemonBackend, DirectBackend
 
     if args.direct:
         return DirectBackend(args.root, _progress(args))
@@ -338,15 +338,15 @@ def _signal_number(text: str) -> int:
 def dispatch(args) -> int:
     cmd = args.command
     if cmd == "secret":
-        from tupper import cli_secrets
+        from tupper.cli import secrets as cli_secrets
 
         return cli_secrets.dispatch(args, lambda: _store(args))
     if cmd in ("sdk", "component"):
-        from tupper import cli_sdk
+        from tupper.cli import sdk as cli_sdk
 
         return cli_sdk.dispatch(args, lambda: _backend(args), lambda: _store(args))
     if cmd == "daemon":
-        from tupper.daemon import main as daemon_main
+        from tupper.daemon.tupperd import main as daemon_main
 
         return daemon_main(["--root", str(args.root)] if args.root else [])
     if cmd == "image":
@@ -400,7 +400,7 @@ def dispatch(args) -> int:
 def cmd_run(args, backend) -> int:
     import json
 
-    from tupper.ui import table
+    from tupper.cli.ui import table
 
     result = backend.run(args.spec, args.name, args.keep_failed, _progress(args))
     if args.json:
@@ -414,7 +414,7 @@ def cmd_run(args, backend) -> int:
 def cmd_ps(args, backend) -> int:
     import json
 
-    from tupper.ui import ago, table
+    from tupper.cli.ui import ago, table
 
     recs = backend.list()
     if args.json:
@@ -431,7 +431,7 @@ def cmd_ps(args, backend) -> int:
 def cmd_status(args, backend) -> int:
     import json
 
-    from tupper.ui import ago, table
+    from tupper.cli.ui import ago, table
 
     st = backend.status(args.name)
     if args.json:
@@ -455,7 +455,7 @@ def cmd_status(args, backend) -> int:
 def cmd_events(args) -> int:
     import json
 
-    from tupper.client import Client
+    from tupper.cli.client import Client
 
     client = Client()
 
@@ -490,8 +490,8 @@ def cmd_events(args) -> int:
 def cmd_image(args) -> int:
     import json
 
-    from tupper.images import ImageDef, Images
-    from tupper.ui import ago, table
+    from tupper.cli.ui import ago, table
+    from tupper.store.images import ImageDef, Images
 
     if args.image_command == "build":
         definition = ImageDef.from_file(args.definition)
@@ -517,7 +517,7 @@ def cmd_image(args) -> int:
 def cmd_store(args) -> int:
     import json
 
-    from tupper.ui import size
+    from tupper.cli.ui import size
 
     store = _store(args)
     if args.store_command == "info":
@@ -535,7 +535,7 @@ def cmd_store(args) -> int:
     if args.store_command == "check":
         return cmd_store_check(args, store)
     if args.store_command == "unmount":
-        from tupper.runtime import Runtime
+        from tupper.runtime.runtime import Runtime
 
         Runtime(store).unmount_store()
         print(f"unmounted {store.root}")
@@ -546,9 +546,9 @@ def cmd_store(args) -> int:
 def cmd_store_check(args, store) -> int:
     import json
 
-    from tupper import check
-    from tupper.runtime import Runtime
-    from tupper.ui import table
+    from tupper.cli.ui import table
+    from tupper.runtime import check
+    from tupper.runtime.runtime import Runtime
 
     runtime = Runtime(store)
     findings = check.check(runtime)

@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 
 from tupper import proc
+from tupper.durable import write_json
 from tupper.errors import NotFound
 
 RECORD = "record.json"
@@ -27,31 +28,6 @@ EXIT = "exit.json"
 
 # Phases an operation passes through; a record left in one of them by a dead owner was interrupted.
 TRANSITIONAL = frozenset({"creating", "starting", "stopping", "removing"})
-
-
-def write_json(path: Path, data: dict, mode: int = 0o644) -> None:
-    """Durable atomic write: readers see the old file or the new one, never half of one, also after a
-    power cut (the data is on disk before the rename, the rename before we return)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode())
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _strs(value) -> tuple[str, ...]:

@@ -8,9 +8,9 @@ from pathlib import Path, PurePosixPath
 
 import attrs
 
-from tupper import components as comp
 from tupper import tomlfile
 from tupper.errors import InvalidInput
+from tupper.model import components as comp
 
 # The container name is also nspawn's machine name, which must be a valid hostname (systemd's
 # hostname_is_valid()): dot-separated labels of letters, digits and '-', no label starting or ending

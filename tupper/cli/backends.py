@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 class DaemonBackend:
     def __init__(self) -> None:
-        from tupper.client import Client
+        from tupper.cli.client import Client
 
         self.client = Client()
 
     def run(self, spec_path: Path, name: str | None, keep_failed: bool, progress: Progress) -> dict:
-        from tupper.ui import RemoteProgress
+        from tupper.cli.ui import RemoteProgress
 
         target = name or _spec_name(spec_path)
         remote = RemoteProgress(progress)
@@ -45,8 +45,8 @@ class DirectBackend:
     """The runtime in this process: for hosts without a system bus, and for debugging."""
 
     def __init__(self, root: Path | None, progress: Progress) -> None:
-        from tupper.runtime import Runtime
-        from tupper.store import Store
+        from tupper.runtime.runtime import Runtime
+        from tupper.store.store import Store
 
         self.runtime = Runtime(Store.open(root, progress=progress))
 
@@ -61,7 +61,7 @@ class DirectBackend:
                        hint="drop --direct (and --root): the command then goes through tupperd")
 
     def run(self, spec_path: Path, name: str | None, keep_failed: bool, progress: Progress) -> dict:
-        from tupper import spec as specmod
+        from tupper.model import spec as specmod
 
         self._not_served()
         spec = specmod.load(spec_path, name=name, resolve=self.runtime.resolve_component)

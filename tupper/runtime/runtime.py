@@ -17,15 +17,17 @@ from pathlib import Path
 
 import attrs
 
-from tupper import cgroups, monitor, nspawn, proc, records, systemd, unitfiles
+from tupper import durable, proc
+from tupper.container import cgroups, nspawn, systemd, unitfiles
+from tupper.container.inroot import Root, find_command
+from tupper.container.systemd import ContainerBus, UnitState, run_command
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound, TupperError
-from tupper.images import ImageDef, Images, find_definition
-from tupper.inroot import Root, find_command
+from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
-from tupper.records import Record
-from tupper.spec import Spec, check_name
-from tupper.store import FREE_FOR_CONTAINER, Store
-from tupper.systemd import ContainerBus, UnitState, run_command
+from tupper.runtime import monitor, records
+from tupper.runtime.records import Record
+from tupper.store.images import ImageDef, Images, find_definition
+from tupper.store.store import FREE_FOR_CONTAINER, Store
 
 log = logging.getLogger("tupper")
 
@@ -115,13 +117,13 @@ class Runtime:
 
     def list_components(self) -> list[dict]:
         """Every installed component version, with the containers that use it."""
-        from tupper.packages import Installer
+        from tupper.store.packages import Installer
 
         return [dict(i.to_json(), used_by=self.components_in_use(i.path)) for i in Installer(self.store).list()]
 
     def remove_component(self, name: str, version: str) -> None:
         """Uninstall one version; refused while a container uses it (or is being upgraded to it)."""
-        from tupper.packages import Installer
+        from tupper.store.packages import Installer
 
         installer = Installer(self.store)
         installer.remove(name, version, users=self.components_in_use(installer.get(name, version).path))
@@ -210,7 +212,7 @@ class Runtime:
             with self.store.lock():
                 self._check_name_free(spec)
                 os.rename(staging, cdir)
-                records.fsync_dir(cdir.parent)
+                durable.fsync_dir(cdir.parent)
             undo.pop_all()
         rec.dir = cdir
         with contextlib.ExitStack() as undo:
@@ -235,7 +237,7 @@ class Runtime:
             return
         if not self.serves_secrets:
             raise Failed(f"{spec.file}: secrets are delivered by tupperd's agent; run this spec through tupperd (without --direct)")
-        from tupper.secrets import SecretStore
+        from tupper.store.secrets import SecretStore
 
         secrets = SecretStore(self.store)
         for cred, secret in spec.grants:
@@ -393,7 +395,7 @@ class Runtime:
             return
         trash = self.store.scratch("trash", name)
         os.rename(cdir, trash)
-        records.fsync_dir(cdir.parent)
+        durable.fsync_dir(cdir.parent)
         self.store.remove_tree(trash)
 
     # ---- stop / kill / rm ---------------------------------------------------------------------
@@ -564,7 +566,7 @@ class Runtime:
 
     def resolve_component(self, name: str, version: str | None, where: str) -> Path:
         """spec.Resolver: an installed component's directory in the store."""
-        from tupper.packages import Installer
+        from tupper.store.packages import Installer
 
         try:
             return Installer(self.store).get(name, version).path
@@ -578,8 +580,8 @@ class Runtime:
     def upgrade(self, name: str, component: str, version: str, progress: Progress = SILENT) -> dict:
         """Swap one component of a running container for another installed version: new bind mount
         inside the container, new units, reload, restart only its units, wait. Rolls back by itself."""
-        from tupper import components as comp
-        from tupper.packages import Installer
+        from tupper.model import components as comp
+        from tupper.store.packages import Installer
 
         rec = self.running(name)
         entry = rec.component(component)
@@ -651,7 +653,7 @@ class Runtime:
 
     def _recover_upgrade(self, rec: Record) -> str:
         """A live upgrade whose process died: put the recorded (old) version back, files and mount."""
-        from tupper import components as comp
+        from tupper.model import components as comp
 
         pending = rec.upgrade
         assert pending is not None
@@ -678,7 +680,7 @@ class Runtime:
 
     def _swap(self, rec: Record, bus: ContainerBus, mount: str, source: str, files: dict[str, str], remove: list[str],
               old_units: tuple[str, ...], new_units: tuple[str, ...], progress: Progress) -> None:
-        from tupper import mountns
+        from tupper.container import mountns
 
         for unit in old_units:
             if unit not in new_units:
@@ -731,8 +733,8 @@ class Runtime:
         restart: the unit restarts and loads the value from the agent. reload: systemd 252 loads
         credentials only at start, so tupper writes the value into the unit's credentials (in the
         container's memory), then asks systemd to reload the unit."""
-        from tupper import mountns
-        from tupper.secrets import SecretStore
+        from tupper.container import mountns
+        from tupper.store.secrets import SecretStore
 
         secrets = SecretStore(self.store)
         secrets.info(secret)  # NotFound for an unknown name

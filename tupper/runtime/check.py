@@ -10,10 +10,11 @@ from pathlib import Path
 
 import attrs
 
-from tupper import cgroups, nspawn, records
+from tupper.container import cgroups, nspawn
 from tupper.errors import NotFound, TupperError
-from tupper.records import Record
-from tupper.runtime import Runtime
+from tupper.runtime import records
+from tupper.runtime.records import Record
+from tupper.runtime.runtime import Runtime
 
 
 @attrs.frozen

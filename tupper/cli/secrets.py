@@ -27,7 +27,7 @@ def add_secret(sub) -> None:
 
 
 def dispatch(args, store_factory) -> int:
-    from tupper.secrets import SecretStore, read_value
+    from tupper.store.secrets import SecretStore, read_value
 
     cmd = args.secret_command
     store = store_factory()
@@ -46,10 +46,10 @@ def dispatch(args, store_factory) -> int:
         secrets.remove(args.name)
         print(f"secret {args.name}: removed")
         return 0
-    from tupper.ui import ago, table
+    from tupper.cli.ui import ago, table
 
     if cmd == "ls":
-        from tupper.runtime import Runtime
+        from tupper.runtime.runtime import Runtime
 
         holders: dict[str, list[str]] = {}
         for rec in Runtime(store).records():
@@ -77,7 +77,7 @@ def dispatch(args, store_factory) -> int:
 
 
 def _rotate(name: str, quiet_if_unused: bool) -> None:
-    from tupper.client import Client
+    from tupper.cli.client import Client
     from tupper.errors import TupperError
 
     try:

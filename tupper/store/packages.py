@@ -25,10 +25,10 @@ from typing import IO
 
 import attrs
 
-from tupper import components as comp
-from tupper import records
+from tupper import durable
 from tupper.errors import Busy, Exists, InvalidInput, NotFound
-from tupper.store import FREE_FOR_CONTAINER, Store
+from tupper.model import components as comp
+from tupper.store.store import FREE_FOR_CONTAINER, Store
 
 META = "tupper-package.json"
 FORMAT = 1
@@ -379,7 +379,7 @@ class Installer:
         finally:
             self.store.delete_subvolume(tmp)
         # Installed when its metadata appears, atomically.
-        records.write_json(meta_file, {"digest": actual, "installed_at": time.time(), "package": str(pkg)})
+        durable.write_json(meta_file, {"digest": actual, "installed_at": time.time(), "package": str(pkg)})
         return self.get(name, version)
 
     @staticmethod

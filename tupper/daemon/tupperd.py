@@ -23,16 +23,17 @@ from pathlib import Path
 import attrs
 from dbus_next.constants import NameFlag, RequestNameReply
 
-from tupper import api, proc
-from tupper import spec as specmod
-from tupper.agent import Agent
+from tupper import proc
+from tupper.container.systemd import UnitWatch
+from tupper.daemon import api
+from tupper.daemon.agent import Agent
 from tupper.errors import Exists, Failed, InvalidInput, NotFound, TupperError
+from tupper.model import spec as specmod
 from tupper.progress import Progress
-from tupper.records import Record
-from tupper.runtime import RunFailed, Runtime
-from tupper.secrets import SecretStore
-from tupper.store import Store
-from tupper.systemd import UnitWatch
+from tupper.runtime.records import Record
+from tupper.runtime.runtime import RunFailed, Runtime
+from tupper.store.secrets import SecretStore
+from tupper.store.store import Store
 
 log = logging.getLogger("tupperd")
 
@@ -126,7 +127,7 @@ class Daemon:
     def _recover(self) -> None:
         """Operations a dead process left half-done are finished or undone, its scratch space removed;
         anything else `tupper store check` would report is logged (not repaired: that is the admin's call)."""
-        from tupper import check
+        from tupper.runtime import check
 
         store = self.runtime.store
         for rec in self.runtime.records():

@@ -9,9 +9,9 @@ from pathlib import Path, PurePosixPath
 
 import attrs
 
-from tupper import components as comp
 from tupper import tomlfile
 from tupper.errors import InvalidInput
+from tupper.model import components as comp
 
 MAX_TOTAL_BYTES = 1 << 30  # 1 GiB of payload
 MAX_FILES = 100_000

@@ -18,9 +18,9 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from tupper.container.unitfiles import AGENT_SOCKET_NAME
 from tupper.errors import TupperError
-from tupper.secrets import SecretStore
-from tupper.unitfiles import AGENT_SOCKET_NAME
+from tupper.store.secrets import SecretStore
 
 log = logging.getLogger("tupperd")
 

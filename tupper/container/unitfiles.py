@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tupper.components import Component
-from tupper.inroot import Root
-from tupper.spec import Spec
+from tupper.container.inroot import Root
+from tupper.model.components import Component
+from tupper.model.spec import Spec
 
 UNIT_DIR = "etc/systemd/system"
 TARGET = "tupper.target"

@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tupper import cgroups, nspawn, proc, records
+from tupper import proc
+from tupper.container import cgroups, nspawn
 from tupper.errors import Failed, TupperError
+from tupper.runtime import records
 
 
 def spawn(name: str, cdir: Path, argv: list[str], console: Path, cgroup: str | None) -> tuple[int, int]:

@@ -63,7 +63,7 @@ def replace_mount(leader: int, source: str, target: str) -> None:
     replacing what is mounted there."""
     fd = clone_tree(source)
     try:
-        p = proc.run([sys.executable, "-m", "tupper.mountns", "move", str(leader), str(fd), target],
+        p = proc.run([sys.executable, "-m", "tupper.container.mountns", "move", str(leader), str(fd), target],
                      check=False, pass_fds=(fd,), timeout=30)
     finally:
         os.close(fd)
@@ -75,7 +75,7 @@ def refresh_credential(leader: int, unit: str, credential: str, value: bytes) ->
     """Replace a running unit's credential in the container's /run/credentials/UNIT (a ramfs that
     systemd made read-only): systemd 252 loads credentials only when a unit starts, so a `reload`
     rotation puts the new value there itself. The value travels on a pipe, never on a command line."""
-    p = proc.run([sys.executable, "-m", "tupper.mountns", "credential", str(leader), unit, credential],
+    p = proc.run([sys.executable, "-m", "tupper.container.mountns", "credential", str(leader), unit, credential],
                  check=False, input=value, binary=True, timeout=30)
     if p.returncode != 0:
         raise Failed(f"cannot refresh credential {credential} of {unit}: {p.stderr.decode(errors='replace').strip() or p.returncode}")

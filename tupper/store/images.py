@@ -14,10 +14,11 @@ from pathlib import Path
 
 import attrs
 
-from tupper import cgroups, nspawn, proc, records, tomlfile
+from tupper import durable, proc, tomlfile
+from tupper.container import cgroups, nspawn
 from tupper.errors import Busy, Failed, InvalidInput, NotFound
 from tupper.progress import SILENT, Progress
-from tupper.store import FREE_FOR_IMAGE, Store
+from tupper.store.store import FREE_FOR_IMAGE, Store
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
 REQUIRED_PACKAGES = ("systemd", "systemd-sysv", "dbus")
@@ -216,7 +217,7 @@ class Images:
             self.store.delete_subvolume(tmp)
         # Published when its metadata appears (atomically): until then the image does not exist.
         meta = {"built_at": time.time(), "definition": definition.file, "suite": definition.suite}
-        records.write_json(self._meta(definition.name), meta)
+        durable.write_json(self._meta(definition.name), meta)
         return self.get(definition.name)
 
     def _debootstrap(self, d: ImageDef, target: Path, mirror: str, progress: Progress) -> None:

@@ -1,0 +1,1 @@
+"""What users write: container specs and components (parsed into frozen values), and the developer SDK."""

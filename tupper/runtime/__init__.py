@@ -1,0 +1,1 @@
+"""The orchestrator (every container verb), per-container records, process supervision, store check."""

@@ -1,0 +1,1 @@
+"""The btrfs store and what it holds: images, installed component packages, secrets at rest."""
