@@ -840,6 +840,7 @@ class StandInRuntime:
     # The real ones, on a PlainStore: what they check before touching a container is what is fuzzed.
     resolve_component = Runtime.resolve_component
     running = Runtime.running
+    live = Runtime.live
     unit_job = Runtime.unit_job
     secret_holders = Runtime.secret_holders
     rotate_secret = Runtime.rotate_secret
