@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tupper.store.store import Store
+
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = REPO / "services"
 IMAGE = "debian-bookworm"
@@ -367,3 +369,29 @@ def system_snapshot(root: Path, only: str = "") -> dict:
         "nspawn": sorted(line for line in procs if line.strip() and "<defunct>" not in line and only in line),
         "cgroups": sorted(c for c in cgroup_dirs if only in c),
     }
+
+
+# ---- a store without btrfs, for unit tests -------------------------------------------------------------
+
+
+class PlainStore(Store):
+    """A Store on a plain directory: subvolumes are directories, snapshots copies (the real ones need
+    btrfs; what the Installer writes, and where, is the same). Free space is not the subject here."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "btrfs")
+        root.mkdir(parents=True, exist_ok=True)
+        self._ensure_layout()
+
+    def create_subvolume(self, path: Path) -> None:
+        path.mkdir()
+
+    def snapshot(self, source: Path, dest: Path, *, read_only: bool = False) -> None:
+        shutil.copytree(source, dest, symlinks=True)
+
+    def set_read_only(self, path: Path, read_only: bool = True) -> None:
+        pass
+
+    def require_free(self, needed: int, what: str) -> None:
+        pass
+

@@ -34,6 +34,7 @@ import pytest
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface
 from dbus_next.validators import is_object_path_valid
+from helpers import PlainStore
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -46,7 +47,6 @@ from tupper.model import sdk, spec
 from tupper.runtime.runtime import Runtime
 from tupper.store import images, packages
 from tupper.store.secrets import SecretStore
-from tupper.store.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -588,28 +588,6 @@ def test_label_escapes_each_utf8_byte_as_systemd_does():
 
 
 # ---- packages ---------------------------------------------------------------------------------------------
-
-
-class PlainStore(Store):
-    """A Store on a plain directory: subvolumes are directories, snapshots copies (the real ones need
-    btrfs; what the Installer writes, and where, is the same). Free space is not the subject here."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root, "btrfs")
-        root.mkdir(parents=True, exist_ok=True)
-        self._ensure_layout()
-
-    def create_subvolume(self, path: Path) -> None:
-        path.mkdir()
-
-    def snapshot(self, source: Path, dest: Path, *, read_only: bool = False) -> None:
-        shutil.copytree(source, dest, symlinks=True)
-
-    def set_read_only(self, path: Path, read_only: bool = True) -> None:
-        pass
-
-    def require_free(self, needed: int, what: str) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 
@@ -19,18 +19,29 @@ from tupper.errors import Busy, Failed, InvalidInput, TupperError
 from tupper.progress import SILENT, Progress
 from tupper.runtime import records
 from tupper.runtime.records import Record
-
-if TYPE_CHECKING:
-    from tupper.runtime.runtime import Runtime
+from tupper.store.store import Store
 
 # After an upgrade's units are active they must stay so this long: a service that dies right after
 # its start job finished (Type=exec, a crash on start-up) fails the upgrade and is rolled back.
 UPGRADE_SETTLE = 0.1
 
 
+class RuntimeView(Protocol):
+    """What live changes ask of the runtime: the store and its records (tupper.runtime.runtime.Runtime;
+    a fake in tests/unit/test_live.py)."""
+
+    store: Store
+
+    def record(self, name: str) -> Record: ...
+
+    def records(self) -> list[Record]: ...
+
+    def running(self, name: str) -> Record: ...
+
+
 @attrs.frozen
 class LiveChanges:
-    rt: Runtime
+    rt: RuntimeView
 
     def upgrade(self, name: str, component: str, version: str, progress: Progress = SILENT) -> dict:
         """Swap one component of a running container for another installed version: new bind mount
