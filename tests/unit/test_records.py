@@ -128,3 +128,21 @@ def test_a_record_written_before_the_types_loads(tmp_path):
 ])
 def test_the_agent_reads_unit_and_credential_from_systemds_peer_address(address, parsed):
     assert parse_peer(address) == parsed
+
+
+def test_status_lists_every_component_unit_with_its_component_inactive_where_systemd_did_not_answer(tmp_path):
+    from tupper.container.systemd import UnitState
+    from tupper.runtime.status import ContainerStatus
+
+    rec = _record(tmp_path, components=[
+        ComponentEntry(name="web", version="1", mount="/opt/web", source="/s/web", units=["web.service", "web.socket"]),
+        ComponentEntry(name="db", version="2", mount="/opt/db", source="/s/db", units=["db.service"]),
+    ])
+    answered = UnitState(name="web.service", active_state="active", sub_state="running", result="success", main_pid=42)
+    st = ContainerStatus.of(rec, {"web.service": answered}, "running")
+    assert [(u.component, u.name, u.state.active_state) for u in st.units] == [
+        ("web", "web.service", "active"), ("web", "web.socket", "inactive"), ("db", "db.service", "inactive")]
+    out = st.to_json()
+    assert out["system_state"] == "running" and out["name"] == "c"
+    assert out["units"][0] == {**answered.to_json(), "component": "web"}
+    assert "system_state" not in ContainerStatus.of(rec, {}, None).to_json()  # not running: systemd was not asked

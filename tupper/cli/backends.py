@@ -71,7 +71,7 @@ class DirectBackend:
         return [r.to_json() for r in self.runtime.records()]
 
     def status(self, name: str) -> dict:
-        return self.runtime.status(name)
+        return self.runtime.status(name).to_json()
 
     def start(self, name: str) -> str:
         self._not_served()

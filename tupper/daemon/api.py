@@ -194,7 +194,7 @@ class ManagerInterface(ServiceInterface):
     @method()
     async def GetJSON(self, name: "s") -> "s":
         """The same as `tupper status NAME --json` (units read from the container's systemd)."""
-        return json.dumps(await self._guard(self.daemon.status(name)))
+        return json.dumps((await self._guard(self.daemon.status(name))).to_json())
 
     @method()
     @privileged
@@ -361,7 +361,7 @@ class ContainerInterface(ServiceInterface):
     async def ListUnits(self) -> "a(ssss)":
         """The component units: name, ActiveState, SubState, Result."""
         units = await self._guard(self.daemon.units(self.container))
-        return [[u["name"], u["active_state"], u["sub_state"], u["result"]] for u in units]
+        return [[u.name, u.state.active_state, u.state.sub_state, u.state.result] for u in units]
 
     @signal()
     def UnitStateChanged(self, unit: str, active_state: str, sub_state: str) -> "sss":

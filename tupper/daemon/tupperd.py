@@ -27,11 +27,12 @@ from tupper import proc
 from tupper.container.systemd import UnitWatch
 from tupper.daemon import api
 from tupper.daemon.agent import Agent
-from tupper.errors import Exists, Failed, InvalidInput, NotFound, TupperError
+from tupper.errors import Failed, InvalidInput, NotFound, TupperError
 from tupper.model import spec as specmod
 from tupper.progress import Progress
 from tupper.runtime.records import Record
 from tupper.runtime.runtime import RunFailed, Runtime
+from tupper.runtime.status import ContainerStatus, UnitStatus
 from tupper.store.secrets import SecretStore
 from tupper.store.store import Store
 
@@ -156,10 +157,10 @@ class Daemon:
         failed to load its credentials: now that the agent is back, start it again."""
         try:
             status = await asyncio.to_thread(self.runtime.status, rec.name)
-            for unit in status["units"]:
-                if unit["name"] in rec.credential_grants() and unit["active_state"] == "failed":
-                    result = await self.unit_job(rec.name, unit["name"], "RestartUnit")
-                    log.warning("%s: %s had failed while no agent served its credentials: restarted (%s)", rec.name, unit["name"], result)
+            for unit in status.units:
+                if unit.name in rec.credential_grants() and unit.state.active_state == "failed":
+                    result = await self.unit_job(rec.name, unit.name, "RestartUnit")
+                    log.warning("%s: %s had failed while no agent served its credentials: restarted (%s)", rec.name, unit.name, result)
         except (TupperError, OSError) as exc:
             log.error("%s: could not restart units that missed their credentials: %s", rec.name, exc)
 
@@ -258,15 +259,17 @@ class Daemon:
     def state_of(self, name: str) -> str:
         return self.get(name).state()
 
-    def _set_state(self, w: Watched) -> None:
+    def _set_state(self, w: Watched, rec: Record | None = None) -> str:
+        """Publish the container's state if it changed; `rec`: its record, if the caller holds it fresh."""
         try:
-            state = self.runtime.record(w.name).state()
+            state = (rec or self.runtime.record(w.name)).state()
         except NotFound:
-            return
+            return w.state
         if state != w.state:
             w.state = state
             self.manager.ContainerStateChanged(w.name, state)
             w.iface.emit_properties_changed({"State": state})
+        return state
 
     def list(self) -> builtins.list[dict]:
         out = []
@@ -277,12 +280,12 @@ class Daemon:
                 continue
         return out
 
-    async def status(self, name: str) -> dict:
+    async def status(self, name: str) -> ContainerStatus:
         self.get(name)
         return await asyncio.to_thread(self.runtime.status, name)
 
-    async def units(self, name: str) -> builtins.list[dict]:
-        return (await self.status(name))["units"]
+    async def units(self, name: str) -> builtins.list[UnitStatus]:
+        return list((await self.status(name)).units)
 
     # ---- operations ---------------------------------------------------------------------------
 
@@ -301,7 +304,7 @@ class Daemon:
 
     async def _run(self, spec: specmod.Spec, keep_failed: bool) -> dict:
         if spec.name in self.creating or spec.name in self.watched:
-            raise Exists(f"{spec.file}: name: a container named {spec.name!r} already exists", hint=f"pick another name, or `tupper rm {spec.name}`")
+            raise self.runtime.name_taken(spec)  # a run of the same name under way here: before its record exists
         self.creating.add(spec.name)
         try:
             progress = SignalProgress(self, spec.name)
@@ -354,9 +357,9 @@ class Daemon:
             w.restart_task.cancel()
             w.restart_task = None
         async with w.lock:
-            await asyncio.to_thread(self.runtime.stop, name, timeout)
-            await self._settle(w)
-        return self.state_of(name)
+            rec = await asyncio.to_thread(self.runtime.stop, name, timeout)
+            self._detach(w)
+            return self._set_state(w, rec)
 
     async def kill(self, name: str, signal_number: int) -> str:
         w = self._watched(name)

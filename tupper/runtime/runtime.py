@@ -27,6 +27,7 @@ from tupper.progress import SILENT, Progress
 from tupper.runtime import monitor, records
 from tupper.runtime.live import LiveChanges
 from tupper.runtime.records import Record
+from tupper.runtime.status import ContainerStatus
 from tupper.store.images import ImageDef, Images, find_definition
 from tupper.store.store import FREE_FOR_CONTAINER, Store
 
@@ -223,12 +224,16 @@ class Runtime:
 
     def _check_name_free(self, spec: Spec) -> None:
         if self._dir(spec.name).exists():
-            raise Exists(f"{spec.file}: name: a container named {spec.name!r} already exists", hint=f"pick another name, or `tupper rm {spec.name}`")
+            raise self.name_taken(spec)
         machine = nspawn.machine_name(spec.name)
         for other in self.store.containers_dir.iterdir():
             if nspawn.machine_name(other.name) == machine:
                 raise Exists(f"{spec.file}: name: {spec.name!r} and the existing container {other.name!r} would have the same "
                              f"machine name {machine!r} ('_' becomes '-')", hint="pick another name")
+
+    @staticmethod
+    def name_taken(spec: Spec) -> Exists:
+        return Exists(f"{spec.file}: name: a container named {spec.name!r} already exists", hint=f"pick another name, or `tupper rm {spec.name}`")
 
     def _check_secrets(self, spec: Spec) -> None:
         if not spec.grants:
@@ -544,21 +549,18 @@ class Runtime:
             raise Failed(f"container {name!r} is not running (state: {rec.state()})")
         return rec
 
-    def status(self, name: str) -> dict:
+    def status(self, name: str) -> ContainerStatus:
         rec = self.record(name)
-        out = rec.to_json()
-        units = []
+        states: dict[str, UnitState] = {}
+        system_state = None
         if rec.alive() and rec.leader_pid:
             try:
                 with ContainerBus.connect(rec.leader_pid, timeout=2.0, alive=rec.alive) as bus:
-                    out["system_state"] = bus.system_state()
-                    units = [bus.unit_state(u).to_json() for u in rec.units]
+                    system_state = bus.system_state()
+                    states = {u: bus.unit_state(u) for u in rec.units}
             except Failed:
                 pass
-        if not units:
-            units = [{"name": u, "active_state": "inactive", "sub_state": "dead", "result": "", "main_pid": 0, "active_enter_usec": 0, "inactive_exit_usec": 0} for u in rec.units]
-        out["units"] = units
-        return out
+        return ContainerStatus.of(rec, states, system_state)
 
     # ---- components ---------------------------------------------------------------------------
 
