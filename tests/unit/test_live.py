@@ -5,6 +5,7 @@ the container would get is the installed one. Real packages in a store on a plai
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -19,11 +20,16 @@ from tupper.store import packages
 from tupper.store.store import Store
 
 
+def _no_bus(leader: int, **_kw):
+    raise AssertionError(f"a refused change opened the bus of the container with leader {leader}")
+
+
 @attrs.define
 class FakeRuntime:
-    """RuntimeView: one store, records in memory; `running` never looks at processes."""
+    """RuntimeView: one store, records in memory; `running` never looks at processes; no bus to open."""
 
     store: Store
+    connect_bus: Callable = _no_bus
     recs: dict[str, Record] = attrs.Factory(dict)
     saved: list[str] = attrs.Factory(list)
 
@@ -128,7 +134,7 @@ def test_a_second_upgrade_while_one_is_under_way_is_refused(world):
     assert "has an upgrade of db under way" in _refused(rt, "web", "2.0.0")
 
 
-def test_an_acceptable_upgrade_records_what_to_roll_back_to_before_touching_the_container(world, monkeypatch):
+def test_an_acceptable_upgrade_records_what_to_roll_back_to_before_touching_the_container(world):
     """Past the checks, the record names the old version and its owner on disk before the container's
     bus is opened: a crash from here on is rolled back by `recover`."""
     rt, install = world
@@ -140,7 +146,7 @@ def test_an_acceptable_upgrade_records_what_to_roll_back_to_before_touching_the_
         seen["record"] = json.loads((rec.dir / "record.json").read_text())
         raise Failed("the fake has no container bus")
 
-    monkeypatch.setattr("tupper.runtime.live.ContainerBus.connect", no_bus)
+    rt.connect_bus = no_bus
     with pytest.raises(Failed):
         LiveChanges(rt).upgrade("c", "web", "2.0.0")
     assert seen["record"]["upgrade"] == {"component": "web", "version": "1.0.0", "source": rec.components[0].source,

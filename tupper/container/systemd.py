@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 from pystemd.dbusexc import DBusBaseError
@@ -60,6 +62,34 @@ def _why(exc: Exception) -> str:
     """pystemd's error without its wrapping ("[err -2]: b'Unit x not found.'" -> "Unit x not found.")."""
     message = getattr(exc, "err_message", None)
     return _s(message) if message else str(exc)
+
+
+class SystemdBus(Protocol):
+    """What the runtime asks of a container's systemd (ContainerBus; fakes in the unit tests)."""
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> SystemdBus: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+    def system_state(self) -> str: ...
+
+    def unit_state(self, name: str) -> UnitState: ...
+
+    def has_job(self, name: str) -> bool: ...
+
+    def power_off(self) -> None: ...
+
+    def stop_unit(self, name: str) -> None: ...
+
+    def restart_unit(self, name: str) -> None: ...
+
+    def reload(self) -> None: ...
+
+
+# Opens a SystemdBus to the container whose PID 1 is `leader`: (leader, timeout=, alive=) -> bus.
+Connect = Callable[..., SystemdBus]
 
 
 class ContainerBus:

@@ -14,7 +14,7 @@ import attrs
 
 from tupper import proc
 from tupper.container import systemd, unitfiles
-from tupper.container.systemd import ContainerBus
+from tupper.container.systemd import Connect, SystemdBus
 from tupper.errors import Busy, Failed, InvalidInput, TupperError
 from tupper.progress import SILENT, Progress
 from tupper.runtime import records
@@ -31,6 +31,7 @@ class RuntimeView(Protocol):
     a fake in tests/unit/test_live.py)."""
 
     store: Store
+    connect_bus: Connect
 
     def record(self, name: str) -> Record: ...
 
@@ -79,7 +80,7 @@ class LiveChanges:
         rec.owner_pid, rec.owner_starttime = os.getpid(), proc.pid_starttime(os.getpid()) or 0
         rec.save()
         try:
-            with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
+            with self.rt.connect_bus(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
                 try:
                     with progress.step(f"Upgrading {component} {entry.version} → {version} in {name}"):
                         self._swap(rec, bus, entry.mount, str(target.path), new_files, stale, old.units, new.units, progress)
@@ -134,7 +135,7 @@ class LiveChanges:
             new_units, new_files = (), {}
         extra = [p for p in new_files if p not in old_files]
         if rec.alive():
-            with ContainerBus.connect(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
+            with self.rt.connect_bus(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
                 self._swap(rec, bus, entry.mount, entry.source, old_files, extra, tuple(new_units), old.units, SILENT)
         else:
             unitfiles.remove(rec.rootfs, extra)
@@ -144,7 +145,7 @@ class LiveChanges:
         rec.save()
         return f"component {entry.name} rolled back to {entry.version} (its upgrade was interrupted)"
 
-    def _swap(self, rec: Record, bus: ContainerBus, mount: str, source: str, files: dict[str, str], remove: list[str],
+    def _swap(self, rec: Record, bus: SystemdBus, mount: str, source: str, files: dict[str, str], remove: list[str],
               old_units: tuple[str, ...], new_units: tuple[str, ...], progress: Progress) -> None:
         from tupper.container import mountns
 
@@ -159,7 +160,7 @@ class LiveChanges:
             bus.restart_unit(unit)
         self._wait_jobs(rec, bus, list(new_units), rec.start_timeout, progress)
 
-    def _wait_jobs(self, rec: Record, bus: ContainerBus, units: list[str], timeout: float, progress: Progress) -> None:
+    def _wait_jobs(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress) -> None:
         """Wait until the units' jobs are done and they are active, and stay active a moment (a service
         that dies right after starting counts as failed)."""
         deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ import attrs
 from tupper import durable, proc
 from tupper.container import cgroups, nspawn, unitfiles
 from tupper.container.inroot import Root, find_command
-from tupper.container.systemd import ContainerBus, UnitState, run_command
+from tupper.container.systemd import Connect, ContainerBus, SystemdBus, UnitState, run_command
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound
 from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
@@ -78,6 +78,8 @@ class Runtime:
     host: nspawn.Host = attrs.Factory(nspawn.Host.detect)
     # True in tupperd, which runs the secrets agents; a container with granted secrets needs one.
     serves_secrets: bool = False
+    # How the runtime reaches a container's systemd (a fake in tests/unit/test_runtime.py).
+    connect_bus: Connect = ContainerBus.connect
 
     # ---- containers on disk -------------------------------------------------------------------
 
@@ -284,7 +286,7 @@ class Runtime:
             argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host)
             with progress.step(f"Booting {rec.name}"):
                 self._start(rec, argv)
-                bus = ContainerBus.connect(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
+                bus = self.connect_bus(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
             undo.callback(bus.close)
             with progress.step(f"Starting {len(rec.units)} unit(s)"):
                 states, failures = self._wait_units(rec, bus, rec.units, rec.start_timeout, progress)
@@ -341,7 +343,7 @@ class Runtime:
         rec.leader_pid = monitor.find_leader(rec.nspawn_pid, rec.alive, rec.dir / "console.log")
         rec.save()
 
-    def _wait_units(self, rec: Record, bus: ContainerBus, units: list[str], timeout: float, progress: Progress):
+    def _wait_units(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress):
         deadline = time.monotonic() + timeout
         while True:
             states = [bus.unit_state(u) for u in units]
@@ -414,7 +416,7 @@ class Runtime:
         _save_if_possible(rec)
         bus = None
         try:
-            bus = ContainerBus.connect(rec.leader_pid, timeout=1.0, alive=rec.alive)
+            bus = self.connect_bus(rec.leader_pid, timeout=1.0, alive=rec.alive)
         except Failed:
             pass
         self._halt(rec, bus, timeout)
@@ -423,7 +425,7 @@ class Runtime:
         _end_if_possible(rec, "stopped")
         return rec
 
-    def _halt(self, rec: Record, bus: ContainerBus | None, timeout: float) -> None:
+    def _halt(self, rec: Record, bus: SystemdBus | None, timeout: float) -> None:
         """PowerOff over D-Bus; SIGKILL the container when it is not down within `timeout`."""
         if bus is not None:
             try:
@@ -555,7 +557,7 @@ class Runtime:
         system_state = None
         if rec.alive() and rec.leader_pid:
             try:
-                with ContainerBus.connect(rec.leader_pid, timeout=2.0, alive=rec.alive) as bus:
+                with self.connect_bus(rec.leader_pid, timeout=2.0, alive=rec.alive) as bus:
                     system_state = bus.system_state()
                     states = {u: bus.unit_state(u) for u in rec.units}
             except Failed:
