@@ -353,7 +353,10 @@ def system_snapshot(root: Path, only: str = "") -> dict:
     subvols = subprocess.run(["btrfs", "subvolume", "list", "-o", str(root)], capture_output=True, text=True).stdout.split("\n")
     procs = subprocess.run(["pgrep", "-a", "-x", "systemd-nspawn"], capture_output=True, text=True).stdout.split("\n")
     cgroup_dirs = []
-    for h in (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
+    from tupper.container.cgroups import Layout
+
+    # Every hierarchy, below our own cgroup in each (where tupper makes them) and at the top.
+    for h in {*(h.own for h in Layout.detect().hierarchies), *(h.mount for h in Layout.detect().hierarchies)}:
         for parent in h.glob("tupper*"):
             if parent.is_dir():
                 cgroup_dirs += [str(p) for p in parent.iterdir() if p.is_dir()]

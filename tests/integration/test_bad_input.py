@@ -154,11 +154,38 @@ def mount_through_image_symlink(tmp: Path, name: str):
     return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), f"mount: '/var/run/{name}' is a system directory"]
 
 
+def negative_memory(tmp: Path, name: str):
+    spec = write_spec(tmp / "spec.toml", [SERVICES / "hello"], name=name, extra="[resources]\nmemory_max = -1\n")
+    return spec, [str(spec), "resources.memory_max: a size cannot be negative"]
+
+
+def unparseable_cpu(tmp: Path, name: str):
+    spec = write_spec(tmp / "spec.toml", [SERVICES / "hello"], name=name, extra='[resources]\ncpu_max = "1.5 CPUs"\n')
+    return spec, [str(spec), "resources.cpu_max: not a CPU share: '1.5 CPUs'"]
+
+
+def low_above_high(tmp: Path, name: str):
+    spec = write_spec(tmp / "spec.toml", [SERVICES / "hello"], name=name, extra='[resources]\nmemory_low = "2G"\nmemory_high = "1G"\n')
+    return spec, [str(spec), "resources.memory_low: 2G is above memory_high (1G)"]
+
+
+def component_weight_out_of_range(tmp: Path, name: str):
+    spec = tmp / "spec.toml"
+    spec.write_text(f'name = "{name}"\n[[components]]\npath = "{SERVICES / "hello"}"\n[components.resources]\nio_weight = 0\n')
+    return spec, [str(spec), "components[0].resources.io_weight: must be between 1 and 10000"]
+
+
+def misspelt_resource(tmp: Path, name: str):
+    spec = write_spec(tmp / "spec.toml", [SERVICES / "hello"], name=name, extra="[resources]\npids_maximum = 5\n")
+    return spec, [str(spec), "resources.pids_maximum: unknown key (did you mean 'pids_max'?)"]
+
+
 CASES: list[Callable] = [
     malformed_toml, unknown_key, wrong_type, bool_for_number, missing_image, missing_component_dir, dir_without_manifest,
     missing_unit_file, same_unit_twice, requires_unknown, requires_cycle, bad_name_characters, space_in_file_stem,
     unit_path_with_dotdot, unit_absolute_path, unit_symlink_pointing_out, payload_absolute_symlink,
     payload_symlink_climbing_out, mount_with_dotdot, mount_on_system_dir, mount_through_image_symlink,
+    negative_memory, unparseable_cpu, low_above_high, component_weight_out_of_range, misspelt_resource,
 ]  # fmt: skip
 
 

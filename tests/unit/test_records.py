@@ -12,6 +12,7 @@ import pytest
 
 from tupper import proc
 from tupper.daemon.agent import parse_peer
+from tupper.model.resources import Resources
 from tupper.runtime import records
 from tupper.runtime.records import ComponentEntry, PendingUpgrade, Record
 
@@ -85,7 +86,8 @@ def test_interrupted_means_a_transitional_phase_or_an_upgrade_whose_owner_is_gon
 
 def test_components_are_typed_in_memory_and_the_same_json_on_disk(tmp_path):
     comps = [ComponentEntry(name="web", version="1.0", mount="/opt/web", source="/store/web/1.0", units=["web.service"],
-                            env=[["PORT", "80"]], requires=[], secrets=["tls"], on_rotate="reload"),
+                            env=[["PORT", "80"]], requires=[], secrets=["tls"], on_rotate="reload",
+                            resources=Resources(memory_max=256 << 20, cpu_max=50.0)),
              ComponentEntry(name="db", version="2", mount="/opt/db", source="/src/db", units=("db.service", "db.socket"))]
     rec = _record(tmp_path, components=comps, grants={"tls": "site-cert"},
                   upgrade=PendingUpgrade(component="web", version="0.9", source="/s/0.9", to_source="/s/1.0"))
@@ -93,7 +95,8 @@ def test_components_are_typed_in_memory_and_the_same_json_on_disk(tmp_path):
     on_disk = json.loads((rec.dir / records.RECORD).read_text())
     assert on_disk["components"][0] == {"name": "web", "version": "1.0", "mount": "/opt/web", "source": "/store/web/1.0",
                                         "units": ["web.service"], "env": [["PORT", "80"]], "requires": [], "secrets": ["tls"],
-                                        "on_rotate": "reload"}
+                                        "on_rotate": "reload", "resources": {"memory_max": 256 << 20, "cpu_max": "50%"}}
+    assert on_disk["components"][1]["resources"] == {}
     assert on_disk["upgrade"] == {"component": "web", "version": "0.9", "source": "/s/0.9", "to_source": "/s/1.0"}
     back = Record.load(rec.dir)
     assert back.components == rec.components and back.upgrade == rec.upgrade

@@ -102,6 +102,10 @@ class DirectBackend:
         self._not_served()
         return self.runtime.upgrade(name, component, version)
 
+    def update(self, name: str, component: str | None, changes: dict[str, str]) -> dict:
+        self._not_served()
+        return self.runtime.update(name, component, changes).to_json()
+
     def exec(self, name: str, argv: builtins.list[str]) -> int:
         return self.runtime.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
 

@@ -190,6 +190,10 @@ class Client:
     def upgrade(self, name: str, component: str, version: str) -> dict:
         return _json(self.call("Upgrade", "sss", [name, component, version])[0])
 
+    def update(self, name: str, component: str | None, changes: dict[str, str]) -> dict:
+        limits, notes, applied = self.call("Update", "ssa{ss}", [name, component or "", changes])[0]
+        return {"resources": limits, "notes": notes, "applied": applied}
+
     def exec(self, name: str, argv: builtins.list[str], fds: tuple[int, int, int] = (0, 1, 2)) -> int:
         return self.call("Exec", "sashhh", [name, argv, 0, 1, 2], unix_fds=list(fds))[0]
 

@@ -20,7 +20,7 @@ tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it
 
 
 # Container verbs: served by tupperd unless --direct. Everything else runs in this process.
-DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "kill", "shutdown", "rm", "exec", "events"})
+DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "kill", "shutdown", "rm", "exec", "events", "update"})
 
 
 def _path(text: str):
@@ -124,6 +124,29 @@ def _add_kill(sub) -> None:
     k.add_argument("--signal", "-s", default="KILL", help="signal name or number (default KILL)")
 
 
+# `tupper update` options: the keys of a spec's [resources], as --memory-max etc.
+UPDATE_KEYS = ("memory_min", "memory_low", "memory_high", "memory_max", "memory_swap_max", "cpu_weight", "cpu_max", "io_weight", "pids_max")
+
+
+def _add_update(sub) -> None:
+    import argparse
+
+    up = sub.add_parser(
+        "update", help="change resource limits of a container or of one component, live",
+        description="Change resource limits of a container (or, with --component, of one component's units) without "
+                    "restarting it, like `podman update` or `systemctl set-property`; kept for its next starts. "
+                    "Values as in a spec's [resources] (docs/resources.md).",
+        epilog="examples:\n  tupper update web --memory-max 1G --cpu-max 200%\n  tupper update web --component api --memory-max 256M\n"
+               "  tupper update web --pids-max infinity",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("name")
+    up.add_argument("--component", help="limit this component's units instead of the whole container")
+    for key in UPDATE_KEYS:
+        up.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar="SIZE" if key.startswith("memory") else
+                        ("PERCENT" if key == "cpu_max" else "N"))
+    up.add_argument("--json", action="store_true", help="JSON object with the limits now, notes, and whether they were applied live")
+
+
 def _add_shutdown(sub) -> None:
     sh = sub.add_parser("shutdown", help="stop containers, the last started first")
     sh.add_argument("--all", action="store_true", required=True, help="every running container")
@@ -208,7 +231,7 @@ def _add_store(sub) -> None:
 
 # In the order `tupper --help` lists them.
 _COMMANDS = {
-    "run": _add_run, "ps": _add_ps, "status": _add_status, "stop": _add_stop, "start": _add_start, "kill": _add_kill,
+    "run": _add_run, "ps": _add_ps, "status": _add_status, "stop": _add_stop, "start": _add_start, "kill": _add_kill, "update": _add_update,
     "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret,
@@ -377,6 +400,8 @@ def dispatch(args) -> int:
         return cmd_ps(args, backend)
     if cmd == "status":
         return cmd_status(args, backend)
+    if cmd == "update":
+        return cmd_update(args, backend)
     t0 = time.monotonic()
     if cmd == "stop":
         state = backend.stop(args.name, args.timeout)
@@ -394,6 +419,34 @@ def dispatch(args) -> int:
             print(f"{name}: stopped")
     else:
         raise AssertionError(cmd)
+    return 0
+
+
+def cmd_update(args, backend) -> int:
+    import json
+
+    from tupper.model import resources
+
+    changes: dict[str, str] = {}
+    for key in UPDATE_KEYS:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        text = value.strip()
+        # Checked here too, so a bad value names the option; the runtime checks the whole again.
+        resources.parse_value(key, resources.from_text(text), f"--{key.replace('_', '-')}")
+        changes[key] = text
+    if not changes:
+        raise InvalidInput("update: give at least one limit (--memory-max, --cpu-max, …)", hint="see `tupper update --help`")
+    result = backend.update(args.name, args.component, changes)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    what = f"{args.name}" + (f" component {args.component}" if args.component else "")
+    limits = ", ".join(f"{k}={v}" for k, v in result["resources"].items()) or "none"
+    print(f"{what}: {limits} ({'applied' if result['applied'] else 'at its next start'})")
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -446,6 +499,11 @@ def cmd_status(args, backend) -> int:
     print(f"restart:  {st.get('restart_policy', 'no')}")
     if "exit" in st:
         print(f"exit:     status {st['exit']['returncode']}")
+    if st.get("oom_kills"):
+        per = ", ".join(f"{c['name']} {c['oom_kills']}" for c in st["components"] if c.get("oom_kills"))
+        print(f"oom:      {st['oom_kills']} process(es) killed for lack of memory" + (f" ({per})" if per else ""))
+    if st.get("resources"):
+        print(f"limits:   {', '.join(f'{k}={v}' for k, v in st['resources'].items())}")
     print()
     table(["UNIT", "ACTIVE", "SUB", "RESULT", "MAIN PID"],
           [[u["name"], u["active_state"], u["sub_state"], u["result"] or "-", u["main_pid"] or "-"] for u in st["units"]])

@@ -1,58 +1,178 @@
-"""Per-container cgroups: each container gets `<parent>/<name>` in every hierarchy systemd inside it uses.
+"""Cgroups: the one module that knows the host's cgroup layout and writes cgroup files.
 
-The parent is the store's (`tupper` for the default store, `tupper-<id>` for another), so two stores
-(the user's and a test suite's) never share, or clean up, each other's cgroups.
+Every container gets `<own>/<parent>/<name>` in each hierarchy it needs, where `<own>` is the cgroup
+this process runs in there (a runtime lives in the slice it was given, never above it) and `<parent>`
+is the store's (`tupper` for the default store, `tupper-<id>` for another), so two stores never share,
+or clean up, each other's cgroups. The hierarchies:
 
-systemd-nspawn with --keep-unit makes `payload/` and `supervisor/` below its own cgroup; without a cgroup
-of its own, two containers would share them. Layouts: pure cgroup2, hybrid (v1 + unified), legacy v1.
+- systemd's, where systemd inside the container makes its own tree: the unified one on a pure cgroup2
+  host; `name=systemd` (and the controller-less unified one) on a hybrid or legacy host. nspawn with
+  --keep-unit makes `payload/` and `supervisor/` below the container's cgroup.
+- on hybrid and legacy hosts, each cgroup v1 controller tupper uses (memory, cpu, cpuacct, blkio,
+  pids): the container's resource limits and its usage live there, and each component gets
+  `<container>/<component>` below it, where the monitor places the processes of the component's units
+  (systemd inside sees these hierarchies read-only and cannot). On a pure cgroup2 host the limits go
+  into the container's unified cgroup, and a component's into its units, by systemd inside.
+
+Which limit goes into which file: `v1_files`, `v2_files` and `systemd_properties` (pure; docs/resources.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import math
 import os
 import signal
 import time
 from pathlib import Path
 
+import attrs
+
+from tupper.model.resources import CPU_PERIOD_US, UNLIMITED, Resources
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "tupper"
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "blkio", "pids")  # what tupper limits or reads on cgroup v1
+V2_CONTROLLERS = ("memory", "cpu", "io", "pids")
 
 
-def layout(root: Path = CGROUP_ROOT) -> str:
-    if (root / "cgroup.controllers").exists():
-        return "v2"
-    if (root / "unified" / "cgroup.controllers").exists():
-        return "hybrid"
-    return "legacy"
+@attrs.frozen
+class Hierarchy:
+    controllers: frozenset[str]  # v1: its controllers ("memory", "name=systemd", …); unified: "" (see Layout.unified)
+    mount: Path
+    own: Path  # this process's cgroup in it, as a directory
+
+    @property
+    def unified(self) -> bool:
+        return not self.controllers
+
+    def has(self, controller: str) -> bool:
+        return controller in self.controllers
 
 
-def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
-    """The hierarchies a container's systemd needs its own cgroup in, on this host's layout."""
-    kind = layout(root)
-    if kind == "v2":
-        return [root]
-    found = [root / "systemd"]
-    if kind == "hybrid":
-        found.append(root / "unified")
-    return [h for h in found if h.is_dir()]
+@attrs.frozen
+class Layout:
+    kind: str  # v2 (pure cgroup2), hybrid (v1 controllers + a unified hierarchy), legacy (v1 only)
+    hierarchies: tuple[Hierarchy, ...]
+
+    @classmethod
+    def read(cls, self_cgroup: str, mountinfo: str) -> Layout:
+        """From /proc/self/cgroup and /proc/self/mountinfo: each hierarchy's mount and our place in it.
+        A hierarchy mounted from below the root (inside a container) counts from its mount's root."""
+        mounts: dict[frozenset[str], tuple[Path, str]] = {}
+        for line in mountinfo.splitlines():
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(), right.split()
+            if len(fields) < 5 or len(rest) < 3 or rest[0] not in ("cgroup", "cgroup2"):
+                continue
+            mount_root, mount_at = fields[3], _unescape(fields[4])
+            key = frozenset() if rest[0] == "cgroup2" else frozenset(
+                o for o in rest[2].split(",") if o not in ("rw", "ro", "xattr", "nsdelegate", "clone_children", "noprefix")
+                and not o.startswith("release_agent="))
+            mounts.setdefault(key, (Path(mount_at), mount_root))
+        found: list[Hierarchy] = []
+        for line in self_cgroup.splitlines():
+            parts = line.split(":", 2)
+            if len(parts) != 3:
+                continue
+            key = frozenset(c for c in parts[1].split(",") if c)
+            if key not in mounts:
+                continue
+            mountpoint, root = mounts[key]
+            own = parts[2]
+            rel = os.path.relpath(own, root)
+            if rel.startswith(".."):
+                continue  # our cgroup is not in what is mounted here
+            found.append(Hierarchy(key, mountpoint, mountpoint if rel == "." else mountpoint / rel))
+        unified = next((h for h in found if h.unified), None)
+        if unified is not None and len(found) == 1:
+            kind = "v2"  # a pure cgroup2 host lists only "0::/…" in /proc/self/cgroup
+        elif unified is not None:
+            kind = "hybrid"
+        else:
+            kind = "legacy"
+        return cls(kind, tuple(found))
+
+    @classmethod
+    def detect(cls) -> Layout:
+        return _detect()
+
+    def systemd_hierarchies(self) -> list[Hierarchy]:
+        """Where systemd inside the container makes its tree (nspawn mounts these read-write)."""
+        if self.kind == "v2":
+            return [h for h in self.hierarchies if h.unified]
+        return [h for h in self.hierarchies if h.has("name=systemd") or h.unified]
+
+    def controller(self, name: str) -> Hierarchy | None:
+        """The hierarchy that holds controller `name` (the unified one on a pure cgroup2 host)."""
+        if self.kind == "v2":
+            return next((h for h in self.hierarchies if h.unified), None)
+        return next((h for h in self.hierarchies if h.has(name)), None)
+
+    def v1_hierarchies(self) -> list[Hierarchy]:
+        """The v1 controller hierarchies tupper uses, once each (cpu and cpuacct may share one)."""
+        if self.kind == "v2":
+            return []
+        out: list[Hierarchy] = []
+        for c in V1_CONTROLLERS:
+            h = self.controller(c)
+            if h is not None and h not in out:
+                out.append(h)
+        return out
+
+    def container_dirs(self, parent: str, name: str) -> list[Path]:
+        return [h.own / parent / name for h in [*self.systemd_hierarchies(), *self.v1_hierarchies()]]
+
+    def container_dir(self, controller: str, parent: str, name: str) -> Path | None:
+        h = self.controller(controller)
+        return None if h is None else h.own / parent / name
+
+    def systemd_dir(self, parent: str, name: str) -> Path | None:
+        """The container's cgroup in the hierarchy whose tree systemd inside keeps (units, payload/)."""
+        hs = [h for h in self.systemd_hierarchies() if not h.unified] or self.systemd_hierarchies()
+        return hs[0].own / parent / name if hs else None
+
+    def unified_dir(self, parent: str, name: str) -> Path | None:
+        """The container's cgroup in the unified hierarchy (pressure figures; everything on v2)."""
+        return next((h.own / parent / name for h in self.hierarchies if h.unified), None)
 
 
-def paths(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> list[Path]:
-    return [h / parent / name for h in hierarchies(root)]
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
-def names(root: Path = CGROUP_ROOT, parent: str = PARENT) -> set[str]:
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+@functools.cache
+def _detect() -> Layout:
+    with open("/proc/self/cgroup") as f, open("/proc/self/mountinfo") as g:
+        return Layout.read(f.read(), g.read())
+
+
+# ---- a container's cgroups ----------------------------------------------------------------------
+
+
+def names(parent: str = PARENT, layout: Layout | None = None) -> set[str]:
     """The container cgroups that exist below `parent`, in any hierarchy."""
+    lay = layout or Layout.detect()
     found: set[str] = set()
-    for h in hierarchies(root):
-        d = h / parent
+    for h in [*lay.systemd_hierarchies(), *lay.v1_hierarchies()]:
+        d = h.own / parent
         if d.is_dir():
             found.update(p.name for p in d.iterdir() if p.is_dir())
     return found
 
 
-def create(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> list[Path]:
-    made = paths(name, root, parent)
+def create(name: str, parent: str = PARENT, layout: Layout | None = None) -> list[Path]:
+    lay = layout or Layout.detect()
+    made = lay.container_dirs(parent, name)
     for p in made:
         for attempt in range(5):
             try:
@@ -62,46 +182,56 @@ def create(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> list[Pa
                 # remove() of another container took the shared parent away between our two mkdirs.
                 if attempt == 4:
                     raise
+    mem = lay.container_dir("memory", parent, name)
+    if lay.kind != "v2" and mem is not None:
+        # Limits and OOM kills count the container and its components together; charges follow a
+        # process moved into a component's cgroup (set on each, see create_component).
+        _write_quiet(mem / "memory.use_hierarchy", "1")
     return made
 
 
-def join(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> None:
+def join(name: str, parent: str = PARENT, layout: Layout | None = None) -> None:
     """Move the calling process into the container's cgroups (used between fork and exec)."""
-    for p in paths(name, root, parent):
+    for p in (layout or Layout.detect()).container_dirs(parent, name):
         with open(p / "cgroup.procs", "w") as f:
             f.write("0")
 
 
-def procs(name: str, root: Path = CGROUP_ROOT, parent: str = PARENT) -> set[int]:
+def procs(name: str, parent: str = PARENT, layout: Layout | None = None) -> set[int]:
     found: set[int] = set()
-    for p in paths(name, root, parent):
-        if not p.is_dir():
-            continue
-        for dirpath, _, files in os.walk(p):
-            if "cgroup.procs" in files:
-                try:
-                    with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                        found.update(int(x) for x in f.read().split())
-                except OSError:
-                    pass
+    for p in (layout or Layout.detect()).container_dirs(parent, name):
+        found |= tree_pids(p)
     return found
 
 
-def remove(name: str, root: Path = CGROUP_ROOT, *, parent: str = PARENT, kill: bool = True, timeout: float = 2.0) -> bool:
+def tree_pids(top: Path) -> set[int]:
+    found: set[int] = set()
+    if not top.is_dir():
+        return found
+    for dirpath, _, files in os.walk(top):
+        if "cgroup.procs" in files:
+            try:
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    found.update(int(x) for x in f.read().split())
+            except OSError:
+                pass
+    return found
+
+
+def remove(name: str, parent: str = PARENT, *, kill: bool = True, timeout: float = 2.0, layout: Layout | None = None) -> bool:
     """Remove the container's cgroups bottom-up; with `kill`, SIGKILL what is still inside first.
 
     Returns True when every directory is gone.
     """
+    lay = layout or Layout.detect()
     deadline = time.monotonic() + timeout
-    while kill and (left := procs(name, root, parent)) and time.monotonic() < deadline:
+    while kill and (left := procs(name, parent, lay)) and time.monotonic() < deadline:
         for pid in left:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.02)
     ok = True
-    for p in paths(name, root, parent):
+    for p in lay.container_dirs(parent, name):
         if not p.exists():
             continue
         for dirpath, _dirs, _files in sorted(os.walk(p, topdown=False), key=lambda w: -len(w[0])):
@@ -112,8 +242,339 @@ def remove(name: str, root: Path = CGROUP_ROOT, *, parent: str = PARENT, kill: b
             except OSError:
                 ok = False
         # The shared parent goes too once the last container's cgroup is gone (another may hold it).
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(p.parent)
-        except OSError:
-            pass
     return ok
+
+
+# ---- components (cgroup v1: below the container's, filled by the monitor) ------------------------
+
+
+def component_dirs(name: str, component: str, parent: str = PARENT, layout: Layout | None = None) -> list[Path]:
+    """A component's cgroups in each v1 controller hierarchy (none on a pure cgroup2 host, where
+    systemd inside limits the component's units itself)."""
+    return [h.own / parent / name / component for h in (layout or Layout.detect()).v1_hierarchies()]
+
+
+def create_component(name: str, component: str, parent: str = PARENT, layout: Layout | None = None) -> list[Path]:
+    lay = layout or Layout.detect()
+    made = component_dirs(name, component, parent, lay)
+    for p in made:
+        p.mkdir(exist_ok=True)
+        if (p / "memory.move_charge_at_immigrate").exists():
+            # What a process allocated before the monitor moved it is charged to the component too.
+            _write_quiet(p / "memory.move_charge_at_immigrate", "3")
+    return made
+
+
+def place(pids: set[int], name: str, component: str, parent: str = PARENT, layout: Layout | None = None) -> set[int]:
+    """Move `pids` into the component's cgroups; returns the ones that are there now (gone ones are not)."""
+    placed = set(pids)
+    for d in component_dirs(name, component, parent, layout):
+        for pid in pids:
+            try:
+                _attach(d, pid)
+            except OSError as exc:
+                if exc.errno == errno.ENOMEM and (d / "memory.move_charge_at_immigrate").exists():
+                    # It holds more than the component may: move it without its charge; what it
+                    # allocates from now on counts, and the component's limit then applies.
+                    _write(d / "memory.move_charge_at_immigrate", "0")
+                    try:
+                        _attach(d, pid)
+                    finally:
+                        _write_quiet(d / "memory.move_charge_at_immigrate", "3")
+                elif exc.errno in (errno.ESRCH, errno.ENOENT):
+                    placed.discard(pid)
+                else:
+                    raise
+    return placed
+
+
+def _attach(d: Path, pid: int) -> None:
+    fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(pid).encode())
+    finally:
+        os.close(fd)
+
+
+def unit_dir(name: str, unit: str, parent: str = PARENT, layout: Layout | None = None) -> Path | None:
+    """The cgroup systemd inside made for `unit` (below payload/, in system.slice unless the unit says
+    otherwise), in the hierarchy systemd keeps; None while it has none."""
+    top = (layout or Layout.detect()).systemd_dir(parent, name)
+    if top is None:
+        return None
+    first = top / "payload" / "system.slice" / unit
+    if first.is_dir():
+        return first
+    for dirpath, dirs, _ in os.walk(top / "payload"):
+        if unit in dirs:
+            return Path(dirpath) / unit
+    return None
+
+
+# ---- limits ----------------------------------------------------------------------------------
+
+
+def _bytes_v2(value: int) -> str:
+    return "max" if value >= UNLIMITED else str(value)
+
+
+def _bytes_v1(value: int) -> str:
+    return "-1" if value >= UNLIMITED else str(value)
+
+
+def cpu_shares(weight: int) -> int:
+    """cgroup v1 cpu.shares for a cgroup v2 weight, as systemd maps them (100 ↔ 1024)."""
+    return min(max(weight * 1024 // 100, 2), 262144)
+
+
+def blkio_weight(weight: int) -> int:
+    """cgroup v1 blkio weight (10–1000, default 500) for an io weight (1–10000, default 100), as systemd maps them."""
+    return min(max(weight * 500 // 100, 10), 1000)
+
+
+def v2_files(res: Resources) -> list[tuple[str, str]]:
+    """(file, value) to write into a cgroup of the unified hierarchy, in order."""
+    out: list[tuple[str, str]] = []
+    for key, file in (("memory_min", "memory.min"), ("memory_low", "memory.low"), ("memory_high", "memory.high"),
+                      ("memory_max", "memory.max"), ("memory_swap_max", "memory.swap.max")):
+        value = getattr(res, key)
+        if value is not None:
+            out.append((file, _bytes_v2(value)))
+    if res.cpu_weight is not None:
+        out.append(("cpu.weight", str(res.cpu_weight)))
+    if res.cpu_max is not None:
+        quota = "max" if math.isinf(res.cpu_max) else str(round(res.cpu_max * CPU_PERIOD_US / 100))
+        out.append(("cpu.max", f"{quota} {CPU_PERIOD_US}"))
+    if res.io_weight is not None:
+        out.append(("io.weight", f"default {res.io_weight}"))
+    if res.pids_max is not None:
+        out.append(("pids.max", _bytes_v2(res.pids_max)))
+    return out
+
+
+def v1_files(res: Resources, *, swap_accounting: bool = True) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
+    """({controller: [(file, value), …]}, notes): the same limits on cgroup v1, and what v1 cannot do."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    notes: list[str] = []
+    mem: list[tuple[str, str]] = []
+    if res.memory_min is not None:
+        notes.append("memory_min: cgroup v1 has no memory protection; not applied")
+    if res.memory_high is not None:
+        notes.append("memory_high: cgroup v1 has no throttling limit; not applied (memory_max is a hard limit on v1 too)")
+    if res.memory_low is not None:
+        mem.append(("memory.soft_limit_in_bytes", _bytes_v1(res.memory_low)))
+    if res.memory_max is not None:
+        mem.append(("memory.limit_in_bytes", _bytes_v1(res.memory_max)))
+    if res.memory_swap_max is not None:
+        if not swap_accounting:
+            notes.append("memory_swap_max: this kernel does not account swap per cgroup (no memory.memsw.*); not applied")
+        elif res.memory_max is None or res.memory_max >= UNLIMITED:
+            notes.append("memory_swap_max: cgroup v1 limits memory and swap together; set memory_max too; not applied")
+        else:
+            total = UNLIMITED if res.memory_swap_max >= UNLIMITED else res.memory_max + res.memory_swap_max
+            mem.append(("memory.memsw.limit_in_bytes", _bytes_v1(total)))
+    if mem:
+        out["memory"] = mem
+    cpu: list[tuple[str, str]] = []
+    if res.cpu_weight is not None:
+        cpu.append(("cpu.shares", str(cpu_shares(res.cpu_weight))))
+    if res.cpu_max is not None:
+        cpu.append(("cpu.cfs_period_us", str(CPU_PERIOD_US)))
+        cpu.append(("cpu.cfs_quota_us", "-1" if math.isinf(res.cpu_max) else str(round(res.cpu_max * CPU_PERIOD_US / 100))))
+    if cpu:
+        out["cpu"] = cpu
+    if res.io_weight is not None:
+        out["blkio"] = [("blkio.bfq.weight", str(blkio_weight(res.io_weight)))]
+    if res.pids_max is not None:
+        out["pids"] = [("pids.max", _bytes_v2(res.pids_max))]
+    return out, notes
+
+
+def systemd_properties(res: Resources) -> list[tuple[str, str]]:
+    """The same limits as systemd unit properties (a scope made by machined, a unit inside a
+    container whose controllers are delegated): (name, value as in a unit file)."""
+    out: list[tuple[str, str]] = []
+    for key, prop in (("memory_min", "MemoryMin"), ("memory_low", "MemoryLow"), ("memory_high", "MemoryHigh"),
+                      ("memory_max", "MemoryMax"), ("memory_swap_max", "MemorySwapMax")):
+        value = getattr(res, key)
+        if value is not None:
+            out.append((prop, "infinity" if value >= UNLIMITED else str(value)))
+    if res.cpu_weight is not None:
+        out.append(("CPUWeight", str(res.cpu_weight)))
+    if res.cpu_max is not None:
+        out.append(("CPUQuota", "" if math.isinf(res.cpu_max) else f"{res.cpu_max:g}%"))
+    if res.io_weight is not None:
+        out.append(("IOWeight", str(res.io_weight)))
+    if res.pids_max is not None:
+        out.append(("TasksMax", "infinity" if res.pids_max >= UNLIMITED else str(res.pids_max)))
+    return out
+
+
+class LimitError(OSError):
+    """A limit the kernel refused (a memory limit below what is in use, …): says which file and value."""
+
+
+def apply(dirs: dict[str, Path], res: Resources, kind: str) -> list[str]:
+    """Write `res` into cgroups: `dirs` maps a v1 controller (or "unified" on v2) to the cgroup's
+    directory. Returns notes on what this layout cannot apply; raises LimitError naming the file."""
+    if kind == "v2":
+        d = dirs.get("unified")
+        if d is None:
+            return ["no cgroup of its own in the unified hierarchy: limits not applied"]
+        for file, value in v2_files(res):
+            _write(d / file, value)
+        return []
+    mem = dirs.get("memory")
+    files, notes = v1_files(res, swap_accounting=mem is not None and (mem / "memory.memsw.limit_in_bytes").exists())
+    for controller, writes in files.items():
+        d = dirs.get(controller)
+        if d is None:
+            notes.append(f"the {controller} controller is not mounted on this host: {', '.join(f for f, _ in writes)} not applied")
+            continue
+        if controller == "memory":
+            _write_memory_v1(d, writes)
+            continue
+        for file, value in writes:
+            if controller == "blkio" and not (d / file).exists():
+                if (d / "blkio.weight").exists():
+                    file = "blkio.weight"
+                else:
+                    notes.append("io_weight: no proportional IO controller (blkio.bfq.weight or blkio.weight) on this kernel; not applied")
+                    continue
+            _write(d / file, value)
+    return notes
+
+
+def _write_memory_v1(d: Path, writes: list[tuple[str, str]]) -> None:
+    """memory.memsw.limit_in_bytes must stay ≥ memory.limit_in_bytes at every moment: lowering both
+    goes limit first, raising both memsw first. Try one order; on EINVAL, the other."""
+    order = sorted(writes, key=lambda w: w[0] == "memory.memsw.limit_in_bytes")
+    try:
+        for file, value in order:
+            _write(d / file, value)
+    except LimitError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        for file, value in reversed(order):
+            _write(d / file, value)
+
+
+def _write(path: Path, value: str) -> None:
+    """One write(2) to an existing cgroup file (never created: a missing file is a missing controller)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        why = {errno.EBUSY: "more is in use than that", errno.EINVAL: "the kernel refused the value"}.get(exc.errno or 0, exc.strerror or "")
+        raise LimitError(exc.errno, f"cannot write {value} to {path}: {why}") from None
+
+
+def _write_quiet(path: Path, value: str) -> None:
+    with contextlib.suppress(OSError):
+        _write(path, value)
+
+
+def controller_dirs(name: str, parent: str = PARENT, component: str | None = None, layout: Layout | None = None) -> dict[str, Path]:
+    """{controller or "unified": directory} of a container's (or one component's) cgroups, for apply()."""
+    lay = layout or Layout.detect()
+    if lay.kind == "v2":
+        d = lay.unified_dir(parent, name)
+        return {} if d is None or component is not None else {"unified": d}
+    out: dict[str, Path] = {}
+    for c in V1_CONTROLLERS:
+        d = lay.container_dir(c, parent, name)
+        if d is not None:
+            out[c] = d / component if component else d
+    return out
+
+
+# ---- usage ------------------------------------------------------------------------------------
+
+
+def oom_kills(directory: Path | None) -> int:
+    """Processes the kernel's OOM killer killed in this cgroup: v2 memory.events counts the cgroups below
+    too, v1 memory.oom_control this one alone; 0 where the file is not there."""
+    if directory is None:
+        return 0
+    for file in ("memory.events", "memory.oom_control"):
+        try:
+            text = (directory / file).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    return 0
+
+
+# ---- noticing units start (inotify on the unified hierarchy) ---------------------------------------
+
+_IN_MODIFY, _IN_CREATE, _IN_ISDIR = 0x2, 0x100, 0x40000000
+
+
+class UnitWatch:
+    """Wakes the monitor when one of `units` starts in the container: inotify on the container's tree in
+    the unified hierarchy (systemd inside keeps one there on hybrid and v2 hosts) for new cgroups
+    (payload/, slices, the units') and for each unit cgroup's `cgroup.events` (it changes when its
+    first process arrives). `fileno()` for poll; `drain()` after it is readable."""
+
+    def __init__(self, top: Path, units: set[str]) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.units = units
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.dirs: dict[int, Path] = {}
+        try:
+            self._watch_tree(top)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def _add(self, path: Path, mask: int) -> int:
+        return self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+
+    def _watch_tree(self, d: Path) -> None:
+        wd = self._add(d, _IN_CREATE)
+        if wd < 0:
+            return  # gone again
+        self.dirs[wd] = d
+        with contextlib.suppress(OSError):
+            for sub in os.scandir(d):
+                if sub.is_dir(follow_symlinks=False):
+                    self._new_dir(Path(sub.path))
+
+    def _new_dir(self, d: Path) -> None:
+        if d.name in self.units:
+            self._add(d / "cgroup.events", _IN_MODIFY)
+        elif d.name == "payload" or d.name.endswith(".slice"):
+            self._watch_tree(d)
+
+    def drain(self) -> None:
+        import struct
+
+        try:
+            buf = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        i = 0
+        while i + 16 <= len(buf):
+            wd, mask, _cookie, length = struct.unpack_from("iIII", buf, i)
+            name = buf[i + 16:i + 16 + length].rstrip(b"\0")
+            i += 16 + length
+            if mask & _IN_CREATE and mask & _IN_ISDIR and wd in self.dirs:
+                self._new_dir(self.dirs[wd] / os.fsdecode(name))
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -31,8 +31,9 @@ def machine_name(name: str) -> str:
     return name.replace("_", "-")
 
 
-def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host) -> list[str]:
-    """argv that boots systemd in `rootfs` as container `name`."""
+def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host, properties: list[tuple[str, str]] | None = None) -> list[str]:
+    """argv that boots systemd in `rootfs` as container `name`. `properties`: resource limits for the
+    scope machined makes on a systemd host (cgroups.systemd_properties); elsewhere tupper writes them."""
     argv = [
         "systemd-nspawn",
         "--quiet",
@@ -44,6 +45,7 @@ def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host) -> list[st
     ]
     if host.systemd:
         argv += ["--register", "yes"]
+        argv += [f"--property={k}={v}" for k, v in properties or ()]
     else:
         # No host systemd and no system bus: nspawn must neither register nor create a scope.
         argv += ["--register", "no", "--keep-unit"]

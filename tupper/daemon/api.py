@@ -239,6 +239,14 @@ class ManagerInterface(ServiceInterface):
         return json.dumps(await self._guard(self.daemon.upgrade(name, component, version)))
 
     @method()
+    @privileged
+    async def Update(self, name: "s", component: "s", limits: "a{ss}") -> "(a{ss}asb)":
+        """Change resource limits of a container ("" as component) or of one of its components, live
+        if it runs; `limits` as in a spec's [resources] ({"memory_max": "1G", "cpu_max": "150%"}).
+        Returns the limits now, what this host cannot apply, and whether the running container got them."""
+        return _update_reply(await self._guard(self.daemon.update(name, component or None, dict(limits))))
+
+    @method()
     def SecretHolders(self) -> "a(sss)":
         """Which containers hold which secrets: (container, credential ID, secret name). Never values."""
         return [list(t) for t in self.daemon.secret_holders()]
@@ -341,6 +349,22 @@ class ContainerInterface(ServiceInterface):
     async def Kill(self, signal_number: "i") -> "s":
         return await self._guard(self.daemon.kill(self.container, signal_number))
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Resources(self) -> "a{ss}":
+        """The container's resource limits, as in a spec's [resources] (the set ones only)."""
+        return self.resources_of(None)
+
+    def resources_of(self, component: str | None) -> dict[str, str]:
+        rec = self._rec()
+        entry = rec.component(component) if component else None
+        return {k: str(v) for k, v in (entry.resources if entry else rec.resources).to_json().items()}
+
+    @method()
+    @privileged
+    async def Update(self, component: "s", limits: "a{ss}") -> "(a{ss}asb)":
+        """Change resource limits of this container ("" as component) or of one of its components; see Manager.Update."""
+        return _update_reply(await self._guard(self.daemon.update(self.container, component or None, dict(limits))))
+
     @method()
     @privileged
     async def StartUnit(self, unit: "s") -> "s":
@@ -366,6 +390,10 @@ class ContainerInterface(ServiceInterface):
     @signal()
     def UnitStateChanged(self, unit: str, active_state: str, sub_state: str) -> "sss":
         return [unit, active_state, sub_state]
+
+
+def _update_reply(result) -> list:
+    return [{k: str(v) for k, v in result.resources.to_json().items()}, list(result.notes), result.applied]
 
 
 async def connect_system_bus(admin_group: str | None) -> TupperBus:

@@ -31,7 +31,7 @@ from tupper.errors import Failed, InvalidInput, NotFound, TupperError
 from tupper.model import spec as specmod
 from tupper.progress import Progress
 from tupper.runtime.records import Record
-from tupper.runtime.runtime import RunFailed, Runtime
+from tupper.runtime.runtime import RunFailed, Runtime, UpdateResult
 from tupper.runtime.status import ContainerStatus, UnitStatus
 from tupper.store.secrets import SecretStore
 from tupper.store.store import Store
@@ -413,6 +413,13 @@ class Daemon:
         w = self._watched(name)
         async with w.lock:
             return await asyncio.to_thread(self.runtime.upgrade, name, component, version, SignalProgress(self, name))
+
+    async def update(self, name: str, component: str | None, changes: dict[str, str]) -> UpdateResult:
+        w = self._watched(name)
+        async with w.lock:
+            result = await asyncio.to_thread(self.runtime.update, name, component, changes)
+        w.iface.emit_properties_changed({"Resources": w.iface.resources_of(component=None)})
+        return result
 
     async def unit_job(self, name: str, unit: str, method: str) -> str:
         self._watched(name)

@@ -11,6 +11,7 @@ import attrs
 from tupper import tomlfile
 from tupper.errors import InvalidInput
 from tupper.model import components as comp
+from tupper.model import resources as res
 
 # The container name is also nspawn's machine name, which must be a valid hostname (systemd's
 # hostname_is_valid()): dot-separated labels of letters, digits and '-', no label starting or ending
@@ -31,6 +32,7 @@ class ComponentUse:
 
     component: comp.Component
     env: tuple[tuple[str, str], ...] = ()
+    resources: res.Resources = res.Resources()  # [components.resources]: limits for this component's units
 
 
 @attrs.frozen
@@ -44,6 +46,7 @@ class Spec:
     restart_delay: float = 1.0
     restart_limit: int = 5
     grants: tuple[tuple[str, str], ...] = ()  # (credential ID, secret name) from the [secrets] table
+    resources: res.Resources = res.Resources()  # [resources]: limits for the whole container
     file: str = "<spec>"
     base_dir: Path = Path(".")
 
@@ -120,6 +123,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         if not SECRET_NAME_RE.fullmatch(secret):
             raise grants_table.error(cred, f"invalid secret name {secret!r}")
         grants.append((cred, secret))
+    resources = _resources(t)
     t.check_unknown()
 
     final_name = name if name is not None else file_name
@@ -154,6 +158,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
             if "\0" in value:
                 raise env_table.error(key, "an environment value cannot contain a NUL character")
             env.append((key, value))
+        limits = _resources(entry)
         entry.check_unknown()
         if rel is not None:
             component = comp.load(base_dir / rel, entry.where("path"))
@@ -161,7 +166,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
             if not comp.NAME_RE.fullmatch(installed):
                 raise entry.error("name", f"invalid component name {installed!r}")
             component = comp.load(resolve(installed, version, entry.where("name")), entry.where("name"))
-        uses.append(ComponentUse(component=component, env=tuple(env)))
+        uses.append(ComponentUse(component=component, env=tuple(env), resources=limits))
 
     _check_components(uses, display)
     _check_grants(uses, dict(grants), display)
@@ -175,9 +180,15 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         restart_delay=restart_delay,
         restart_limit=restart_limit,
         grants=tuple(grants),
+        resources=resources,
         file=display,
         base_dir=base_dir,
     )
+
+
+def _resources(t: tomlfile.Table) -> res.Resources:
+    table = t.table("resources")
+    return res.parse_mapping(table.data, table.where())
 
 
 def _positive(t: tomlfile.Table, key: str, default: float) -> float:

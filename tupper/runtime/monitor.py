@@ -8,6 +8,7 @@ container's directory and removes what nspawn leaves (cgroups where tupper made 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -99,6 +100,131 @@ def tail(path: Path, n: int = 3) -> str:
     return " / ".join(lines[-n:]) or "(no output)"
 
 
+PLACE_INTERVAL = 0.1  # seconds between two sweeps where no unit start can be noticed (no unified hierarchy)
+PLACE_INTERVAL_WATCHED = 1.0  # ... and where it can: the sweep that catches processes systemd adds to a running unit
+
+
+class Placer:
+    """cgroup v1: keeps the processes of each component's units in the component's cgroups.
+
+    systemd inside the container starts a unit's processes in the unit's cgroup of the `name=systemd`
+    hierarchy (writable, its own), but sees the controller hierarchies read-only. The monitor reads the
+    processes of each unit's cgroup there and moves the ones not yet in their component's cgroups into
+    them (children forked after that are born there): at once when a unit starts (cgroups.UnitWatch:
+    inotify on the unified hierarchy), and every PLACE_INTERVAL_WATCHED for processes systemd adds to
+    a running unit (ExecReload=, ExecStartPost=). Until then a process runs in the container's cgroup,
+    under the container's limits; its memory charge moves with it (memory.move_charge_at_immigrate)."""
+
+    def __init__(self, name: str, cdir: Path, parent: str, log_fd: int) -> None:
+        self.name, self.cdir, self.parent, self.log_fd = name, cdir, parent, log_fd
+        self.layout = cgroups.Layout.detect()
+        self.stamp: int | None = None
+        # (component, its cgroups, its units); each unit's cgroup.procs path once found
+        self.components: list[tuple[str, list[Path], tuple[str, ...]]] = []
+        self.unit_procs: dict[str, str] = {}
+        self.said: set[str] = set()
+        self.watch: cgroups.UnitWatch | None = None
+        top = self.layout.unified_dir(parent, name)
+        if top is not None:
+            try:
+                self.watch = cgroups.UnitWatch(top, set())
+            except OSError as exc:
+                self._say(f"no inotify on {top} ({exc}): sweeping every {PLACE_INTERVAL}s")
+
+    def _reload(self) -> None:
+        """The components and their units, again when the record changed (a live upgrade, an update)."""
+        try:
+            stamp = os.stat(self.cdir / records.RECORD).st_mtime_ns
+        except OSError:
+            return
+        if stamp != self.stamp:
+            rec = records.Record.load(self.cdir)
+            self.components = [(c.name, cgroups.component_dirs(self.name, c.name, self.parent, self.layout), c.units)
+                               for c in rec.components]
+            self.stamp = stamp
+            if self.watch is not None:
+                self.watch.units = set(rec.units)
+
+    def sweep(self) -> None:
+        """One pass: a few small reads per unit (measured: ~0.1 % of a CPU per container at 10 passes a second)."""
+        try:
+            self._reload()
+            for component, dirs, units in self.components:
+                if not dirs:
+                    continue
+                inside = _pids(str(dirs[0] / "cgroup.procs"))
+                if inside is None:
+                    continue  # not made (yet)
+                for unit in units:
+                    new = self._unit_pids(unit) - inside
+                    if new:
+                        cgroups.place(new, self.name, component, self.parent, self.layout)
+        except Exception as exc:  # noqa: BLE001 - the monitor must outlive any surprise; say it once
+            self._say(f"placing component processes: {type(exc).__name__}: {exc}")
+
+    def _unit_pids(self, unit: str) -> set[int]:
+        """The processes of a unit's cgroup (and of cgroups below it, should the unit make some)."""
+        path = self.unit_procs.get(unit)
+        if path is not None:
+            pids = _pids(path)
+            if pids is not None and not _has_subdirs(os.path.dirname(path)):
+                return pids
+        d = cgroups.unit_dir(self.name, unit, self.parent, self.layout)
+        if d is None:
+            self.unit_procs.pop(unit, None)
+            return set()
+        self.unit_procs[unit] = str(d / "cgroup.procs")
+        return cgroups.tree_pids(d)
+
+    def _say(self, text: str) -> None:
+        if text not in self.said:
+            self.said.add(text)
+            with contextlib.suppress(OSError):
+                os.write(self.log_fd, f"tupper-monitor: {text}\n".encode())
+
+
+def _pids(procs_file: str) -> set[int] | None:
+    try:
+        with open(procs_file, "rb") as f:
+            return {int(x) for x in f.read().split()}
+    except OSError:
+        return None
+
+
+def _has_subdirs(path: str) -> bool:
+    try:
+        return os.stat(path).st_nlink > 2  # a directory's link count: 2 + its subdirectories (cgroupfs keeps it too)
+    except OSError:
+        return False
+
+
+def _wait(p: subprocess.Popen, placer: Placer | None) -> int:
+    """nspawn's exit status; meanwhile, the placer's sweeps."""
+    if placer is None:
+        return p.wait()
+    fd = os.pidfd_open(p.pid)
+    watch = placer.watch
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if watch is not None:
+            poller.register(watch.fileno(), select.POLLIN)
+        interval = (PLACE_INTERVAL_WATCHED if watch is not None else PLACE_INTERVAL) * 1000
+        placer.sweep()
+        while True:
+            ready = {f for f, _ in poller.poll(interval)}
+            if fd in ready:
+                break
+            if watch is not None and watch.fileno() in ready:
+                watch.drain()
+            placer.sweep()
+    finally:
+        os.close(fd)
+        if watch is not None:
+            watch.close()
+    return p.wait()
+
+
 def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None) -> None:
     """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
     code = 1
@@ -131,7 +257,8 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
             os._exit(1)
         os.write(reply_fd, f"{os.getpid()} {p.pid}\n".encode())
         os.close(reply_fd)
-        rc = p.wait()
+        placer = Placer(name, cdir, cgroup, out) if cgroup and cgroups.Layout.detect().kind != "v2" else None
+        rc = _wait(p, placer)
         if cdir.exists():
             try:
                 records.mark_exit(cdir, rc)

@@ -21,6 +21,7 @@ import attrs
 from tupper import proc
 from tupper.durable import write_json
 from tupper.errors import NotFound
+from tupper.model.resources import Resources
 
 RECORD = "record.json"
 EXIT = "exit.json"
@@ -48,15 +49,18 @@ class ComponentEntry:
     requires: tuple[str, ...] = attrs.field(default=(), converter=_strs)
     secrets: tuple[str, ...] = attrs.field(default=(), converter=_strs)
     on_rotate: str = "restart"
+    resources: Resources = Resources()  # limits of this component's units (the spec's, then `tupper update`'s)
 
     @classmethod
     def from_json(cls, data: dict) -> ComponentEntry:
-        return cls(**{f.name: data[f.name] for f in attrs.fields(cls) if f.name in data})
+        fields = {f.name: data[f.name] for f in attrs.fields(cls) if f.name in data}
+        fields["resources"] = Resources.from_json(data.get("resources"), f"record: components.{data.get('name')}.resources")
+        return cls(**fields)
 
     def to_json(self) -> dict:
         return {"name": self.name, "version": self.version, "mount": self.mount, "source": self.source, "units": list(self.units),
                 "env": [list(kv) for kv in self.env], "requires": list(self.requires), "secrets": list(self.secrets),
-                "on_rotate": self.on_rotate}
+                "on_rotate": self.on_rotate, "resources": self.resources.to_json()}
 
 
 @attrs.frozen
@@ -86,6 +90,7 @@ class Record:
     restart_limit: int = 5
     grants: dict = attrs.Factory(dict)  # credential ID -> secret name (names only, never values)
     components: list[ComponentEntry] = attrs.Factory(list)
+    resources: Resources = Resources()  # limits of the whole container (the spec's, then `tupper update`'s)
     phase: str = "creating"  # creating → running | failed; starting → running | failed; stopping → stopped; crash-loop; removing
     owner_pid: int = 0  # the process doing the operation of a transitional phase (or a live upgrade)
     owner_starttime: int = 0
@@ -96,7 +101,7 @@ class Record:
     leader_pid: int = 0
     started_at: float = 0.0
 
-    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "components", "phase",
+    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "components", "resources", "phase",
               "owner_pid", "owner_starttime", "upgrade", "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
 
     @property
@@ -126,6 +131,7 @@ class Record:
     def to_disk(self) -> dict:
         out = {f: getattr(self, f) for f in self.FIELDS}
         out["components"] = [c.to_json() for c in self.components]
+        out["resources"] = self.resources.to_json()
         out["upgrade"] = self.upgrade.to_json() if self.upgrade else None
         return out
 
@@ -157,6 +163,7 @@ class Record:
             raise NotFound(f"no container {directory.name!r}", hint="see `tupper ps`") from None
         fields = {f: data[f] for f in cls.FIELDS if f in data}
         fields["components"] = [ComponentEntry.from_json(c) for c in data.get("components", [])]
+        fields["resources"] = Resources.from_json(data.get("resources"), "record: resources")
         fields["upgrade"] = PendingUpgrade(**data["upgrade"]) if data.get("upgrade") else None
         return cls(dir=directory, **fields)
 
@@ -199,7 +206,8 @@ class Record:
             "created_at": self.created_at,
             "started_at": self.started_at or None,
             "spec": self.spec_file,
-            "components": [{"name": c.name, "version": c.version, "mount": c.mount} for c in self.components],
+            "components": [{"name": c.name, "version": c.version, "mount": c.mount, "resources": c.resources.to_json()} for c in self.components],
+            "resources": self.resources.to_json(),
             "restart_policy": self.restart_policy,
             "secrets": dict(self.grants),
         }

@@ -22,6 +22,7 @@ from tupper.container import cgroups, nspawn, unitfiles
 from tupper.container.inroot import Root, find_command
 from tupper.container.systemd import Connect, ContainerBus, SystemdBus, UnitState, run_command
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound
+from tupper.model.resources import Resources
 from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
 from tupper.runtime import monitor, records
@@ -70,6 +71,16 @@ class RunResult:
 
     def to_json(self) -> dict:
         return {**self.record, "units": [u.to_json() for u in self.units], "seconds": round(self.seconds, 3)}
+
+
+@attrs.frozen
+class UpdateResult:
+    resources: Resources  # the limits now
+    notes: tuple[str, ...]  # what this host cannot apply
+    applied: bool  # to the running container (else at its next start)
+
+    def to_json(self) -> dict:
+        return {"resources": self.resources.to_json(), "notes": list(self.notes), "applied": self.applied}
 
 
 @attrs.define
@@ -204,9 +215,10 @@ class Runtime:
                     records.ComponentEntry(name=u.component.name, version=u.component.version, mount=u.component.mount,
                                            units=u.component.units, source=str(u.component.root), env=u.env,
                                            requires=u.component.requires, secrets=u.component.secrets,
-                                           on_rotate=u.component.on_rotate)
+                                           on_rotate=u.component.on_rotate, resources=u.resources)
                     for u in spec.components
                 ],
+                resources=spec.resources,
             )
             rec.begin("creating")
             rec.save()
@@ -283,8 +295,9 @@ class Runtime:
                     raise Failed(f"container {rec.name!r} has secrets, which tupperd's agent delivers: start it through tupperd")
                 # The directory, not the socket file: a restarted tupperd makes a new socket the container still sees.
                 binds.append(nspawn.Bind(self.store.agent_dir(rec.name), unitfiles.AGENT_DIR))
-            argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host)
+            argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host, cgroups.systemd_properties(rec.resources))
             with progress.step(f"Booting {rec.name}"):
+                self._make_cgroups(rec, progress)
                 self._start(rec, argv)
                 bus = self.connect_bus(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
             undo.callback(bus.close)
@@ -332,11 +345,28 @@ class Runtime:
                                  hint=f"the container changed {target} or a directory above it into something else; "
                                       f"`tupper rm {rec.name}` and run it again") from None
 
+    def _make_cgroups(self, rec: Record, progress: Progress) -> None:
+        """The container's cgroups with its limits, and its components' (cgroup v1), before nspawn
+        starts in them. On a systemd host machined makes the scope (with the limits as properties)."""
+        if self.host.systemd:
+            return
+        parent = self.store.cgroup_parent
+        layout = cgroups.Layout.detect()
+        try:
+            cgroups.create(rec.name, parent=parent, layout=layout)
+            notes = cgroups.apply(cgroups.controller_dirs(rec.name, parent, layout=layout), rec.resources, layout.kind)
+            for c in rec.components:
+                cgroups.create_component(rec.name, c.name, parent=parent, layout=layout)
+                for note in cgroups.apply(cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout), c.resources, layout.kind):
+                    notes.append(f"component {c.name}: {note}")
+        except cgroups.LimitError as exc:
+            raise Failed(f"container {rec.name!r}: {exc.strerror}", hint="check the [resources] of its spec (docs/resources.md)") from None
+        for note in notes:
+            progress.note(f"{rec.name}: {note}")
+
     def _start(self, rec: Record, argv: list[str]) -> None:
         """Fork the monitor that owns nspawn (see tupper.monitor); record the processes and PID 1."""
         cgroup = None if self.host.systemd else self.store.cgroup_parent
-        if cgroup:
-            cgroups.create(rec.name, parent=cgroup)
         rec.monitor_pid, rec.nspawn_pid = monitor.spawn(rec.name, rec.dir, argv, rec.dir / "console.log", cgroup)
         rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
         rec.started_at = time.time()
@@ -465,6 +495,48 @@ class Runtime:
             cgroups.remove(rec.name, parent=self.store.cgroup_parent)
         nspawn.remove_runtime_dirs(rec.name)
 
+    def update(self, name: str, component: str | None, changes: dict[str, str]) -> UpdateResult:
+        """Change resource limits of a container (or of one of its components), live if it runs
+        (like `podman update`, `systemctl set-property`); kept in the record for its next starts."""
+        from tupper.model import resources
+
+        rec = self.record(name)
+        entry = None
+        if component is not None:
+            entry = rec.component(component)
+            if entry is None:
+                raise InvalidInput(f"container {name!r} has no component {component!r} (it has: {', '.join(c.name for c in rec.components)})")
+        if not changes:
+            raise InvalidInput("nothing to update: give at least one limit", hint="see `tupper update --help`")
+        old = entry.resources if entry is not None else rec.resources
+        where = f"tupper update {name}" + (f" --component {component}" if component else "") + ": resources"
+        new = resources.parse_mapping({k: resources.from_text(v) for k, v in changes.items()}, where, base=old)
+        notes: list[str] = []
+        if rec.alive():
+            notes = self._apply_live(rec, component, new, old)
+        if entry is not None:
+            rec.components = [attrs.evolve(c, resources=new) if c is entry else c for c in rec.components]
+        else:
+            rec.resources = new
+        rec.save()
+        return UpdateResult(new, tuple(notes), applied=rec.alive())
+
+    def _apply_live(self, rec: Record, component: str | None, new: Resources, old: Resources) -> list[str]:
+        if self.host.systemd:
+            raise Failed(f"container {rec.name!r}: live updates on a host run by systemd (through machined's scope) are not "
+                         "supported yet", hint="stop the container, update it, start it again")
+        layout = cgroups.Layout.detect()
+        if component is not None and layout.kind == "v2":
+            raise Failed(f"container {rec.name!r}: live updates of a component on a pure cgroup2 host (through the "
+                         "container's systemd) are not supported yet", hint="stop the container, update it, start it again")
+        dirs = cgroups.controller_dirs(rec.name, self.store.cgroup_parent, component=component, layout=layout)
+        try:
+            return cgroups.apply(dirs, new, layout.kind)
+        except cgroups.LimitError as exc:
+            with contextlib.suppress(cgroups.LimitError):
+                cgroups.apply(dirs, old, layout.kind)  # what was there before, as far as it goes back
+            raise Failed(f"container {rec.name!r}: {exc.strerror}; nothing changed") from None
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> Record:
         """SIGKILL: the container ends now (nspawn and everything in it), recorded as stopped. Any other
         signal goes to its PID 1 (systemd: SIGRTMIN+3 halts, SIGTERM re-executes, …)."""
@@ -562,7 +634,15 @@ class Runtime:
                     states = {u: bus.unit_state(u) for u in rec.units}
             except Failed:
                 pass
-        return ContainerStatus.of(rec, states, system_state)
+        parent = self.store.cgroup_parent
+        layout = cgroups.Layout.detect()
+        ooms = {c.name: cgroups.oom_kills(cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout).get("memory"))
+                for c in rec.components}
+        mine = cgroups.controller_dirs(rec.name, parent, layout=layout)
+        total = cgroups.oom_kills(mine.get("memory") or mine.get("unified"))
+        if layout.kind != "v2":
+            total += sum(ooms.values())  # v1 counts the kills in each cgroup alone; v2's memory.events counts below too
+        return ContainerStatus.of(rec, states, system_state, total, ooms)
 
     # ---- components ---------------------------------------------------------------------------
 
