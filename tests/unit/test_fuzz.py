@@ -39,11 +39,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tupper import busnames
+from tupper.container import nspawn
 from tupper.daemon import api
 from tupper.daemon.tupperd import Daemon
 from tupper.errors import InvalidInput, NotFound, TupperError
 from tupper.model import components as comp
 from tupper.model import sdk, spec
+from tupper.model.resources import KEYS as RESOURCE_KEYS
+from tupper.runtime.records import ComponentEntry, Record
 from tupper.runtime.runtime import Runtime
 from tupper.store import images, packages
 from tupper.store.secrets import SecretStore
@@ -822,6 +825,8 @@ class StandInRuntime:
     unit_job = Runtime.unit_job
     secret_holders = Runtime.secret_holders
     rotate_secret = Runtime.rotate_secret
+    update = Runtime.update
+    host = nspawn.Host(systemd=False)
 
     def __init__(self, store: PlainStore, records: dict | None = None) -> None:
         self.store = store
@@ -885,7 +890,9 @@ ARGUMENTS = {
     "unit": st.one_of(st.just("web.service"), UNIT_NAMES),
     "argv": st.lists(TEXT, max_size=3),
 }
-BY_TYPE = {"s": TEXT, "b": st.booleans(), "d": st.floats(), "i": st.integers(-(2**31), 2**31 - 1), "h": st.just(-1), "as": st.lists(TEXT)}
+BY_TYPE = {"s": TEXT, "b": st.booleans(), "d": st.floats(), "i": st.integers(-(2**31), 2**31 - 1), "h": st.just(-1), "as": st.lists(TEXT),
+           # resource limits ({"memory_max": "1G"}): the known keys with odd values, and odd keys
+           "a{ss}": st.dictionaries(st.one_of(st.sampled_from(RESOURCE_KEYS), TEXT), TEXT, max_size=4)}
 EXIT_2_ERRORS = {"org.tupper1.Error.InvalidSpec", "org.tupper1.Error.NotFound", "org.tupper1.Error.Exists"}
 MANAGER_METHODS = {m.name: m for m in ServiceInterface._get_methods(api.ManagerInterface(None))}
 CONTAINER_METHODS = {m.name: m for m in ServiceInterface._get_methods(api.ContainerInterface(None, "web"))
@@ -895,12 +902,15 @@ CONTAINER_METHODS = {m.name: m for m in ServiceInterface._get_methods(api.Contai
 def call_dbus_method(store: PlainStore, base: Path, interface: str, method, args: list):
     """Call the method as dbus-next would (its undecorated function, awaited), on a fresh daemon."""
     async def go():
-        web = types.SimpleNamespace(name="web", units=["web.service"], state=lambda: "stopped", alive=lambda: False, grants={},
-                                    components=[], image="debian-bookworm")
+        cdir = store.containers_dir / "web"
+        cdir.mkdir(exist_ok=True)
+        web = Record(name="web", dir=cdir, image="debian-bookworm", spec_file="/web.toml", created_at=1.0, stop_timeout=5.0,
+                     phase="stopped", components=[ComponentEntry(name="web", version="1.0.0", mount="/opt/web", source="/s",
+                                                                 units=("web.service",))])
         d = StandInDaemon(StandInRuntime(store, {"web": web}), None)
         if interface == "container":
-            d.watched["web"] = types.SimpleNamespace(name="web", cbus=None)
             iface = api.ContainerInterface(d, "web")
+            d.watched["web"] = types.SimpleNamespace(name="web", cbus=None, lock=asyncio.Lock(), iface=iface)
         else:
             iface = d.manager
         result = method.fn(iface, *args)

@@ -147,5 +147,21 @@ def test_status_lists_every_component_unit_with_its_component_inactive_where_sys
         ("web", "web.service", "active"), ("web", "web.socket", "inactive"), ("db", "db.service", "inactive")]
     out = st.to_json()
     assert out["system_state"] == "running" and out["name"] == "c"
-    assert out["units"][0] == {**answered.to_json(), "component": "web"}
+    assert out["units"][0] == {**answered.to_json(), "component": "web", "oom": False}
     assert "system_state" not in ContainerStatus.of(rec, {}, None).to_json()  # not running: systemd was not asked
+
+
+def test_a_unit_killed_by_a_signal_in_a_component_with_oom_kills_was_oom_killed(tmp_path):
+    from tupper.container.systemd import UnitState
+    from tupper.runtime.status import ContainerStatus
+
+    rec = _record(tmp_path, components=[
+        ComponentEntry(name="hog", version="1", mount="/opt/hog", source="/s/hog", units=["hog.service"]),
+        ComponentEntry(name="app", version="1", mount="/opt/app", source="/s/app", units=["app.service"]),
+    ])
+    states = {"hog.service": UnitState("hog.service", "failed", "failed", "signal"),
+              "app.service": UnitState("app.service", "failed", "failed", "signal")}  # killed, but its component had no OOM kill
+    st = ContainerStatus.of(rec, states, "degraded", oom_kills=1, component_oom_kills={"hog": 1, "app": 0})
+    assert [(u.name, u.oom, u.result) for u in st.units] == [("hog.service", True, "oom-kill"), ("app.service", False, "signal")]
+    out = st.to_json()
+    assert out["oom_kills"] == 1 and [c["oom_kills"] for c in out["components"]] == [1, 0]
