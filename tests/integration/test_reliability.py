@@ -128,10 +128,10 @@ print(json.dumps(out))
 
 
 def _dummy(sig: str, name: str) -> list:
-    values = {"s": name, "b": False, "d": -1.0, "i": 0, "u": 0, "h": 0, "as": [], "o": "/"}
+    values = {"s": name, "b": False, "d": -1.0, "i": 0, "u": 0, "h": 0, "as": [], "o": "/", "a{ss}": {}}
     out, i = [], 0
     while i < len(sig):
-        t = sig[i:i + 2] if sig[i] == "a" else sig[i]
+        t = sig[i:i + 5] if sig.startswith("a{ss}", i) else sig[i:i + 2] if sig[i] == "a" else sig[i]
         out.append(values[t])
         i += len(t)
     return out
