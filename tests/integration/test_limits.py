@@ -173,3 +173,44 @@ def test_a_component_over_its_memory_max_is_oom_killed_alone(tupper, names, tmp_
     assert int((cgroup("memory", name, "hog") / "memory.max_usage_in_bytes").read_text()) <= 64 << 20
     p = tupper("status", name)
     assert "oom:" in p.stdout and "hog 1" in p.stdout
+
+
+def _memory_in_use(d: Path) -> int:
+    stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+    return int((d / "memory.usage_in_bytes").read_text()) - int(stat["total_inactive_file"])
+
+
+def test_stats_match_the_cgroup_files_they_come_from(tupper, names, tmp_path):
+    burn = write_component(tmp_path / "burn", "burn", {"burn.service": "[Service]\nType=exec\nExecStart=/bin/sh -c 'while :; do :; done'\n"})
+    made = []
+    for i in range(2):
+        name = names()
+        spec = tmp_path / f"spec{i}.toml"
+        spec.write_text(f'name = "{name}"\n[resources]\nmemory_max = "{256 + i}M"\n[[components]]\npath = "{burn}"\n'
+                        f'[components.resources]\ncpu_max = "20%"\n')
+        tupper("run", spec, check=True)
+        made.append(name)
+    cpu_before = {n: int((cgroup("cpuacct", n) / "cpuacct.usage").read_text()) for n in made}
+    stats = {s["name"]: s for s in tupper.json("stats", "--no-stream", *made)}
+    assert sorted(stats) == sorted(made)
+    for i, n in enumerate(made):
+        s = stats[n]
+        assert cpu_before[n] <= s["cpu_ns"] <= int((cgroup("cpuacct", n) / "cpuacct.usage").read_text())
+        assert abs(s["memory"] - _memory_in_use(cgroup("memory", n))) < 4 << 20
+        assert s["memory_limit"] == (256 + i) << 20
+        assert s["memory_peak"] >= s["memory"]
+        assert abs(s["pids"] - int((cgroup("pids", n) / "pids.current").read_text())) <= 2
+        assert s["state"] == "running" and 0 < s["cpu_percent"] < 200
+        assert set(s["pressure"]) == {"cpu", "memory", "io"}  # the unified hierarchy has PSI per cgroup here
+        assert all(isinstance(p["some_avg10"], float) for p in s["pressure"].values())
+        (burn_stats,) = s["components"]
+        assert burn_stats["name"] == "burn"
+        assert burn_stats["cpu_ns"] <= int((cgroup("cpuacct", n, "burn") / "cpuacct.usage").read_text())
+        assert burn_stats["pids"] == int((cgroup("pids", n, "burn") / "pids.current").read_text())
+    # The table: a row per container, and per component with --components.
+    p = tupper("stats", "--no-stream", "--components", made[0])
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "CPU", "%"] and lines[1].startswith(made[0]) and lines[2].strip().startswith("burn")
+    p = tupper("stats", "--no-stream", "no-such-container")
+    assert p.returncode == 2 and "no container 'no-such-container'" in p.stderr

@@ -102,6 +102,9 @@ class DirectBackend:
         self._not_served()
         return self.runtime.upgrade(name, component, version)
 
+    def stats(self, names: builtins.list[str]) -> builtins.list[dict]:
+        return [s.to_json() for s in self.runtime.stats(names or None)]
+
     def update(self, name: str, component: str | None, changes: dict[str, str]) -> dict:
         self._not_served()
         return self.runtime.update(name, component, changes).to_json()

@@ -190,6 +190,9 @@ class Client:
     def upgrade(self, name: str, component: str, version: str) -> dict:
         return _json(self.call("Upgrade", "sss", [name, component, version])[0])
 
+    def stats(self, names: builtins.list[str]) -> builtins.list[dict]:
+        return _json(self.call("Stats", "as", [names])[0])
+
     def update(self, name: str, component: str | None, changes: dict[str, str]) -> dict:
         limits, notes, applied = self.call("Update", "ssa{ss}", [name, component or "", changes])[0]
         return {"resources": limits, "notes": notes, "applied": applied}

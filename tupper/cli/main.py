@@ -20,7 +20,7 @@ tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it
 
 
 # Container verbs: served by tupperd unless --direct. Everything else runs in this process.
-DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "kill", "shutdown", "rm", "exec", "events", "update"})
+DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "kill", "shutdown", "rm", "exec", "events", "update", "stats"})
 
 
 def _path(text: str):
@@ -122,6 +122,25 @@ def _add_kill(sub) -> None:
     k = sub.add_parser("kill", help="send a signal to a container's PID 1 (default SIGKILL: stop it now)")
     k.add_argument("name")
     k.add_argument("--signal", "-s", default="KILL", help="signal name or number (default KILL)")
+
+
+def _add_stats(sub) -> None:
+    import argparse
+
+    from tupper.cli.backends import finite_seconds
+
+    st = sub.add_parser(
+        "stats", help="live CPU, memory, IO, pids and pressure of containers",
+        description="A live table of each running container's use of CPU (percent of one CPU), memory (in use, peak, "
+                    "limit), IO (bytes read and written), pids, and pressure (PSI some avg10 for cpu, memory and io; "
+                    "'-' where the kernel has no figure), read from its cgroups; --components adds each component.",
+        epilog="examples:\n  tupper stats\n  tupper stats web --components\n  tupper stats --no-stream --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("names", nargs="*", metavar="NAME", help="containers to show (default: every running one)")
+    st.add_argument("--no-stream", action="store_true", help="one sample, then exit (CPU %% averaged since the container started)")
+    st.add_argument("--interval", type=finite_seconds, default=2.0, help="seconds between samples (default 2)")
+    st.add_argument("--components", action="store_true", help="a row per component below each container")
+    st.add_argument("--json", action="store_true", help="a JSON list per sample (one per line when streaming)")
 
 
 # `tupper update` options: the keys of a spec's [resources], as --memory-max etc.
@@ -231,8 +250,8 @@ def _add_store(sub) -> None:
 
 # In the order `tupper --help` lists them.
 _COMMANDS = {
-    "run": _add_run, "ps": _add_ps, "status": _add_status, "stop": _add_stop, "start": _add_start, "kill": _add_kill, "update": _add_update,
-    "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
+    "run": _add_run, "ps": _add_ps, "status": _add_status, "stats": _add_stats, "stop": _add_stop, "start": _add_start,
+    "kill": _add_kill, "update": _add_update, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret,
 }
@@ -402,6 +421,8 @@ def dispatch(args) -> int:
         return cmd_status(args, backend)
     if cmd == "update":
         return cmd_update(args, backend)
+    if cmd == "stats":
+        return cmd_stats(args, backend)
     t0 = time.monotonic()
     if cmd == "stop":
         state = backend.stop(args.name, args.timeout)
@@ -420,6 +441,62 @@ def dispatch(args) -> int:
     else:
         raise AssertionError(cmd)
     return 0
+
+
+def cmd_stats(args, backend) -> int:
+    import json
+
+    from tupper.cli.ui import size, table
+
+    previous: dict[str, dict] = {}
+    first = True
+    try:
+        while True:
+            samples = backend.stats(args.names)
+            for s in samples:
+                _rate(s, previous.get(s["name"]))
+            previous = {s["name"]: s for s in samples}
+            if args.json:
+                print(json.dumps(samples, indent=None if not args.no_stream else 2), flush=True)
+            else:
+                if not first and sys.stdout.isatty():
+                    print("\033[H\033[J", end="")
+                rows = []
+                for s in samples:
+                    rows.append(_stats_row(s["name"], s, size))
+                    if args.components:
+                        rows += [_stats_row(f"  {c['name']}", c, size) for c in s["components"]]
+                table(["NAME", "CPU %", "MEM", "LIMIT", "PEAK", "IO READ", "IO WRITE", "PIDS", "PSI CPU", "PSI MEM", "PSI IO"], rows)
+                sys.stdout.flush()
+            first = False
+            if args.no_stream:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _rate(sample: dict, previous: dict | None) -> None:
+    """CPU % since the previous sample of the same container (and of each component), when there is one."""
+    if previous is None:
+        return
+    before = {c["name"]: c for c in previous.get("components", [])}
+    for now, then in [(sample, previous), *((c, before.get(c["name"])) for c in sample["components"])]:
+        if then and now.get("cpu_ns") is not None and then.get("cpu_ns") is not None and now["at"] > then["at"]:
+            now["cpu_percent"] = round(max(0.0, (now["cpu_ns"] - then["cpu_ns"]) / (now["at"] - then["at"]) / 1e7), 2)
+
+
+def _stats_row(label: str, s: dict, size) -> list:
+    def b(v):
+        return "-" if v is None else size(v)
+
+    def psi(kind):
+        p = s.get("pressure", {}).get(kind)
+        return "-" if not p or p.get("some_avg10") is None else f"{p['some_avg10']:.2f}"
+
+    cpu = s.get("cpu_percent")
+    return [label, "-" if cpu is None else f"{cpu:.1f}", b(s.get("memory")), b(s.get("memory_limit")), b(s.get("memory_peak")),
+            b(s.get("io_read")), b(s.get("io_write")), "-" if s.get("pids") is None else s["pids"], psi("cpu"), psi("memory"), psi("io")]
 
 
 def cmd_update(args, backend) -> int:

@@ -298,10 +298,12 @@ def _attach(d: Path, pid: int) -> None:
         os.close(fd)
 
 
-def unit_dir(name: str, unit: str, parent: str = PARENT, layout: Layout | None = None) -> Path | None:
+def unit_dir(name: str, unit: str, parent: str = PARENT, layout: Layout | None = None, *, unified: bool = False) -> Path | None:
     """The cgroup systemd inside made for `unit` (below payload/, in system.slice unless the unit says
-    otherwise), in the hierarchy systemd keeps; None while it has none."""
-    top = (layout or Layout.detect()).systemd_dir(parent, name)
+    otherwise), in the hierarchy systemd keeps (`unified`: in the unified one, for pressure figures);
+    None while it has none."""
+    lay = layout or Layout.detect()
+    top = lay.unified_dir(parent, name) if unified else lay.systemd_dir(parent, name)
     if top is None:
         return None
     first = top / "payload" / "system.slice" / unit
@@ -493,9 +495,6 @@ def controller_dirs(name: str, parent: str = PARENT, component: str | None = Non
     return out
 
 
-# ---- usage ------------------------------------------------------------------------------------
-
-
 def oom_kills(directory: Path | None) -> int:
     """Processes the kernel's OOM killer killed in this cgroup: v2 memory.events counts the cgroups below
     too, v1 memory.oom_control this one alone; 0 where the file is not there."""
@@ -511,6 +510,101 @@ def oom_kills(directory: Path | None) -> int:
             if key == "oom_kill":
                 return int(value)
     return 0
+
+
+# ---- usage (tupper stats, status) ---------------------------------------------------------------
+
+NO_LIMIT = 1 << 62  # v1 shows "no limit" as a huge number (9223372036854771712)
+
+
+def _text(path: Path) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _int(path: Path) -> int | None:
+    text = _text(path)
+    if text is None:
+        return None
+    text = text.strip()
+    return None if text == "max" else int(text)
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    """`key value` lines (memory.stat, cpu.stat)."""
+    out: dict[str, int] = {}
+    for line in (_text(path) or "").splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+def pressure(directory: Path | None) -> dict[str, tuple[float | None, float | None]]:
+    """{cpu|memory|io: (some avg10, full avg10)} from a unified-hierarchy cgroup; absent kinds are left out."""
+    out: dict[str, tuple[float | None, float | None]] = {}
+    if directory is None:
+        return out
+    for kind in ("cpu", "memory", "io"):
+        text = _text(directory / f"{kind}.pressure")
+        if text is None:
+            continue
+        figures: dict[str, float] = {}
+        for line in text.splitlines():
+            words = line.split()
+            if words and words[0] in ("some", "full"):
+                avg = next((w.split("=", 1)[1] for w in words[1:] if w.startswith("avg10=")), None)
+                if avg is not None:
+                    figures[words[0]] = float(avg)
+        out[kind] = (figures.get("some"), figures.get("full"))
+    return out
+
+
+def usage(dirs: dict[str, Path], kind: str) -> dict[str, int | None]:
+    """CPU time, memory, IO and pids of a cgroup: `dirs` as controller_dirs() gives them."""
+    if kind == "v2":
+        d = dirs.get("unified")
+        if d is None:
+            return {}
+        cpu = _keyed(d / "cpu.stat").get("usage_usec")
+        current = _int(d / "memory.current")
+        inactive = _keyed(d / "memory.stat").get("inactive_file", 0)
+        rbytes = wbytes = 0
+        for line in (_text(d / "io.stat") or "").splitlines():
+            for word in line.split()[1:]:
+                key, _, value = word.partition("=")
+                if key == "rbytes":
+                    rbytes += int(value)
+                elif key == "wbytes":
+                    wbytes += int(value)
+        return {"cpu_ns": None if cpu is None else cpu * 1000,
+                "memory": None if current is None else max(0, current - inactive),
+                "memory_peak": _int(d / "memory.peak"), "memory_limit": _int(d / "memory.max"),
+                "io_read": rbytes, "io_write": wbytes, "pids": _int(d / "pids.current"), "pids_limit": _int(d / "pids.max")}
+    out: dict[str, int | None] = {}
+    if (d := dirs.get("cpuacct")) is not None:
+        out["cpu_ns"] = _int(d / "cpuacct.usage")
+    if (d := dirs.get("memory")) is not None:
+        current = _int(d / "memory.usage_in_bytes")
+        inactive = _keyed(d / "memory.stat").get("total_inactive_file", 0)
+        limit = _int(d / "memory.limit_in_bytes")
+        out.update(memory=None if current is None else max(0, current - inactive), memory_peak=_int(d / "memory.max_usage_in_bytes"),
+                   memory_limit=None if limit is None or limit >= NO_LIMIT else limit)
+    if (d := dirs.get("blkio")) is not None:
+        read = write = 0
+        for line in (_text(d / "blkio.throttle.io_service_bytes_recursive") or "").splitlines():
+            words = line.split()
+            if len(words) == 3 and words[1] == "Read":
+                read += int(words[2])
+            elif len(words) == 3 and words[1] == "Write":
+                write += int(words[2])
+        out.update(io_read=read, io_write=write)
+    if (d := dirs.get("pids")) is not None:
+        out.update(pids=_int(d / "pids.current"), pids_limit=_int(d / "pids.max"))
+    return out
 
 
 # ---- noticing units start (inotify on the unified hierarchy) ---------------------------------------

@@ -247,6 +247,12 @@ class ManagerInterface(ServiceInterface):
         return _update_reply(await self._guard(self.daemon.update(name, component or None, dict(limits))))
 
     @method()
+    async def Stats(self, names: "as") -> "s":
+        """What `tupper stats --no-stream --json NAME…` prints (no names: every running container): CPU,
+        memory, IO, pids and pressure of each container and its components, from their cgroups."""
+        return json.dumps(await self._guard(self.daemon.stats(list(names))))
+
+    @method()
     def SecretHolders(self) -> "a(sss)":
         """Which containers hold which secrets: (container, credential ID, secret name). Never values."""
         return [list(t) for t in self.daemon.secret_holders()]

@@ -284,6 +284,12 @@ class Daemon:
         self.get(name)
         return await asyncio.to_thread(self.runtime.status, name)
 
+    async def stats(self, names: builtins.list[str]) -> builtins.list[dict]:
+        for name in names:
+            self.get(name)
+        found = await asyncio.to_thread(self.runtime.stats, names or None)
+        return [s.to_json() for s in found if s.name in self.watched]
+
     async def units(self, name: str) -> builtins.list[UnitStatus]:
         return list((await self.status(name)).units)
 

@@ -28,6 +28,7 @@ from tupper.progress import SILENT, Progress
 from tupper.runtime import monitor, records
 from tupper.runtime.live import LiveChanges
 from tupper.runtime.records import Record
+from tupper.runtime.stats import ContainerStats, Pressure, Usage
 from tupper.runtime.status import ContainerStatus
 from tupper.store.images import ImageDef, Images, find_definition
 from tupper.store.store import FREE_FOR_CONTAINER, Store
@@ -644,6 +645,38 @@ class Runtime:
             total += sum(ooms.values())  # v1 counts the kills in each cgroup alone; v2's memory.events counts below too
         return ContainerStatus.of(rec, states, system_state, total, ooms)
 
+    def stats(self, names: list[str] | None = None) -> list[ContainerStats]:
+        """CPU, memory, IO, pids and pressure of the named containers (default: every running one) and of
+        their components, read from their cgroups (tupper.runtime.stats)."""
+        recs = [self.record(n) for n in names] if names else [r for r in self.records() if r.alive()]
+        layout = cgroups.Layout.detect()
+        return [self._stats(rec, layout) for rec in recs]
+
+    def _stats(self, rec: Record, layout: cgroups.Layout) -> ContainerStats:
+        parent = self.store.cgroup_parent
+        now = time.time()
+        if not rec.alive() or self.host.systemd:
+            return ContainerStats(rec.name, rec.state(), rec.started_at, Usage(at=now))
+        usage = Usage(at=now, **cgroups.usage(cgroups.controller_dirs(rec.name, parent, layout=layout), layout.kind),
+                      pressure=_pressure(cgroups.pressure(layout.unified_dir(parent, rec.name))))
+        comps = []
+        for c in rec.components:
+            unit_dirs = [d for u in c.units if (d := cgroups.unit_dir(rec.name, u, parent, layout, unified=True)) is not None]
+            if layout.kind == "v2":  # the component's units' cgroups, added up
+                parts = [cgroups.usage({"unified": d}, "v2") for d in unit_dirs]
+                figures = {k: sum(p[k] or 0 for p in parts) if any(p.get(k) is not None for p in parts) else None
+                           for k in ("cpu_ns", "memory", "memory_peak", "io_read", "io_write", "pids")}
+            else:
+                figures = cgroups.usage(cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout), layout.kind)
+            # A component's pressure: its most stalled unit's.
+            worst: dict[str, tuple[float | None, float | None]] = {}
+            for d in unit_dirs:
+                for kind, (some, full) in cgroups.pressure(d).items():
+                    was = worst.get(kind, (None, None))
+                    worst[kind] = (_max(was[0], some), _max(was[1], full))
+            comps.append((c.name, Usage(at=now, **figures, pressure=_pressure(worst))))
+        return ContainerStats(rec.name, rec.state(), rec.started_at, usage, tuple(comps))
+
     # ---- components ---------------------------------------------------------------------------
 
     def resolve_component(self, name: str, version: str | None, where: str) -> Path:
@@ -696,6 +729,14 @@ class Runtime:
         if follow:
             argv.append("--follow")
         return argv
+
+
+def _pressure(figures: dict[str, tuple[float | None, float | None]]) -> tuple[tuple[str, Pressure], ...]:
+    return tuple((kind, Pressure(some, full)) for kind, (some, full) in figures.items())
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _save_if_possible(rec: Record) -> None:
