@@ -54,8 +54,8 @@ DOC = REPO / "docs/benchmarks.md"
 
 PS_COUNTS = (10, 20)  # `tupper ps` is timed with this many bench containers running
 SETTLE = 1.0  # seconds between "unit active" and stop, the same for tupper and the baseline
-# start and stop: ratio tupper/baseline (medians); ps20: seconds, `tupper ps` with 20 running. ps10 has no target.
-TARGETS = {"start": 1.3, "stop": 1.5, "ps20": 0.2, "upgrade": 0.5}  # ratios, then seconds
+# start and stop: ratio tupper/baseline (medians); ps20, stats20: seconds with 20 running. ps10, stats10 have no target.
+TARGETS = {"start": 1.3, "stop": 1.5, "ps20": 0.2, "stats20": 0.15, "upgrade": 0.5}  # ratios, then seconds
 NO_SUCH = "bench-no-such-container"  # for a CLI call that tupperd answers at once (with an error)
 
 PREFIX = f"bench-{os.getpid()}"  # unique per run, so a concurrent run cannot collide with this one
@@ -189,7 +189,7 @@ def baseline_start_stop(i: int, cleanup: Cleanup) -> dict:
 
 
 def measure_ps(runs: int, cleanup: Cleanup) -> dict:
-    """`tupper ps` wall time with 10, then 20 bench containers running."""
+    """`tupper ps` and `tupper stats --no-stream --json` wall time with 10, then 20 bench containers running."""
     names: list[str] = []
     out: dict = {}
     for count in PS_COUNTS:
@@ -205,7 +205,12 @@ def measure_ps(runs: int, cleanup: Cleanup) -> dict:
         if len(ours) != count:
             raise RuntimeError(f"expected {count} running bench containers, ps shows {len(ours)}")
         times = [tupper("ps")[0] for _ in range(runs)]
-        out[str(count)] = {"times": times, "listed": len(listed), "running": sum(r["state"] == "running" for r in listed)}
+        _, text = tupper("stats", "--no-stream", "--json")
+        if len([s for s in json.loads(text) if s["name"] in names]) != count:
+            raise RuntimeError(f"`tupper stats` does not show the {count} running bench containers")
+        stats_times = [tupper("stats", "--no-stream", "--json")[0] for _ in range(runs)]
+        out[str(count)] = {"times": times, "stats_times": stats_times, "listed": len(listed),
+                           "running": sum(r["state"] == "running" for r in listed)}
     for name in names:
         cleanup.remove_tupper(name)
     return out
@@ -260,6 +265,7 @@ def verdicts(results: dict) -> dict:
         "start": start["ratio"] <= TARGETS["start"],
         "stop": stop["ratio"] <= TARGETS["stop"],
         "ps20": ps["20"]["tupper"]["median"] < TARGETS["ps20"],
+        "stats20": ps["20"]["stats"]["median"] < TARGETS["stats20"],
         "upgrade": results["upgrade"]["tupper"]["median"] < TARGETS["upgrade"],
     }
 
@@ -278,6 +284,12 @@ def table_rows(results: dict) -> list[list[str]]:
         key = f"ps{count}"
         target, met = (f"< {TARGETS[key]} s", "yes" if ok[key] else "NO") if key in TARGETS else ("-", "-")
         rows.append([f"`tupper ps`, {count} running", f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}",
+                     "-", "-", "-", "-", target, met])
+    for count in PS_COUNTS:
+        t = results["ps"][str(count)]["stats"]
+        key = f"stats{count}"
+        target, met = (f"< {TARGETS[key]} s", "yes" if ok[key] else "NO") if key in TARGETS else ("-", "-")
+        rows.append([f"`tupper stats --no-stream --json`, {count} running", f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}",
                      "-", "-", "-", "-", target, met])
     t = results["upgrade"]["tupper"]
     rows.append(["live upgrade (command → new units active)", f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}",
@@ -370,7 +382,7 @@ Raw numbers: `bench/results/latest.json` (not committed).
   installed versions (alternating), wall time until the new units are active.
 - **sdk build**: `tupper sdk build` of a component with a 50 MB payload (half random, half text).
 
-Targets: start ratio ≤ 1.3, stop ratio ≤ 1.5, `tupper ps` with 20 running < 0.2 s, live upgrade < 0.5 s.
+Targets: start ratio ≤ 1.3, stop ratio ≤ 1.5, `tupper ps` with 20 running < 0.2 s, `tupper stats --no-stream --json` with 20 running < 0.15 s, live upgrade < 0.5 s.
 
 """
 
@@ -481,8 +493,8 @@ def measure(args, runs: int) -> int:
         t = summary([r[key] for r in t_runs])
         b = summary([r[key] for r in b_runs])
         results[key] = {"tupper": t, "baseline": b, "ratio": t["median"] / b["median"]}
-    results["ps"] = {n: {"tupper": summary(p["times"]), "containers_listed": p["listed"], "containers_running": p["running"]}
-                     for n, p in ps.items()}
+    results["ps"] = {n: {"tupper": summary(p["times"]), "stats": summary(p["stats_times"]), "containers_listed": p["listed"],
+                         "containers_running": p["running"]} for n, p in ps.items()}
     start_rep = statistics.median(r["start_reported"] for r in t_runs if r["start_reported"] is not None)
     stop_rep = statistics.median(r["stop_reported"] for r in t_runs if r["stop_reported"] is not None)
     results["breakdown"] = {
