@@ -108,7 +108,7 @@ def machine() -> dict:
         "systemd": systemd.strip(),
         "os": _os_release(),
         "python": platform.python_version(),
-        "cgroups": cgroups.layout(),
+        "cgroups": cgroups.Layout.detect().kind,
     }
 
 
@@ -154,7 +154,7 @@ class Cleanup:
         """Anything of this run still on the machine (should be empty)."""
         found = [str(p) for p in SCRATCH.glob(f"{PREFIX}-*")]
         found += [str(p) for p in (STORE / "containers").glob(f"{PREFIX}-*")]
-        found += [str(p) for h in cgroups.hierarchies() for p in h.glob(f"tupper*/{PREFIX}-*")]
+        found += [str(p) for h in cgroups.Layout.detect().hierarchies for p in h.own.glob(f"tupper*/{PREFIX}-*")]
         found += [str(p) for d in ("propagate", "unix-export") for p in (NSPAWN_RUN / d).glob(f"{PREFIX}-*")]
         return found
 
