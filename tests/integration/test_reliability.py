@@ -108,7 +108,7 @@ def _eof(fd: int) -> bool:
 
 
 READ_ONLY = {
-    ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "SecretHolders")
+    ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "SecretHolders", "Stats")
 } | {("org.tupper1.Container", "ListUnits")}
 
 NOBODY_CALLS = """

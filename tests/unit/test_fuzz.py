@@ -826,6 +826,8 @@ class StandInRuntime:
     secret_holders = Runtime.secret_holders
     rotate_secret = Runtime.rotate_secret
     update = Runtime.update
+    stats = Runtime.stats
+    _stats = Runtime._stats
     host = nspawn.Host(systemd=False)
 
     def __init__(self, store: PlainStore, records: dict | None = None) -> None:
