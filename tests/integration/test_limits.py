@@ -51,6 +51,15 @@ def ns_pids(path: Path) -> set[int]:
     return out
 
 
+def limited_spec(path: Path, name: str, components: list[tuple[Path, str]], resources: str = "") -> Path:
+    """A spec: `resources` as the [resources] body, each component with its [components.resources] body."""
+    text = f'name = "{name}"\n' + (f"[resources]\n{resources}" if resources else "")
+    for directory, limits in components:
+        text += f'[[components]]\npath = "{directory}"\n' + (f"[components.resources]\n{limits}" if limits else "")
+    path.write_text(text)
+    return path
+
+
 def units(tupper, name: str) -> dict[str, dict]:
     return {u["name"]: u for u in tupper.json("status", name)["units"]}
 
@@ -59,9 +68,7 @@ def test_cpu_max_on_a_component_holds_and_changes_live(tupper, names, tmp_path):
     burn = write_component(tmp_path / "burn", "burn", {"burn.service": "[Service]\nType=exec\nExecStart=/bin/sh -c 'while :; do :; done'\n"})
     idle = write_component(tmp_path / "idle", "idle", {"idle.service": SLEEPER})
     name = names()
-    spec = tmp_path / "spec.toml"
-    spec.write_text(f'name = "{name}"\n[[components]]\npath = "{burn}"\n[components.resources]\ncpu_max = "50%"\n'
-                    f'[[components]]\npath = "{idle}"\n')
+    spec = limited_spec(tmp_path / "spec.toml", name, [(burn, 'cpu_max = "50%"\n'), (idle, "")])
     tupper("run", spec, check=True)
     before = units(tupper, name)
     main = before["burn.service"]["main_pid"]
@@ -127,9 +134,7 @@ def test_pids_max_on_a_component_stops_its_fork_loop_and_nothing_else(tupper, na
                              files={"bin/fork": "#!/bin/sh\nwhile :; do sleep 1000 & done 2>/dev/null\n"})
     idle = write_component(tmp_path / "idle", "idle", {"idle.service": SLEEPER})
     name = names()
-    spec = tmp_path / "spec.toml"
-    spec.write_text(f'name = "{name}"\n[[components]]\npath = "{forker}"\n[components.resources]\npids_max = 32\ncpu_max = "20%"\n'
-                    f'[[components]]\npath = "{idle}"\n')
+    spec = limited_spec(tmp_path / "spec.toml", name, [(forker, 'pids_max = 32\ncpu_max = "20%"\n'), (idle, "")])
     tupper("run", spec, check=True)
     before = tupper.json("status", name)
     pids = cgroup("pids", name, "forker")
@@ -149,9 +154,7 @@ def test_a_component_over_its_memory_max_is_oom_killed_alone(tupper, names, tmp_
                                             "  x=\"$x$(yes | head -c 4000000)\"\n  sleep 0.05\ndone\n"})
     idle = write_component(tmp_path / "idle", "idle", {"idle.service": SLEEPER})
     name = names()
-    spec = tmp_path / "spec.toml"
-    spec.write_text(f'name = "{name}"\n[[components]]\npath = "{hog}"\n[components.resources]\nmemory_max = "64M"\n'
-                    f'[[components]]\npath = "{idle}"\n')
+    spec = limited_spec(tmp_path / "spec.toml", name, [(hog, 'memory_max = "64M"\n'), (idle, "")])
     tupper("run", spec, check=True)
     before = tupper.json("status", name)
 
@@ -185,9 +188,7 @@ def test_stats_match_the_cgroup_files_they_come_from(tupper, names, tmp_path):
     made = []
     for i in range(2):
         name = names()
-        spec = tmp_path / f"spec{i}.toml"
-        spec.write_text(f'name = "{name}"\n[resources]\nmemory_max = "{256 + i}M"\n[[components]]\npath = "{burn}"\n'
-                        f'[components.resources]\ncpu_max = "20%"\n')
+        spec = limited_spec(tmp_path / f"spec{i}.toml", name, [(burn, 'cpu_max = "20%"\n')], f'memory_max = "{256 + i}M"\n')
         tupper("run", spec, check=True)
         made.append(name)
     cpu_before = {n: int((cgroup("cpuacct", n) / "cpuacct.usage").read_text()) for n in made}
