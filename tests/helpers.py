@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -398,3 +399,48 @@ class PlainStore(Store):
     def require_free(self, needed: int, what: str) -> None:
         pass
 
+
+
+# ---- the D-Bus API from outside: busctl, and `tupper events` in the background -----------------------
+
+def busctl(bus, *args: str, user: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    # "--" after the verb: arguments such as "-1" are values, not options.
+    argv = ["busctl", f"--address={bus.address}", f"--timeout={int(timeout)}", args[0], "--", *args[1:]]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
+
+
+def label(name: str) -> str:
+    return "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in name)
+
+
+class Events:
+    """`tupper events --json` in the background, read line by line without Python's buffering (a
+    buffered reader can hold lines that select() no longer sees)."""
+
+    def __init__(self, env: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tupper", "events", "--json"], stdout=subprocess.PIPE, env=env)
+        self.pending = b""
+        self.seen: list[dict] = []
+
+    def wait(self, want, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while b"\n" in self.pending:
+                line, self.pending = self.pending.split(b"\n", 1)
+                event = json.loads(line)
+                self.seen.append(event)
+                if want(event):
+                    return event
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                self.pending += chunk
+        raise AssertionError(f"no matching event within {timeout}s; saw {self.seen}")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)

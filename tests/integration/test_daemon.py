@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from helpers import REPO, SERVICES, alive, wait_for, write_component, write_spec
+from helpers import REPO, SERVICES, Events, alive, busctl, label, wait_for, write_component, write_spec
 
 HELLO = REPO / "examples/hello.toml"
-
-
-def busctl(bus, *args: str, user: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    # "--" after the verb: arguments such as "-1" are values, not options.
-    argv = ["busctl", f"--address={bus.address}", f"--timeout={int(timeout)}", args[0], "--", *args[1:]]
-    if user:
-        argv = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *argv]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
-
-
-def label(name: str) -> str:
-    return "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in name)
 
 
 def test_busctl_alone_runs_inspects_stops_and_removes_a_container(tupper, bus, names):
@@ -164,37 +150,6 @@ def test_parallel_runs_of_different_names_all_succeed(tupper, names):
     assert [r.returncode for r in results] == [0] * 6, [r.stderr for r in results]
     states = {c["name"]: c["state"] for c in tupper.json("ps")}
     assert all(states[n] == "running" for n in made)
-
-
-class Events:
-    """`tupper events --json` in the background, read line by line without Python's buffering (a
-    buffered reader can hold lines that select() no longer sees)."""
-
-    def __init__(self, env: dict) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tupper", "events", "--json"], stdout=subprocess.PIPE, env=env)
-        self.pending = b""
-        self.seen: list[dict] = []
-
-    def wait(self, want, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            while b"\n" in self.pending:
-                line, self.pending = self.pending.split(b"\n", 1)
-                event = json.loads(line)
-                self.seen.append(event)
-                if want(event):
-                    return event
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                self.pending += chunk
-        raise AssertionError(f"no matching event within {timeout}s; saw {self.seen}")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
 
 
 def test_unit_state_changes_inside_a_container_arrive_as_signals(tupper, bus, names):

@@ -551,11 +551,23 @@ def cmd_ps(args, backend) -> int:
         print(json.dumps(recs, indent=2))
         return 0
     table(
-        ["NAME", "STATE", "IMAGE", "LEADER", "STARTED", "COMPONENTS"],
-        [[r["name"], r["state"], r["image"], r["leader_pid"] or "-", ago(r["started_at"]),
+        ["NAME", "STATE", "HEALTH", "IMAGE", "LEADER", "STARTED", "COMPONENTS"],
+        [[r["name"], r["state"], health_summary(r), r["image"], r["leader_pid"] or "-", ago(r["started_at"]),
           ",".join(c["name"] for c in r["components"]) or "-"] for r in recs],
     )
     return 0
+
+
+def health_summary(rec: dict) -> str:
+    """The HEALTH column: the worst of its components' (unhealthy, starting, healthy), with the
+    unhealthy ones named; "-" where nothing is checked (or tupperd does not check it)."""
+    states = {c["name"]: c["health"]["state"] for c in rec["components"] if c.get("health")}
+    if not states or rec["state"] not in ("running", "degraded"):
+        return "-"
+    bad = [name for name, state in states.items() if state == "unhealthy"]
+    if bad:
+        return f"unhealthy ({','.join(bad)})"
+    return "starting" if "starting" in states.values() else "healthy"
 
 
 def cmd_status(args, backend) -> int:
@@ -581,6 +593,10 @@ def cmd_status(args, backend) -> int:
         print(f"oom:      {st['oom_kills']} process(es) killed for lack of memory" + (f" ({per})" if per else ""))
     if st.get("resources"):
         print(f"limits:   {', '.join(f'{k}={v}' for k, v in st['resources'].items())}")
+    for c in st["components"]:
+        if h := c.get("health"):
+            restarts = f", restarted {h['restarts']}x" if h.get("restarts") else ""
+            print(f"health:   {c['name']}: {h['state']} ({h['check']}: {h['detail'] or 'not checked yet'}{restarts})")
     print()
     table(["UNIT", "ACTIVE", "SUB", "RESULT", "MAIN PID"],
           [[u["name"], u["active_state"], u["sub_state"], u["result"] or "-", u["main_pid"] or "-"] for u in st["units"]])
@@ -599,6 +615,10 @@ def cmd_events(args) -> int:
             event = {"type": "container", "name": msg.body[0], "state": msg.body[1]}
         elif msg.member in ("ContainerAdded", "ContainerRemoved"):
             event = {"type": "container", "name": msg.body[0], "event": msg.member[len("Container"):].lower()}
+        elif msg.member == "HealthChanged":
+            event = {"type": "health", "name": msg.body[0], "component": msg.body[1], "health": msg.body[2], "detail": msg.body[3]}
+        elif msg.member == "OOMKilled":
+            event = {"type": "oom", "name": msg.body[0], "component": msg.body[1] or None, "oom_kills": msg.body[2]}
         elif msg.member == "UnitStateChanged":
             from tupper.busnames import container_name
 
@@ -613,6 +633,11 @@ def cmd_events(args) -> int:
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
             if event["type"] == "unit":
                 print(f"{stamp}  {event['name']}  {event['unit']}: {event['active_state']}/{event['sub_state']}", flush=True)
+            elif event["type"] == "health":
+                print(f"{stamp}  {event['name']}  {event['component']}: {event['health']} ({event['detail']})", flush=True)
+            elif event["type"] == "oom":
+                where = f"component {event['component']}" if event["component"] else "container"
+                print(f"{stamp}  {event['name']}  OOM kill in the {where} ({event['oom_kills']} since start)", flush=True)
             else:
                 print(f"{stamp}  {event['name']}  {event.get('state') or event.get('event')}", flush=True)
 

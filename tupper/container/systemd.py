@@ -181,12 +181,14 @@ class ContainerBus:
         self._call(b"Reload")
 
 
-def exec_properties(argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None) -> dict[bytes, object]:
-    """The transient service that runs argv with the caller's fds (what `systemd-run --pipe --wait` sends)."""
+def exec_properties(argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None,
+                    description: str = "tupper exec", timeout: float | None = None) -> dict[bytes, object]:
+    """The transient service that runs argv with the caller's fds (what `systemd-run --pipe --wait` sends);
+    `timeout`: systemd kills it after that many seconds (RuntimeMaxSec)."""
     # systemd expands $VAR in ExecStart; "$$" is its escape for a literal "$".
     words = [a.replace("$", "$$").encode() for a in argv]
     props: dict[bytes, object] = {
-        b"Description": b"tupper exec",
+        b"Description": description.encode(),
         b"ExecStart": [(words[0], words, False)],
         b"RemainAfterExit": True,  # keeps ExecMainCode/Status readable once the command is done
         b"WorkingDirectory": b"/",
@@ -197,16 +199,20 @@ def exec_properties(argv: list[str], *, stdin: int | None, stdout: int, stderr: 
         props[b"StandardInputFileDescriptor"] = stdin
     if env:
         props[b"Environment"] = [f"{k}={v}".encode() for k, v in env.items()]
+    if timeout is not None:
+        props[b"RuntimeMaxUSec"] = max(1, int(timeout * 1_000_000))
     return props
 
 
-def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None) -> int:
-    """Run argv as a transient service in the container with our fds; return its exit code.
+def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None,
+                description: str = "tupper exec", timeout: float | None = None, prefix: str = "tupper-exec") -> int:
+    """Run argv as a transient service in the container with our fds; return its exit code (128 +
+    the signal if it was killed: by systemd after `timeout` seconds, for one).
 
     Plain method calls and property reads on one connection: pystemd's object layer (pystemd.run)
     introspects every object it touches and grew tupperd's heap by ~1.5 MB per exec.
     """
-    unit = f"tupper-exec-{os.urandom(6).hex()}.service"
+    unit = f"{prefix}-{os.urandom(6).hex()}.service"
     path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
     bus = DBusAddress(f"unix:path={bus_socket(leader)}".encode())
     bus.open()
@@ -215,7 +221,8 @@ def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int,
         bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
         bus.match_signal(SD, path, PROPERTIES, b"PropertiesChanged", _ignore)
         args = apply_signature(b"ss", [unit.encode(), b"fail"])
-        args += signature_array(exec_properties(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env))
+        args += signature_array(exec_properties(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
+                                                description=description, timeout=timeout))
         args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]
         bus.call_method(SD, SD_PATH, MANAGER, b"StartTransientUnit", args)
         try:

@@ -289,6 +289,18 @@ class ManagerInterface(ServiceInterface):
         return [name, state]
 
     @signal()
+    def HealthChanged(self, name: str, component: str, state: str, detail: str) -> "ssss":
+        """A component's health: starting (also when tupperd restarts it for failed checks), healthy or
+        unhealthy; detail is what the last check said."""
+        return [name, component, state, detail]
+
+    @signal()
+    def OOMKilled(self, name: str, component: str, kills: "u") -> "ssu":
+        """The kernel's OOM killer killed processes of a container (component "": its own cgroup, the
+        total); kills is the count since the container started."""
+        return [name, component, kills]
+
+    @signal()
     def Progress(self, name: str, kind: str, text: str) -> "sss":
         """Progress of a long operation on container `name`: kind is step, done, failed, update or note."""
         return [name, kind, text]
@@ -354,6 +366,12 @@ class ContainerInterface(ServiceInterface):
     @privileged
     async def Kill(self, signal_number: "i") -> "s":
         return await self._guard(self.daemon.kill(self.container, signal_number))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Health(self) -> "a{ss}":
+        """Component -> starting, healthy or unhealthy, for the components with a health check
+        (PropertiesChanged announces changes)."""
+        return self.daemon.health_of(self.container)
 
     @dbus_property(access=PropertyAccess.READ)
     def Resources(self) -> "a{ss}":

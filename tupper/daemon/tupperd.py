@@ -29,10 +29,11 @@ from tupper.daemon import api
 from tupper.daemon.agent import Agent
 from tupper.errors import Failed, InvalidInput, NotFound, TupperError
 from tupper.model import spec as specmod
+from tupper.model.health import Tracker
 from tupper.progress import Progress
 from tupper.runtime.records import Record
 from tupper.runtime.runtime import RunFailed, Runtime, UpdateResult
-from tupper.runtime.status import ContainerStatus, UnitStatus
+from tupper.runtime.status import ComponentHealth, ContainerStatus, UnitStatus, container_state
 from tupper.store.secrets import SecretStore
 from tupper.store.store import Store
 
@@ -43,6 +44,8 @@ log = logging.getLogger("tupperd")
 # A container that ran for STABLE_AFTER s before failing starts counting from zero again.
 RESTART_MAX_DELAY = 60.0
 STABLE_AFTER = 60.0
+# OOM kills of processes that are not a unit's main process change no unit state: counters are read this often.
+OOM_SWEEP = 2.0
 
 
 
@@ -88,6 +91,13 @@ class Watched:
     deliberate: bool = False  # stopped or killed on purpose: no restart
     state: str = ""
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    unit_states: dict[str, str] = attrs.Factory(dict)  # component unit -> ActiveState, as its systemd last said
+    health: dict[str, Tracker] = attrs.Factory(dict)  # component -> its health check's tracker
+    health_task: asyncio.Task | None = None
+    oom_kills: dict[str, int] = attrs.Factory(dict)  # component ("" for the container) -> OOM kills seen
+
+    def health_view(self) -> tuple[ComponentHealth, ...]:
+        return tuple(ComponentHealth(c, t.state, t.check.describe(), t.detail, t.restarts) for c, t in sorted(self.health.items()))
 
 
 class Daemon:
@@ -164,7 +174,7 @@ class Daemon:
         except (TupperError, OSError) as exc:
             log.error("%s: could not restart units that missed their credentials: %s", rec.name, exc)
 
-    async def _track(self, rec: Record, *, announce: bool = True) -> Watched:
+    async def _track(self, rec: Record, *, announce: bool = True, healthy: bool = False) -> Watched:
         w = self.watched.get(rec.name)
         if w is None:
             w = Watched(rec.name, api.ContainerInterface(self, rec.name))
@@ -178,7 +188,7 @@ class Daemon:
         if announce:
             self.manager.ContainerStateChanged(rec.name, w.state)
         if rec.alive():
-            await self._attach(w, rec)
+            await self._attach(w, rec, healthy=healthy)
         return w
 
     async def _open_agent(self, name: str, fallback: dict[str, dict[str, str]] | None = None) -> None:
@@ -214,8 +224,9 @@ class Daemon:
         self.bus.unexport(api.container_path(name))
         self.manager.ContainerRemoved(name, api.container_path(name))
 
-    async def _attach(self, w: Watched, rec: Record) -> None:
-        """Watch the container's nspawn (pidfd) and follow its units over its own bus."""
+    async def _attach(self, w: Watched, rec: Record, *, healthy: bool = False) -> None:
+        """Watch the container's nspawn (pidfd), follow its units over its own bus, check its components'
+        health. `healthy`: a start that just waited for the checks to pass (else they start over)."""
         self._detach(w)
         try:
             fd = os.pidfd_open(rec.nspawn_pid)
@@ -230,8 +241,24 @@ class Daemon:
             await self._subscribe_units(w, rec)
         except Exception as exc:  # noqa: BLE001 - the container runs without unit signals; say so
             log.warning("%s: cannot follow its units over its bus: %s", rec.name, exc)
+        try:
+            # Where its units and OOM counters stand now; changes arrive as signals from here on.
+            status = await asyncio.to_thread(self.runtime.status, rec.name, ())
+            if w.pidfd == fd:
+                w.unit_states.update({u.name: u.state.active_state for u in status.units})
+                w.oom_kills = {"": status.oom_kills, **dict(status.component_oom_kills)}
+        except (TupperError, OSError) as exc:
+            log.warning("%s: cannot read its units' state: %s", rec.name, exc)
+        if w.pidfd == fd:
+            self._start_health(w, rec, healthy=healthy)
+            self._set_state(w)
 
     def _detach(self, w: Watched) -> None:
+        if w.health_task is not None:
+            w.health_task.cancel()
+            w.health_task = None
+        w.health.clear()
+        w.unit_states.clear()
         if w.pidfd is not None:
             self.loop.remove_reader(w.pidfd)
             os.close(w.pidfd)
@@ -242,11 +269,107 @@ class Daemon:
 
     async def _subscribe_units(self, w: Watched, rec: Record) -> None:
         pidfd = w.pidfd
-        watch = await UnitWatch.open(rec.leader_pid, rec.units, w.iface.UnitStateChanged)
+        watch = await UnitWatch.open(rec.leader_pid, rec.units, lambda unit, active, sub: self._on_unit(w, unit, active, sub))
         if w.pidfd != pidfd or pidfd is None:  # stopped or re-attached while we connected: not ours to keep
             watch.close()
             return
         w.units = watch
+
+    def _on_unit(self, w: Watched, unit: str, active: str, sub: str) -> None:
+        w.iface.UnitStateChanged(unit, active, sub)
+        if active:
+            w.unit_states[unit] = active
+            self._set_state(w)
+            if active in ("failed", "inactive", "activating"):  # a death: perhaps the OOM killer's
+                asyncio.ensure_future(self._check_oom(w))
+
+    # ---- health (liveness) ----------------------------------------------------------------------
+
+    def _start_health(self, w: Watched, rec: Record, *, healthy: bool) -> None:
+        now = time.monotonic()
+        w.health = {c.name: Tracker(c.health.resolve(dict(c.env)), since=now, state="healthy" if healthy else "starting")
+                    for c in rec.components if c.health}
+        if w.health:
+            w.health_task = asyncio.ensure_future(self._check_health(w, rec))
+
+    async def _check_health(self, w: Watched, rec: Record) -> None:
+        """Each component's check at its interval (often while it starts); `retries` failures in a row
+        restart its units through the container's systemd, at most `restarts` times without a pass."""
+        due = {c: time.monotonic() + (t.next_delay(None) if t.state == "starting" else t.check.interval) for c, t in w.health.items()}
+        delay: dict[str, float | None] = dict.fromkeys(w.health)
+        while w.health:
+            component = min(due, key=due.__getitem__)
+            await asyncio.sleep(max(0.0, due[component] - time.monotonic()))
+            tracker = w.health[component]
+            before = tracker.state
+            try:
+                result = await asyncio.to_thread(self.runtime.check_health, rec, component)
+            except (TupperError, OSError) as exc:  # not the check's failure: ours; try again at the next interval
+                log.warning("%s: could not run the health check of %s: %s", w.name, component, exc)
+                due[component] = time.monotonic() + tracker.check.interval
+                continue
+            action = tracker.feed(result.ok, result.detail, time.monotonic())
+            if action == "restart":
+                self._health_changed(w, component, tracker)
+                await self._restart_component(w, rec, component, tracker)
+                delay[component] = None  # checked often again while it starts
+            wait = delay[component] = tracker.next_delay(delay[component] if tracker.state == "starting" else None)
+            due[component] = time.monotonic() + wait
+            if tracker.state != before and not action:
+                self._health_changed(w, component, tracker)
+
+    async def _restart_component(self, w: Watched, rec: Record, component: str, tracker: Tracker) -> None:
+        entry = rec.component(component)
+        units = [u for u in (entry.units if entry else ()) if u.endswith(".service")]
+        log.warning("%s: %s failed its health check %d time(s) in a row (%s: %s): restarting %s (restart %d of at most %d in a row)",
+                    w.name, component, tracker.check.retries, tracker.check.describe(), tracker.detail, ", ".join(units),
+                    tracker.streak, tracker.limit)
+        async with w.lock:
+            for unit in units:
+                try:
+                    await asyncio.to_thread(self.runtime.unit_job, w.name, unit, "RestartUnit")
+                except (TupperError, OSError) as exc:
+                    log.warning("%s: could not restart %s: %s", w.name, unit, exc.message if isinstance(exc, TupperError) else exc)
+        tracker.since = time.monotonic()  # the start deadline counts from the restart's end
+
+    def _health_changed(self, w: Watched, component: str, tracker: Tracker) -> None:
+        if tracker.state == "unhealthy":
+            log.warning("%s: %s is unhealthy after %d restart(s): %s", w.name, component, tracker.streak, tracker.detail)
+        else:
+            log.info("%s: %s is %s (%s)", w.name, component, tracker.state, tracker.detail)
+        self.manager.HealthChanged(w.name, component, tracker.state, tracker.detail)
+        w.iface.emit_properties_changed({"Health": {c: t.state for c, t in w.health.items()}})
+        self._set_state(w)
+
+    # ---- OOM kills ------------------------------------------------------------------------------
+
+    async def _check_oom(self, w: Watched) -> None:
+        """Announce OOM kills since the last look (after a unit died, and every OOM_SWEEP s)."""
+        try:
+            rec = self.runtime.record(w.name)
+        except NotFound:
+            return
+        if not rec.alive():
+            return
+        total, per = await asyncio.to_thread(self.runtime.oom_counts, rec)
+        for component, kills in (("", total), *per.items()):
+            seen = w.oom_kills.get(component, 0)
+            if kills > seen:
+                w.oom_kills[component] = kills
+                if component or not per or total > sum(per.values()):  # the container's own count includes its components'
+                    log.warning("%s: the OOM killer killed %d process(es)%s (%d in all)", w.name, kills - seen,
+                                f" of component {component}" if component else "", kills)
+                self.manager.OOMKilled(w.name, component, kills)
+
+    async def _oom_sweep(self) -> None:
+        while True:
+            await asyncio.sleep(OOM_SWEEP)
+            for w in list(self.watched.values()):
+                if w.pidfd is not None:
+                    try:
+                        await self._check_oom(w)
+                    except (TupperError, OSError) as exc:
+                        log.debug("%s: OOM counters: %s", w.name, exc)
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -257,12 +380,23 @@ class Daemon:
         return self.runtime.record(name)
 
     def state_of(self, name: str) -> str:
-        return self.get(name).state()
+        rec = self.get(name)
+        return self._state(self.watched[name], rec)
+
+    def health_of(self, name: str) -> dict[str, str]:
+        self.get(name)
+        return {h.component: h.state for h in self.watched[name].health_view()}
+
+    def _state(self, w: Watched, rec: Record) -> str:
+        """The record's state, or `degraded` for a running container with a failed component unit or an
+        unhealthy component (what this daemon follows of it)."""
+        failed = any(state == "failed" for unit, state in w.unit_states.items() if unit in rec.units)
+        return container_state(rec.state(), failed, w.health_view())
 
     def _set_state(self, w: Watched, rec: Record | None = None) -> str:
         """Publish the container's state if it changed; `rec`: its record, if the caller holds it fresh."""
         try:
-            state = (rec or self.runtime.record(w.name)).state()
+            state = self._state(w, rec or self.runtime.record(w.name))
         except NotFound:
             return w.state
         if state != w.state:
@@ -275,14 +409,24 @@ class Daemon:
         out = []
         for name in sorted(self.watched):
             try:
-                out.append(self.runtime.record(name).to_json())
+                rec = self.runtime.record(name)
             except NotFound:
                 continue
+            w = self.watched[name]
+            entry = rec.to_json()
+            entry["state"] = self._state(w, rec)
+            health = {h.component: h.to_json() for h in w.health_view()}
+            for c in entry["components"]:
+                if c["name"] in health:
+                    c["health"] = health[c["name"]]
+            out.append(entry)
         return out
 
     async def status(self, name: str) -> ContainerStatus:
         self.get(name)
-        return await asyncio.to_thread(self.runtime.status, name)
+        w = self.watched[name]
+        # Health as this daemon's checks know it (a container it does not check: none, not a check now).
+        return await asyncio.to_thread(self.runtime.status, name, w.health_view())
 
     async def stats(self, names: builtins.list[str]) -> builtins.list[dict]:
         for name in names:
@@ -331,7 +475,7 @@ class Daemon:
                 if spec.name not in self.watched:
                     await self._close_agent(spec.name)
                 raise
-            w = await self._track(self.runtime.record(spec.name))
+            w = await self._track(self.runtime.record(spec.name), healthy=True)
             self._set_state(w)
             return result.to_json()
         finally:
@@ -353,7 +497,7 @@ class Daemon:
             await asyncio.to_thread(self.runtime.start, rec, progress=progress)
         finally:
             self._set_state(w)
-        await self._attach(w, self.runtime.record(w.name))
+        await self._attach(w, self.runtime.record(w.name), healthy=True)
         self._set_state(w)
 
     async def stop(self, name: str, timeout: float | None) -> str:
@@ -500,12 +644,14 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
     bus = await api.connect_system_bus(admin_group)
     daemon = Daemon(runtime, bus)
     await daemon.begin()
+    sweep = asyncio.ensure_future(daemon._oom_sweep())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         daemon.loop.add_signal_handler(sig, stop.set)
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([disconnected, waiter], return_when=asyncio.FIRST_COMPLETED)
+    sweep.cancel()
     # Containers keep running: their monitors are not our children, and the next tupperd adopts them.
     log.info("tupperd exiting; %d container(s) left running", sum(1 for w in daemon.watched.values() if w.pidfd is not None))
 

@@ -11,6 +11,8 @@ import attrs
 
 from tupper import tomlfile
 from tupper.errors import InvalidInput
+from tupper.model import health as healthmod
+from tupper.model.health import HealthCheck
 
 MANIFEST = "component.toml"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -40,6 +42,7 @@ class Component:
     manifest_file: str  # for messages
     secrets: tuple[str, ...] = ()  # credential IDs its units load (LoadCredential=ID:…)
     on_rotate: str = "restart"  # what a new secret value does to its units: "restart" or "reload"
+    health: HealthCheck | None = None  # its [health] check, if any
 
     def unit_path(self, unit: str) -> Path:
         return self.root / "units" / unit
@@ -88,6 +91,7 @@ def load(directory: Path, where: str, *, tree: bool = True) -> Component:
     on_rotate = t.get("on_rotate", str, "restart")
     if on_rotate not in ("restart", "reload"):
         raise t.error("on_rotate", f"must be \"restart\" or \"reload\", got {on_rotate!r}")
+    health = healthmod.parse(t.table("health"), present="health" in t.data)
     t.check_unknown()
     for i, cred in enumerate(secrets):
         if not CREDENTIAL_RE.fullmatch(cred):
@@ -129,6 +133,7 @@ def load(directory: Path, where: str, *, tree: bool = True) -> Component:
         manifest_file=display,
         secrets=tuple(secrets),
         on_rotate=on_rotate,
+        health=health,
     )
 
 

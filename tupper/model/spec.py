@@ -166,6 +166,8 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
             if not comp.NAME_RE.fullmatch(installed):
                 raise entry.error("name", f"invalid component name {installed!r}")
             component = comp.load(resolve(installed, version, entry.where("name")), entry.where("name"))
+        if component.health is not None:  # its ${VAR}s with the values this spec gives
+            component.health.resolve(dict(env), f"{env_table.where()} (for {component.manifest_file}: health)")
         uses.append(ComponentUse(component=component, env=tuple(env), resources=limits))
 
     _check_components(uses, display)

@@ -101,7 +101,7 @@ class LiveChanges:
                     raise Failed(f"upgrade of {component} to {version} failed ({why}); rolled back to {entry.version}, "
                                  "which is active again") from None
             upgraded = attrs.evolve(entry, version=version, source=str(target.path), units=new.units, requires=new.requires,
-                                    secrets=new.secrets, on_rotate=new.on_rotate)
+                                    secrets=new.secrets, on_rotate=new.on_rotate, health=new.health)
             rec.components = [upgraded if c is entry else c for c in rec.components]
         finally:
             rec.upgrade = None

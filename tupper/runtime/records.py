@@ -21,6 +21,7 @@ import attrs
 from tupper import proc
 from tupper.durable import write_json
 from tupper.errors import NotFound
+from tupper.model.health import HealthCheck
 from tupper.model.resources import Resources
 
 RECORD = "record.json"
@@ -50,17 +51,20 @@ class ComponentEntry:
     secrets: tuple[str, ...] = attrs.field(default=(), converter=_strs)
     on_rotate: str = "restart"
     resources: Resources = Resources()  # limits of this component's units (the spec's, then `tupper update`'s)
+    health: HealthCheck | None = None  # its manifest's [health] check
 
     @classmethod
     def from_json(cls, data: dict) -> ComponentEntry:
         fields = {f.name: data[f.name] for f in attrs.fields(cls) if f.name in data}
         fields["resources"] = Resources.from_json(data.get("resources"), f"record: components.{data.get('name')}.resources")
+        fields["health"] = HealthCheck.from_json(data.get("health"), f"record: components.{data.get('name')}")
         return cls(**fields)
 
     def to_json(self) -> dict:
         return {"name": self.name, "version": self.version, "mount": self.mount, "source": self.source, "units": list(self.units),
                 "env": [list(kv) for kv in self.env], "requires": list(self.requires), "secrets": list(self.secrets),
-                "on_rotate": self.on_rotate, "resources": self.resources.to_json()}
+                "on_rotate": self.on_rotate, "resources": self.resources.to_json(),
+                **({"health": self.health.to_json()} if self.health else {})}
 
 
 @attrs.frozen

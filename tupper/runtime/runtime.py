@@ -18,18 +18,19 @@ from pathlib import Path
 import attrs
 
 from tupper import durable, proc
-from tupper.container import cgroups, nspawn, unitfiles
+from tupper.container import cgroups, nspawn, probe, unitfiles
 from tupper.container.inroot import Root, find_command
 from tupper.container.systemd import Connect, ContainerBus, SystemdBus, UnitState, run_command
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound
+from tupper.model import health
 from tupper.model.resources import Resources
 from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
 from tupper.runtime import monitor, records
 from tupper.runtime.live import LiveChanges
-from tupper.runtime.records import Record
+from tupper.runtime.records import ComponentEntry, Record
 from tupper.runtime.stats import ContainerStats, Pressure, Usage
-from tupper.runtime.status import ContainerStatus
+from tupper.runtime.status import ComponentHealth, ContainerStatus
 from tupper.store.images import ImageDef, Images, find_definition
 from tupper.store.store import FREE_FOR_CONTAINER, Store
 
@@ -46,16 +47,33 @@ class UnitFailure:
     result: str
     journal: list[str]
 
+    def lines(self) -> list[str]:
+        return [f"unit {self.unit} failed (result: {self.result})", *(f"    {line}" for line in self.journal)]
+
+
+@attrs.frozen
+class HealthFailure:
+    """A component whose units became active but whose health check never passed."""
+
+    component: str
+    check: str  # what was checked, as the manifest says it
+    detail: str  # what the last check said
+    seconds: float
+    journal: list[str]
+
+    def lines(self) -> list[str]:
+        return [f"component {self.component} never became healthy in {self.seconds:.1f}s: {self.check}: {self.detail}",
+                *(f"    {line}" for line in self.journal)]
+
 
 class RunFailed(Failed):
     """A run or start whose units failed. Its message is the whole story for the user: which units,
     their result, their last journal lines, and what became of the container."""
 
-    def __init__(self, summary: str, failures: list[UnitFailure], kept: bool) -> None:
+    def __init__(self, summary: str, failures: list[UnitFailure] | list[HealthFailure], kept: bool) -> None:
         lines = [summary]
         for f in failures:
-            lines.append(f"unit {f.unit} failed (result: {f.result})")
-            lines += [f"    {line}" for line in f.journal]
+            lines += f.lines()
         lines.append("the container was kept for inspection (tupper rm --force to remove)" if kept
                      else "the container was stopped and removed")
         super().__init__("\n".join(lines))
@@ -216,7 +234,7 @@ class Runtime:
                     records.ComponentEntry(name=u.component.name, version=u.component.version, mount=u.component.mount,
                                            units=u.component.units, source=str(u.component.root), env=u.env,
                                            requires=u.component.requires, secrets=u.component.secrets,
-                                           on_rotate=u.component.on_rotate, resources=u.resources)
+                                           on_rotate=u.component.on_rotate, resources=u.resources, health=u.component.health)
                     for u in spec.components
                 ],
                 resources=spec.resources,
@@ -304,14 +322,21 @@ class Runtime:
             undo.callback(bus.close)
             with progress.step(f"Starting {len(rec.units)} unit(s)"):
                 states, failures = self._wait_units(rec, bus, rec.units, rec.start_timeout, progress)
-            if failures:
+            unhealthy: list[HealthFailure] = []
+            if not failures and (checked := [c for c in rec.components if c.health]):
+                with progress.step(f"Waiting for {len(checked)} health check(s)"):
+                    unhealthy = self._wait_healthy(rec, checked, progress)
+            if failures or unhealthy:
                 if not keep_failed:
                     self._halt(rec, bus, rec.stop_timeout)
                 rec.end("failed")
                 bus.close()
                 undo.pop_all()
-                names = ", ".join(f"{f.unit} ({f.result or f.active_state})" for f in failures)
-                raise RunFailed(f"{rec.name}: unit(s) failed: {names}", failures, kept=keep_failed)
+                if failures:
+                    names = ", ".join(f"{f.unit} ({f.result or f.active_state})" for f in failures)
+                    raise RunFailed(f"{rec.name}: unit(s) failed: {names}", failures, kept=keep_failed)
+                names = ", ".join(f.component for f in unhealthy)
+                raise RunFailed(f"{rec.name}: component(s) never became healthy: {names}", unhealthy, kept=keep_failed)
             rec.end("running")
             bus.close()
             undo.pop_all()
@@ -394,6 +419,41 @@ class Runtime:
             if not rec.alive():
                 raise Failed(f"{rec.name}: the container exited while its units were starting")
             time.sleep(0.01)
+
+    def _wait_healthy(self, rec: Record, checked: list[ComponentEntry], progress: Progress) -> list[HealthFailure]:
+        """Readiness: each checked component's check, often at first, until it passes once or its
+        start deadline (start_period + retries x interval) passes. The checks of several components
+        interleave; a run waits for the slowest."""
+        t0 = time.monotonic()
+        trackers = {c.name: health.Tracker(c.health.resolve(dict(c.env)), since=t0, restart_limit=0) for c in checked if c.health}
+        due = dict.fromkeys(trackers, t0)
+        delay: dict[str, float | None] = dict.fromkeys(trackers, None)
+        while any(t.state == "starting" for t in trackers.values()):
+            if not rec.alive():
+                raise Failed(f"{rec.name}: the container exited while its health checks ran")
+            name = min((n for n, t in trackers.items() if t.state == "starting"), key=lambda n: due[n])
+            time.sleep(max(0.0, due[name] - time.monotonic()))
+            tracker = trackers[name]
+            result = probe.run(tracker.check, rec.leader_pid)
+            tracker.feed(result.ok, result.detail, time.monotonic())
+            wait = delay[name] = tracker.next_delay(delay[name])
+            due[name] = time.monotonic() + wait
+            progress.update(f"{sum(t.state == 'healthy' for t in trackers.values())}/{len(trackers)} healthy")
+        took = time.monotonic() - t0
+        return [HealthFailure(n, t.check.describe(), t.detail, took, self._component_journal(rec, n))
+                for n, t in trackers.items() if t.state != "healthy"]
+
+    def _component_journal(self, rec: Record, component: str) -> list[str]:
+        entry = rec.component(component)
+        units = entry.units if entry else ()
+        return [line for u in units for line in self.journal_tail(rec, u, 5)]
+
+    def check_health(self, rec: Record, component: str) -> probe.Result:
+        """One run of a component's health check (tupperd's liveness checks; `status` without tupperd)."""
+        entry = rec.component(component)
+        if entry is None or entry.health is None:
+            raise NotFound(f"container {rec.name!r} has no health check for {component!r}")
+        return probe.run(entry.health.resolve(dict(entry.env)), rec.leader_pid)
 
     def _failure(self, rec: Record, s: UnitState) -> UnitFailure:
         result = s.result if s.result and s.result != "success" else ("dependency" if s.active_state == "inactive" else s.active_state)
@@ -624,8 +684,12 @@ class Runtime:
             raise Failed(f"container {name!r} is not running (state: {rec.state()})")
         return rec
 
-    def status(self, name: str) -> ContainerStatus:
+    def status(self, name: str, health: tuple[ComponentHealth, ...] | None = None) -> ContainerStatus:
+        """Its record, its units as its systemd sees them, OOM kills. `health`: what tupperd's checks
+        know; None (no tupperd checks it) runs each check once now."""
         rec = self.record(name)
+        if health is None:
+            health = self._health_now(rec)
         states: dict[str, UnitState] = {}
         system_state = None
         if rec.alive() and rec.leader_pid:
@@ -635,6 +699,11 @@ class Runtime:
                     states = {u: bus.unit_state(u) for u in rec.units}
             except Failed:
                 pass
+        total, ooms = self.oom_counts(rec)
+        return ContainerStatus.of(rec, states, system_state, total, ooms, health)
+
+    def oom_counts(self, rec: Record) -> tuple[int, dict[str, int]]:
+        """OOM kills in the container (its components' included) and in each component, since it started."""
         parent = self.store.cgroup_parent
         layout = cgroups.Layout.detect()
         ooms = {c.name: cgroups.oom_kills(cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout).get("memory"))
@@ -643,7 +712,18 @@ class Runtime:
         total = cgroups.oom_kills(mine.get("memory") or mine.get("unified"))
         if layout.kind != "v2":
             total += sum(ooms.values())  # v1 counts the kills in each cgroup alone; v2's memory.events counts below too
-        return ContainerStatus.of(rec, states, system_state, total, ooms)
+        return total, ooms
+
+    def _health_now(self, rec: Record) -> tuple[ComponentHealth, ...]:
+        if not (rec.alive() and rec.leader_pid and rec.state() == "running"):
+            return ()
+        out = []
+        for c in rec.components:
+            if c.health:
+                check = c.health.resolve(dict(c.env))
+                result = probe.run(check, rec.leader_pid)
+                out.append(ComponentHealth(c.name, "healthy" if result.ok else "unhealthy", check.describe(), result.detail))
+        return tuple(out)
 
     def stats(self, names: list[str] | None = None) -> list[ContainerStats]:
         """CPU, memory, IO, pids and pressure of the named containers (default: every running one) and of

@@ -31,16 +31,44 @@ class UnitStatus:
 
 
 @attrs.frozen
+class ComponentHealth:
+    """What a component's health check last said: tupperd's tracker, or (without tupperd) one check now."""
+
+    component: str
+    state: str  # starting, healthy, unhealthy (tupper.model.health.STATES)
+    check: str = ""  # what is checked
+    detail: str = ""  # what the last check said
+    restarts: int = 0  # restarts of its units for failed checks, since tupperd began checking
+
+    def to_json(self) -> dict:
+        return {"state": self.state, "check": self.check, "detail": self.detail, "restarts": self.restarts}
+
+
+def container_state(record_state: str, failed_units: bool, health: tuple[ComponentHealth, ...] | list[ComponentHealth]) -> str:
+    """A running container with a failed component unit or an unhealthy component is `degraded` (as
+    `systemctl is-system-running` says of a system with a failed unit); any other state is the record's."""
+    if record_state == "running" and (failed_units or any(h.state == "unhealthy" for h in health)):
+        return "degraded"
+    return record_state
+
+
+@attrs.frozen
 class ContainerStatus:
     record: Record
     units: tuple[UnitStatus, ...]
     system_state: str | None = None  # the container's `systemctl is-system-running`; None when not asked or not running
     oom_kills: int = 0  # OOM kills in the container (its components' included)
     component_oom_kills: tuple[tuple[str, int], ...] = ()
+    health: tuple[ComponentHealth, ...] = ()
+
+    @property
+    def state(self) -> str:
+        return container_state(self.record.state(), any(u.state.active_state == "failed" for u in self.units), self.health)
 
     @classmethod
     def of(cls, rec: Record, states: dict[str, UnitState], system_state: str | None,
-           oom_kills: int = 0, component_oom_kills: dict[str, int] | None = None) -> ContainerStatus:
+           oom_kills: int = 0, component_oom_kills: dict[str, int] | None = None,
+           health: tuple[ComponentHealth, ...] = ()) -> ContainerStatus:
         """`states`: what the container's systemd answered (empty when it is not running); a unit it
         did not answer for is shown inactive. A unit of a component that had OOM kills and that died
         of a signal counts as killed by the OOM killer."""
@@ -52,7 +80,7 @@ class ContainerStatus:
                 oom = per.get(c.name, 0) > 0 and state.result in ("signal", "oom-kill")
                 units.append(UnitStatus(component=c.name, state=state, oom=oom))
         return cls(record=rec, units=tuple(units), system_state=system_state, oom_kills=oom_kills,
-                   component_oom_kills=tuple(sorted(per.items())))
+                   component_oom_kills=tuple(sorted(per.items())), health=health)
 
     @property
     def name(self) -> str:
@@ -60,11 +88,15 @@ class ContainerStatus:
 
     def to_json(self) -> dict:
         out = self.record.to_json()
+        out["state"] = self.state
         if self.system_state is not None:
             out["system_state"] = self.system_state
         out["units"] = [u.to_json() for u in self.units]
         out["oom_kills"] = self.oom_kills
         comps = dict(self.component_oom_kills)
+        health = {h.component: h for h in self.health}
         for c in out["components"]:
             c["oom_kills"] = comps.get(c["name"], 0)
+            if c["name"] in health:
+                c["health"] = health[c["name"]].to_json()
         return out

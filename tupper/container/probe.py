@@ -1,0 +1,155 @@
+"""Running one health check against a running container (tupper.model.health holds the checks and
+what their results mean).
+
+http and tcp checks connect from the host, with a socket made in the container's network namespace
+(a short-lived thread enters it with setns(2), makes the socket and ends; the socket stays in that
+namespace): 127.0.0.1 is the container's own loopback, and no process runs inside. exec checks run
+inside, as a transient unit of the container's systemd (its output captured in a memfd, killed by
+systemd after the timeout), like `tupper exec`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import threading
+import time
+
+import attrs
+
+from tupper.container.inroot import find_command
+from tupper.container.systemd import run_command
+from tupper.model.health import HealthCheck, Target
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+DETAIL_MAX = 200  # characters of a check's output kept as its detail
+
+
+@attrs.frozen
+class Result:
+    ok: bool
+    detail: str  # for status and events: "HTTP 200", "connection refused", the command's last output line
+
+
+def run(check: HealthCheck, leader: int) -> Result:
+    """One check of the container whose PID 1 is `leader` (a host PID). Never raises for what the check
+    finds; an error reaching the container at all (it stopped) is a failed check too."""
+    try:
+        if check.kind == "exec":
+            return _exec(check, leader)
+        assert check.target is not None
+        if check.kind == "http":
+            return _http(check.target, check.timeout, leader)
+        return _tcp(check.target, check.timeout, leader)
+    except OSError as exc:
+        return Result(False, _why(exc))
+
+
+def _why(exc: OSError) -> str:
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    return (exc.strerror or str(exc)).lower() if exc.errno else str(exc)
+
+
+def same_netns(pid: int) -> bool:
+    try:
+        a, b = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/self/ns/net")
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} is gone") from None
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def socket_in(pid: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket in the network namespace of process `pid`."""
+    if same_netns(pid):
+        return socket.socket(family, kind)
+    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    made: list[socket.socket] = []
+    failed: list[OSError] = []
+
+    def enter() -> None:
+        # A thread of its own, which ends right after: whatever namespace it is left in goes with it.
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            failed.append(OSError(err, f"cannot enter the network namespace of {pid}: {os.strerror(err)}"))
+            return
+        try:
+            made.append(socket.socket(family, kind))
+        except OSError as exc:
+            failed.append(exc)
+
+    try:
+        t = threading.Thread(target=enter, name=f"netns-{pid}")
+        t.start()
+        t.join()
+    finally:
+        os.close(target)
+    if failed:
+        raise failed[0]
+    return made[0]
+
+
+def _connect(target: Target, timeout: float, leader: int) -> socket.socket:
+    family = socket.AF_INET6 if target.family_v6 else socket.AF_INET
+    sock = socket_in(leader, family)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((target.host, target.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _tcp(target: Target, timeout: float, leader: int) -> Result:
+    with _connect(target, timeout, leader):
+        return Result(True, f"connected to port {target.port}")
+
+
+def _http(target: Target, timeout: float, leader: int) -> Result:
+    deadline = time.monotonic() + timeout
+    with _connect(target, timeout, leader) as sock:
+        host = f"[{target.host}]" if target.family_v6 else target.host
+        sock.sendall(f"GET {target.path} HTTP/1.0\r\nHost: {host}:{target.port}\r\nUser-Agent: tupper-health\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n" not in head and len(head) < 4096:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split()
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        return Result(False, f"not an HTTP response: {line[:80]!r}" if line else "the connection closed without a response")
+    code = int(parts[1])
+    return Result(200 <= code < 400, f"HTTP {code}")
+
+
+def _exec(check: HealthCheck, leader: int) -> Result:
+    path = find_command(f"/proc/{leader}/root", check.command[0])
+    if path is None:
+        return Result(False, f"{check.command[0]}: command not found in the container")
+    out = os.memfd_create("tupper-health", os.MFD_CLOEXEC)
+    try:
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        t0 = time.monotonic()
+        try:
+            code = run_command(leader, [path, *check.command[1:]], stdin=null, stdout=out, stderr=out,
+                               description="tupper health check", timeout=check.timeout, prefix="tupper-health")
+        finally:
+            os.close(null)
+        took = time.monotonic() - t0
+        size = os.fstat(out).st_size
+        text = os.pread(out, 4096, max(0, size - 4096)).decode("utf-8", "replace")
+    finally:
+        os.close(out)
+    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")[:DETAIL_MAX]
+    if code == 0:
+        return Result(True, last or "exit status 0")
+    why = f"timed out after {check.timeout:g}s" if code > 128 and took >= check.timeout else f"exit status {code}"
+    return Result(False, f"{why}: {last}" if last else why)
