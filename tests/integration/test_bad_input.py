@@ -180,12 +180,55 @@ def misspelt_resource(tmp: Path, name: str):
     return spec, [str(spec), "resources.pids_maximum: unknown key (did you mean 'pids_max'?)"]
 
 
+def _checked(tmp: Path, health: str) -> Path:
+    return write_component(tmp / "checked", "checked", {"checked.service": UNIT}, extra=f"[health]\n{health}")
+
+
+def health_two_checks(tmp: Path, name: str):
+    c = _checked(tmp, 'tcp = 80\nhttp = "http://127.0.0.1/"\n')
+    return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), "health: give one check, not http and tcp"]
+
+
+def health_https(tmp: Path, name: str):
+    c = _checked(tmp, 'http = "https://127.0.0.1/"\n')
+    return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), "health.http: 'https://127.0.0.1/' is not an http:// URL"]
+
+
+def health_hostname(tmp: Path, name: str):
+    c = _checked(tmp, 'tcp = "db.example:5432"\n')
+    return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), "health.tcp: 'db.example' is not an IP address"]
+
+
+def health_bad_interval(tmp: Path, name: str):
+    c = _checked(tmp, 'tcp = 80\ninterval = "soon"\n')
+    return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), "health.interval: not a duration: 'soon'"]
+
+
+def health_timeout_above_interval(tmp: Path, name: str):
+    c = _checked(tmp, 'tcp = 80\ninterval = "1s"\ntimeout = 5\n')
+    return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), "health.timeout: 5s is longer than the interval (1s)"]
+
+
+def health_negative_retries(tmp: Path, name: str):
+    c = _checked(tmp, "tcp = 80\nretries = -1\n")
+    return write_spec(tmp / "spec.toml", [c], name=name), [str(c / "component.toml"), "health.retries: -1 is out of range (1-100)"]
+
+
+def health_port_from_a_bad_env(tmp: Path, name: str):
+    c = _checked(tmp, 'tcp = "${PORT:-8080}"\n')
+    spec = tmp / "spec.toml"
+    spec.write_text(f'name = "{name}"\n[[components]]\npath = "{c}"\n[components.env]\nPORT = "99999"\n')
+    return spec, [str(spec), "components[0].env", "port 99999 is out of range"]
+
+
 CASES: list[Callable] = [
     malformed_toml, unknown_key, wrong_type, bool_for_number, missing_image, missing_component_dir, dir_without_manifest,
     missing_unit_file, same_unit_twice, requires_unknown, requires_cycle, bad_name_characters, space_in_file_stem,
     unit_path_with_dotdot, unit_absolute_path, unit_symlink_pointing_out, payload_absolute_symlink,
     payload_symlink_climbing_out, mount_with_dotdot, mount_on_system_dir, mount_through_image_symlink,
     negative_memory, unparseable_cpu, low_above_high, component_weight_out_of_range, misspelt_resource,
+    health_two_checks, health_https, health_hostname, health_bad_interval, health_timeout_above_interval,
+    health_negative_retries, health_port_from_a_bad_env,
 ]  # fmt: skip
 
 

@@ -131,15 +131,16 @@ def _http(target: Target, timeout: float, leader: int) -> Result:
 
 
 def _exec(check: HealthCheck, leader: int) -> Result:
-    path = find_command(f"/proc/{leader}/root", check.command[0])
+    argv = check.argv or check.command
+    path = find_command(f"/proc/{leader}/root", argv[0])
     if path is None:
-        return Result(False, f"{check.command[0]}: command not found in the container")
+        return Result(False, f"{argv[0]}: command not found in the container")
     out = os.memfd_create("tupper-health", os.MFD_CLOEXEC)
     try:
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         t0 = time.monotonic()
         try:
-            code = run_command(leader, [path, *check.command[1:]], stdin=null, stdout=out, stderr=out,
+            code = run_command(leader, [path, *argv[1:]], stdin=null, stdout=out, stderr=out,
                                description="tupper health check", timeout=check.timeout, prefix="tupper-health")
         finally:
             os.close(null)

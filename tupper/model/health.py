@@ -133,6 +133,7 @@ def parse_tcp(value: str | int, where: str) -> Target:
 class HealthCheck:
     kind: str  # "exec", "http" or "tcp"
     command: tuple[str, ...] = ()  # exec, as the manifest writes it (${VAR} unexpanded)
+    argv: tuple[str, ...] = ()  # exec: the command with the environment's values (resolve), else the defaults
     address: str = ""  # http, tcp: as the manifest writes it
     target: Target | None = None  # http, tcp: the address with the environment's values (resolve), else the defaults
     interval: float = DEFAULT_INTERVAL
@@ -141,17 +142,18 @@ class HealthCheck:
     start_period: float = 0.0
     restarts: int = DEFAULT_RESTARTS
 
-    def resolve(self, env: dict[str, str], where: str = "health") -> HealthCheck:
-        """This check with `env` (the component's environment from the spec) in its address or command."""
+    def resolve(self, env: dict[str, str], where: str = "health", key: str | None = None) -> HealthCheck:
+        """This check with `env` (the component's environment from the spec) in its address or command;
+        errors name `key` (default: `where`, then the check's kind)."""
+        at = key or f"{where}: {self.kind}"
         if self.kind == "exec":
-            return attrs.evolve(self, command=tuple(expand(a, env, f"{where}: exec") for a in self.command))
-        text = expand(self.address, env, f"{where}: {self.kind}")
-        target = parse_http(text, f"{where}: http") if self.kind == "http" else parse_tcp(text, f"{where}: tcp")
-        return attrs.evolve(self, target=target)
+            return attrs.evolve(self, argv=tuple(expand(a, env, at) for a in self.command))
+        text = expand(self.address, env, at)
+        return attrs.evolve(self, target=parse_http(text, at) if self.kind == "http" else parse_tcp(text, at))
 
     def describe(self) -> str:
         if self.kind == "exec":
-            return " ".join(self.command)
+            return " ".join(self.argv or self.command)
         assert self.target is not None
         host = f"[{self.target.host}]" if self.target.family_v6 else self.target.host
         return f"http://{host}:{self.target.port}{self.target.path}" if self.kind == "http" else f"tcp {host}:{self.target.port}"
@@ -206,7 +208,7 @@ def parse(t: Table, present: bool = True) -> HealthCheck | None:
         raise t.error("timeout", f"{_format_duration(timeout)} is longer than the interval ({_format_duration(interval)})")
     t.check_unknown()
     # Checked with the defaults of its ${VAR:-default}s; the spec's environment is checked by the spec.
-    return HealthCheck(kind, command, address, None, interval, timeout, retries, start_period, restarts).resolve({}, t.where())
+    return HealthCheck(kind, command, (), address, None, interval, timeout, retries, start_period, restarts).resolve({}, key=t.where(kind))
 
 
 @attrs.define
