@@ -441,6 +441,10 @@ class Events:
                 self.pending += chunk
         raise AssertionError(f"no matching event within {timeout}s; saw {self.seen}")
 
+    def seen_or_wait(self, want, timeout: float) -> dict:
+        """An event already seen that matches, else the next one: for events whose order is not defined."""
+        return next((e for e in self.seen if want(e)), None) or self.wait(want, timeout)
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(5)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import SERVICES, wait_for, write_component, write_spec
+from helpers import SERVICES, Events, wait_for, write_component, write_spec
 
 from tupper.container.cgroups import Layout
 
@@ -168,7 +168,16 @@ def test_a_component_over_its_memory_max_is_oom_killed_alone(tupper, names, tmp_
     idle = write_component(tmp_path / "idle", "idle", {"idle.service": SLEEPER})
     name = names()
     spec = limited_spec(tmp_path / "spec.toml", name, [(hog, 'memory_max = "64M"\n'), (idle, "")])
-    tupper("run", spec, check=True)
+    events = Events(tupper.env)
+    time.sleep(1.0)  # let it subscribe
+    try:
+        tupper("run", spec, check=True)
+        # tupperd announces the kill (it reads the counters when a unit dies, and every 2 s).
+        event = events.wait(lambda e: e["type"] == "oom" and e["name"] == name and e["component"] == "hog", 30)
+        assert event["oom_kills"] >= 1
+        events.seen_or_wait(lambda e: e["type"] == "container" and e["name"] == name and e.get("state") == "degraded", 30)
+    finally:
+        events.close()
     before = tupper.json("status", name)
 
     def killed() -> dict | None:
@@ -177,6 +186,7 @@ def test_a_component_over_its_memory_max_is_oom_killed_alone(tupper, names, tmp_
         return st if hog_unit["active_state"] == "failed" else None
 
     st = wait_for(killed, 30, "the hog to be OOM-killed")
+    assert st["state"] == "degraded"
     hog_unit = {u["name"]: u for u in st["units"]}["hog.service"]
     assert hog_unit["oom"] is True and hog_unit["result"] == "oom-kill"
     kills = {c["name"]: c["oom_kills"] for c in st["components"]}

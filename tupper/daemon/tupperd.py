@@ -174,7 +174,7 @@ class Daemon:
         except (TupperError, OSError) as exc:
             log.error("%s: could not restart units that missed their credentials: %s", rec.name, exc)
 
-    async def _track(self, rec: Record, *, announce: bool = True, healthy: bool = False) -> Watched:
+    async def _track(self, rec: Record, *, announce: bool = True, started: bool = False) -> Watched:
         w = self.watched.get(rec.name)
         if w is None:
             w = Watched(rec.name, api.ContainerInterface(self, rec.name))
@@ -188,7 +188,7 @@ class Daemon:
         if announce:
             self.manager.ContainerStateChanged(rec.name, w.state)
         if rec.alive():
-            await self._attach(w, rec, healthy=healthy)
+            await self._attach(w, rec, started=started)
         return w
 
     async def _open_agent(self, name: str, fallback: dict[str, dict[str, str]] | None = None) -> None:
@@ -224,9 +224,10 @@ class Daemon:
         self.bus.unexport(api.container_path(name))
         self.manager.ContainerRemoved(name, api.container_path(name))
 
-    async def _attach(self, w: Watched, rec: Record, *, healthy: bool = False) -> None:
+    async def _attach(self, w: Watched, rec: Record, *, started: bool = False) -> None:
         """Watch the container's nspawn (pidfd), follow its units over its own bus, check its components'
-        health. `healthy`: a start that just waited for the checks to pass (else they start over)."""
+        health, count its OOM kills. `started`: we just started it (its checks passed; every OOM kill in
+        its fresh cgroups is news), else it is adopted (checks start over; kills so far are old news)."""
         self._detach(w)
         try:
             fd = os.pidfd_open(rec.nspawn_pid)
@@ -246,12 +247,15 @@ class Daemon:
             status = await asyncio.to_thread(self.runtime.status, rec.name, ())
             if w.pidfd == fd:
                 w.unit_states.update({u.name: u.state.active_state for u in status.units})
-                w.oom_kills = {"": status.oom_kills, **dict(status.component_oom_kills)}
+                if not started:
+                    w.oom_kills = {"": status.oom_kills, **dict(status.component_oom_kills)}
         except (TupperError, OSError) as exc:
             log.warning("%s: cannot read its units' state: %s", rec.name, exc)
         if w.pidfd == fd:
-            self._start_health(w, rec, healthy=healthy)
+            self._start_health(w, rec, healthy=started)
             self._set_state(w)
+            if started:
+                asyncio.ensure_future(self._check_oom(w))
 
     def _detach(self, w: Watched) -> None:
         if w.health_task is not None:
@@ -259,6 +263,7 @@ class Daemon:
             w.health_task = None
         w.health.clear()
         w.unit_states.clear()
+        w.oom_kills.clear()
         if w.pidfd is not None:
             self.loop.remove_reader(w.pidfd)
             os.close(w.pidfd)
@@ -475,7 +480,7 @@ class Daemon:
                 if spec.name not in self.watched:
                     await self._close_agent(spec.name)
                 raise
-            w = await self._track(self.runtime.record(spec.name), healthy=True)
+            w = await self._track(self.runtime.record(spec.name), started=True)
             self._set_state(w)
             return result.to_json()
         finally:
@@ -497,7 +502,7 @@ class Daemon:
             await asyncio.to_thread(self.runtime.start, rec, progress=progress)
         finally:
             self._set_state(w)
-        await self._attach(w, self.runtime.record(w.name), healthy=True)
+        await self._attach(w, self.runtime.record(w.name), started=True)
         self._set_state(w)
 
     async def stop(self, name: str, timeout: float | None) -> str:
