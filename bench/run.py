@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from baseline import NSPAWN_RUN, RawContainer
 from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
+from isolation import measure_health_cpu, measure_limits_start
 from sdk import PAYLOAD_MB, measure_sdk_build, measure_upgrade
 
 from tupper.cli.client import Client
@@ -55,7 +56,9 @@ DOC = REPO / "docs/benchmarks.md"
 PS_COUNTS = (10, 20)  # `tupper ps` is timed with this many bench containers running
 SETTLE = 1.0  # seconds between "unit active" and stop, the same for tupper and the baseline
 # start and stop: ratio tupper/baseline (medians); ps20, stats20: seconds with 20 running. ps10, stats10 have no target.
-TARGETS = {"start": 1.3, "stop": 1.5, "ps20": 0.2, "stats20": 0.15, "upgrade": 0.5}  # ratios, then seconds
+TARGETS = {"start": 1.3, "stop": 1.5, "ps20": 0.2, "stats20": 0.15, "upgrade": 0.5,  # ratios, then seconds
+           "limits_start": 1.05, "health_cpu": 2.0}  # ratio; percent of one CPU
+HEALTH_COUNT, HEALTH_WINDOW = 20, 30.0  # containers checked every second, seconds of tupperd CPU measured
 NO_SUCH = "bench-no-such-container"  # for a CLI call that tupperd answers at once (with an error)
 
 PREFIX = f"bench-{os.getpid()}"  # unique per run, so a concurrent run cannot collide with this one
@@ -267,6 +270,8 @@ def verdicts(results: dict) -> dict:
         "ps20": ps["20"]["tupper"]["median"] < TARGETS["ps20"],
         "stats20": ps["20"]["stats"]["median"] < TARGETS["stats20"],
         "upgrade": results["upgrade"]["tupper"]["median"] < TARGETS["upgrade"],
+        "limits_start": results["limits_start"]["ratio"] <= TARGETS["limits_start"],
+        "health_cpu": results["health_cpu"]["http"]["percent"] < TARGETS["health_cpu"],
     }
 
 
@@ -294,6 +299,17 @@ def table_rows(results: dict) -> list[list[str]]:
     t = results["upgrade"]["tupper"]
     rows.append(["live upgrade (command → new units active)", f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}",
                  "-", "-", "-", "-", f"< {TARGETS['upgrade']} s", "yes" if ok["upgrade"] else "NO"])
+    r = results["limits_start"]
+    t, b0 = r["limited"], r["plain"]
+    rows.append(["start with [resources] (vs the same spec without)", f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}",
+                 f"{b0['median']:.3f}", f"{b0['p90']:.3f}", f"{b0['min']:.3f}", f"{r['ratio']:.2f}",
+                 f"≤ {TARGETS['limits_start']}", "yes" if ok["limits_start"] else "NO"])
+    h = results["health_cpu"]
+    for kind in ("http", "exec"):
+        met = ("yes" if ok["health_cpu"] else "NO") if kind == "http" else "-"
+        rows.append([f"tupperd CPU, {h[kind]['containers']} containers, {kind} check every 1 s (% of one CPU)",
+                     f"{h[kind]['percent']:.2f}", "-", "-", f"{h['none']['percent']:.2f}", "-", "-", "-",
+                     f"< {TARGETS['health_cpu']} %" if kind == "http" else "-", met])
     b = results["sdk_build"]
     t = b["tupper"]
     rows.append([f"`sdk build`, {b['payload_bytes'] >> 20} MB payload → {b['package_bytes'] / 2**20:.0f} MB package",
@@ -477,6 +493,11 @@ def measure(args, runs: int) -> int:
         floor = measure_floor(max(runs, 10))
         print("  live upgrade (two installed versions, alternating) ...", flush=True)
         upgrade = measure_upgrade(tupper, PREFIX, max(runs, 10), cleanup.tupper_names)
+        print("  start with [resources] against the same spec without, alternating ...", flush=True)
+        limits = measure_limits_start(tupper, PREFIX, max(runs, 10), cleanup.tupper_names)
+        print(f"  tupperd CPU with {HEALTH_COUNT} containers unchecked, http-checked and exec-checked every second "
+              f"({HEALTH_WINDOW:.0f} s each) ...", flush=True)
+        health = measure_health_cpu(tupper, PREFIX, HEALTH_COUNT, HEALTH_WINDOW, tupperd_pid, cleanup.tupper_names)
         print(f"  sdk build of a {PAYLOAD_MB} MB payload ...", flush=True)
         build = measure_sdk_build(tupper, PREFIX, min(max(runs, 3), 5))
     finally:
@@ -511,6 +532,9 @@ def measure(args, runs: int) -> int:
     results["upgrade"] = {"tupper": summary(upgrade["times"])}
     results["sdk_build"] = {"tupper": summary(build["times"]), "payload_bytes": build["payload_bytes"],
                             "package_bytes": build["package_bytes"]}
+    results["limits_start"] = {"limited": summary(limits["limited"]), "plain": summary(limits["plain"])}
+    results["limits_start"]["ratio"] = results["limits_start"]["limited"]["median"] / results["limits_start"]["plain"]["median"]
+    results["health_cpu"] = health
     results["verdicts"] = verdicts(results)
 
     print()
