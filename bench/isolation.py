@@ -13,6 +13,8 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +81,31 @@ def _checked_component(root: Path, kind: str) -> Path:
     return d
 
 
+# The baseline for http checks: the same GETs, once a second to each port, by a plain blocking loop in
+# a process of its own, which prints the CPU it used (user + system) over the window.
+RAW_CHECKER = """
+import resource, socket, sys, time
+ports, window = [int(p) for p in sys.argv[1].split(",")], float(sys.argv[2])
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+tick = t0
+while time.monotonic() - t0 < window:
+    for port in ports:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"GET /health HTTP/1.0\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
+            assert s.recv(4096).startswith(b"HTTP/1.0 200")
+    tick += 1.0
+    time.sleep(max(0.0, tick - time.monotonic()))
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+print(100 * (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / (time.monotonic() - t0))
+"""
+
+
+def raw_checks_percent(ports: list[int], window: float) -> float:
+    out = subprocess.run([sys.executable, "-c", RAW_CHECKER, ",".join(map(str, ports)), str(window)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
@@ -92,11 +119,12 @@ def measure_health_cpu(tupper, prefix: str, count: int, window: float, tupperd_p
     try:
         for kind in ("none", "http", "exec"):
             component = _checked_component(work, kind)
-            names = []
+            names, ports = [], []
             for i in range(count):
                 name = f"{prefix}-hc-{kind}-{i}"
                 spec = work / f"{name}.toml"
                 port = _free_port()
+                ports.append(port)
                 spec.write_text(f'image = "debian-bookworm"\n[[components]]\npath = "{component}"\n'
                                 f'[components.env]\nPORT = "{port}"\n')
                 cleanup_names.append(name)
@@ -115,6 +143,8 @@ def measure_health_cpu(tupper, prefix: str, count: int, window: float, tupperd_p
                 if health.count("healthy") != count:
                     raise RuntimeError(f"{kind} checks: expected {count} healthy components, ps shows {health}")
             out[kind] = {"percent": statistics.median(samples), "samples": samples, "containers": count, "window": window}
+            if kind == "http":  # the same GETs by a plain loop, with the containers still checked by tupperd
+                out[kind]["raw_percent"] = raw_checks_percent(ports, window / 3)
             for name in names:
                 tupper("rm", "--force", name)
                 cleanup_names.remove(name)

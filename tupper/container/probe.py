@@ -10,6 +10,7 @@ systemd after the timeout), like `tupper exec`.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import os
@@ -21,6 +22,7 @@ import attrs
 
 from tupper.container.inroot import find_command
 from tupper.container.systemd import run_command
+from tupper.errors import Failed
 from tupper.model.health import HealthCheck, Target
 
 CLONE_NEWNET = 0x40000000
@@ -35,17 +37,36 @@ class Result:
 
 
 def run(check: HealthCheck, leader: int) -> Result:
-    """One check of the container whose PID 1 is `leader` (a host PID). Never raises for what the check
-    finds; an error reaching the container at all (it stopped) is a failed check too."""
+    """One check of the container whose PID 1 is `leader` (a host PID), for callers without an event
+    loop (`tupper run`'s readiness wait, `--direct status`). Never raises for what the check finds; an
+    error reaching the container at all (it stopped) is a failed check too."""
+    if check.kind == "exec":
+        return _guarded_exec(check, leader)
+    return asyncio.run(run_async(check, leader))
+
+
+async def run_async(check: HealthCheck, leader: int) -> Result:
+    """The same, on a running event loop (tupperd): http and tcp checks are non-blocking sockets on it,
+    an exec check waits in a worker thread."""
+    if check.kind == "exec":
+        return await asyncio.to_thread(_guarded_exec, check, leader)
+    assert check.target is not None
     try:
-        if check.kind == "exec":
-            return _exec(check, leader)
-        assert check.target is not None
-        if check.kind == "http":
-            return _http(check.target, check.timeout, leader)
-        return _tcp(check.target, check.timeout, leader)
+        async with asyncio.timeout(check.timeout):  # no task of its own, unlike wait_for: checks are frequent
+            return await _net(check.kind, check.target, leader)
+    except TimeoutError:
+        return Result(False, f"timed out after {check.timeout:g}s")
     except OSError as exc:
         return Result(False, _why(exc))
+
+
+def _guarded_exec(check: HealthCheck, leader: int) -> Result:
+    try:
+        return _exec(check, leader)
+    except OSError as exc:
+        return Result(False, _why(exc))
+    except Failed as exc:  # the container's bus went away (it stops)
+        return Result(False, exc.message)
 
 
 def _why(exc: OSError) -> str:
@@ -92,33 +113,20 @@ def socket_in(pid: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.s
     return made[0]
 
 
-def _connect(target: Target, timeout: float, leader: int) -> socket.socket:
-    family = socket.AF_INET6 if target.family_v6 else socket.AF_INET
-    sock = socket_in(leader, family)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((target.host, target.port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _tcp(target: Target, timeout: float, leader: int) -> Result:
-    with _connect(target, timeout, leader):
-        return Result(True, f"connected to port {target.port}")
-
-
-def _http(target: Target, timeout: float, leader: int) -> Result:
-    deadline = time.monotonic() + timeout
-    with _connect(target, timeout, leader) as sock:
+async def _net(kind: str, target: Target, leader: int) -> Result:
+    loop = asyncio.get_running_loop()
+    sock = socket_in(leader, socket.AF_INET6 if target.family_v6 else socket.AF_INET)
+    with sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (target.host, target.port))
+        if kind == "tcp":
+            return Result(True, f"connected to port {target.port}")
         host = f"[{target.host}]" if target.family_v6 else target.host
-        sock.sendall(f"GET {target.path} HTTP/1.0\r\nHost: {host}:{target.port}\r\nUser-Agent: tupper-health\r\n"
-                     "Connection: close\r\n\r\n".encode())
+        await loop.sock_sendall(sock, f"GET {target.path} HTTP/1.0\r\nHost: {host}:{target.port}\r\n"
+                                      "User-Agent: tupper-health\r\nConnection: close\r\n\r\n".encode())
         head = b""
         while b"\r\n" not in head and len(head) < 4096:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            chunk = sock.recv(4096)
+            chunk = await loop.sock_recv(sock, 4096)
             if not chunk:
                 break
             head += chunk

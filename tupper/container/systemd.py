@@ -212,6 +212,15 @@ def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int,
     Plain method calls and property reads on one connection: pystemd's object layer (pystemd.run)
     introspects every object it touches and grew tupperd's heap by ~1.5 MB per exec.
     """
+    try:
+        return _run_command(leader, argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, description=description,
+                            timeout=timeout, prefix=prefix)
+    except DBusBaseError as exc:  # the container's bus went away (it stopped), or systemd refused the unit
+        raise Failed(f"cannot run {argv[0]} in the container: {_why(exc)}") from None
+
+
+def _run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None,
+                 description: str, timeout: float | None, prefix: str) -> int:
     unit = f"{prefix}-{os.urandom(6).hex()}.service"
     path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
     bus = DBusAddress(f"unix:path={bus_socket(leader)}".encode())

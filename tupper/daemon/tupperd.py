@@ -32,7 +32,7 @@ from tupper.model import spec as specmod
 from tupper.model.health import Tracker
 from tupper.progress import Progress
 from tupper.runtime.records import Record
-from tupper.runtime.runtime import RunFailed, Runtime, UpdateResult
+from tupper.runtime.runtime import OOMCounter, RunFailed, Runtime, UpdateResult
 from tupper.runtime.status import ComponentHealth, ContainerStatus, UnitStatus, container_state
 from tupper.store.secrets import SecretStore
 from tupper.store.store import Store
@@ -95,6 +95,7 @@ class Watched:
     health: dict[str, Tracker] = attrs.Factory(dict)  # component -> its health check's tracker
     health_task: asyncio.Task | None = None
     oom_kills: dict[str, int] = attrs.Factory(dict)  # component ("" for the container) -> OOM kills seen
+    oom: OOMCounter | None = None  # where they are counted
 
     def health_view(self) -> tuple[ComponentHealth, ...]:
         return tuple(ComponentHealth(c, t.state, t.check.describe(), t.detail, t.restarts) for c, t in sorted(self.health.items()))
@@ -242,20 +243,23 @@ class Daemon:
             await self._subscribe_units(w, rec)
         except Exception as exc:  # noqa: BLE001 - the container runs without unit signals; say so
             log.warning("%s: cannot follow its units over its bus: %s", rec.name, exc)
-        try:
-            # Where its units and OOM counters stand now; changes arrive as signals from here on.
-            status = await asyncio.to_thread(self.runtime.status, rec.name, ())
-            if w.pidfd == fd:
-                w.unit_states.update({u.name: u.state.active_state for u in status.units})
-                if not started:
+        if w.pidfd != fd:
+            return
+        w.oom = self.runtime.oom_counter(rec)
+        if not started:
+            # Adopted: where its units and OOM counters stand now (a start just saw every unit active, and
+            # its cgroups are new); changes arrive as signals from here on.
+            try:
+                status = await asyncio.to_thread(self.runtime.status, rec.name, ())
+                if w.pidfd == fd:
+                    w.unit_states.update({u.name: u.state.active_state for u in status.units})
                     w.oom_kills = {"": status.oom_kills, **dict(status.component_oom_kills)}
-        except (TupperError, OSError) as exc:
-            log.warning("%s: cannot read its units' state: %s", rec.name, exc)
+            except (TupperError, OSError) as exc:
+                log.warning("%s: cannot read its units' state: %s", rec.name, exc)
         if w.pidfd == fd:
             self._start_health(w, rec, healthy=started)
             self._set_state(w)
-            if started:
-                asyncio.ensure_future(self._check_oom(w))
+            self._check_oom(w)
 
     def _detach(self, w: Watched) -> None:
         if w.health_task is not None:
@@ -264,6 +268,7 @@ class Daemon:
         w.health.clear()
         w.unit_states.clear()
         w.oom_kills.clear()
+        w.oom = None
         if w.pidfd is not None:
             self.loop.remove_reader(w.pidfd)
             os.close(w.pidfd)
@@ -286,7 +291,7 @@ class Daemon:
             w.unit_states[unit] = active
             self._set_state(w)
             if active in ("failed", "inactive", "activating"):  # a death: perhaps the OOM killer's
-                asyncio.ensure_future(self._check_oom(w))
+                self._check_oom(w)
 
     # ---- health (liveness) ----------------------------------------------------------------------
 
@@ -307,12 +312,7 @@ class Daemon:
             await asyncio.sleep(max(0.0, due[component] - time.monotonic()))
             tracker = w.health[component]
             before = tracker.state
-            try:
-                result = await asyncio.to_thread(self.runtime.check_health, rec, component)
-            except (TupperError, OSError) as exc:  # not the check's failure: ours; try again at the next interval
-                log.warning("%s: could not run the health check of %s: %s", w.name, component, exc)
-                due[component] = time.monotonic() + tracker.check.interval
-                continue
+            result = await self.runtime.probe_health(rec, tracker.check)
             action = tracker.feed(result.ok, result.detail, time.monotonic())
             if action == "restart":
                 self._health_changed(w, component, tracker)
@@ -348,15 +348,12 @@ class Daemon:
 
     # ---- OOM kills ------------------------------------------------------------------------------
 
-    async def _check_oom(self, w: Watched) -> None:
-        """Announce OOM kills since the last look (after a unit died, and every OOM_SWEEP s)."""
-        try:
-            rec = self.runtime.record(w.name)
-        except NotFound:
+    def _check_oom(self, w: Watched) -> None:
+        """Announce OOM kills since the last look (after a unit died, and every OOM_SWEEP s): a few small
+        cgroup files, read on the loop."""
+        if w.oom is None:
             return
-        if not rec.alive():
-            return
-        total, per = await asyncio.to_thread(self.runtime.oom_counts, rec)
+        total, per = w.oom.read()
         for component, kills in (("", total), *per.items()):
             seen = w.oom_kills.get(component, 0)
             if kills > seen:
@@ -370,11 +367,10 @@ class Daemon:
         while True:
             await asyncio.sleep(OOM_SWEEP)
             for w in list(self.watched.values()):
-                if w.pidfd is not None:
-                    try:
-                        await self._check_oom(w)
-                    except (TupperError, OSError) as exc:
-                        log.debug("%s: OOM counters: %s", w.name, exc)
+                try:
+                    self._check_oom(w)
+                except OSError as exc:
+                    log.debug("%s: OOM counters: %s", w.name, exc)
 
     # ---- state ------------------------------------------------------------------------------
 

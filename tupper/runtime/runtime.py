@@ -93,6 +93,20 @@ class RunResult:
 
 
 @attrs.frozen
+class OOMCounter:
+    """The files a container's OOM kills are counted in (cgroups.oom_kills reads them)."""
+
+    total: Path | None  # the container's own cgroup
+    components: tuple[tuple[str, Path | None], ...]
+    nested: bool  # v2: the container's count includes its components'; v1 counts each cgroup alone
+
+    def read(self) -> tuple[int, dict[str, int]]:
+        per = {name: cgroups.oom_kills(path) for name, path in self.components}
+        total = cgroups.oom_kills(self.total)
+        return (total if self.nested else total + sum(per.values())), per
+
+
+@attrs.frozen
 class UpdateResult:
     resources: Resources  # the limits now
     notes: tuple[str, ...]  # what this host cannot apply
@@ -704,15 +718,22 @@ class Runtime:
 
     def oom_counts(self, rec: Record) -> tuple[int, dict[str, int]]:
         """OOM kills in the container (its components' included) and in each component, since it started."""
+        return self.oom_counter(rec).read()
+
+    def oom_counter(self, rec: Record) -> OOMCounter:
+        """Where the container's OOM kills are counted: found once, read as often as wanted (tupperd)."""
         parent = self.store.cgroup_parent
         layout = cgroups.Layout.detect()
-        ooms = {c.name: cgroups.oom_kills(cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout).get("memory"))
-                for c in rec.components}
         mine = cgroups.controller_dirs(rec.name, parent, layout=layout)
-        total = cgroups.oom_kills(mine.get("memory") or mine.get("unified"))
-        if layout.kind != "v2":
-            total += sum(ooms.values())  # v1 counts the kills in each cgroup alone; v2's memory.events counts below too
-        return total, ooms
+        return OOMCounter(total=mine.get("memory") or mine.get("unified"),
+                          components=tuple((c.name, cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout).get("memory"))
+                                           for c in rec.components),
+                          nested=layout.kind == "v2")
+
+    async def probe_health(self, rec: Record, check: health.HealthCheck) -> probe.Result:
+        """One run of a resolved health check, on the caller's event loop (tupperd's liveness checks:
+        http and tcp without a thread; exec checks in a worker thread)."""
+        return await probe.run_async(check, rec.leader_pid)
 
     def _health_now(self, rec: Record) -> tuple[ComponentHealth, ...]:
         if not (rec.alive() and rec.leader_pid and rec.state() == "running"):
