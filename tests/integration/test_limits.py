@@ -16,6 +16,8 @@ LAYOUT = Layout.detect()
 pytestmark = pytest.mark.skipif(LAYOUT.kind == "v2", reason="these tests read the cgroup v1 controllers (the v2 mapping has unit tests)")
 
 SLEEPER = "[Service]\nType=exec\nExecStart=/bin/sleep infinity\n"
+# 4 MB more every 50 ms, until killed.
+HOG = "#!/bin/sh\nx=\nwhile :; do\n  x=\"$x$(yes | head -c 4000000)\"\n  sleep 0.05\ndone\n"
 # A fork loop that outlives failed forks (dash gives up at the first EAGAIN, and the unit would fail
 # before the limit is seen from outside): children sleep, the parent retries after a failure.
 FORK_LOOP = """#!/usr/bin/python3
@@ -163,8 +165,7 @@ def test_pids_max_on_a_component_stops_its_fork_loop_and_nothing_else(tupper, na
 
 def test_a_component_over_its_memory_max_is_oom_killed_alone(tupper, names, tmp_path):
     hog = write_component(tmp_path / "hog", "hog", {"hog.service": "[Service]\nType=exec\nExecStart=/opt/hog/bin/hog\n"},
-                          files={"bin/hog": "#!/bin/sh\n# 4 MB more every 50 ms, until killed\nx=\nwhile :; do\n"
-                                            "  x=\"$x$(yes | head -c 4000000)\"\n  sleep 0.05\ndone\n"})
+                          files={"bin/hog": HOG})
     idle = write_component(tmp_path / "idle", "idle", {"idle.service": SLEEPER})
     name = names()
     spec = limited_spec(tmp_path / "spec.toml", name, [(hog, 'memory_max = "64M"\n'), (idle, "")])
@@ -175,6 +176,7 @@ def test_a_component_over_its_memory_max_is_oom_killed_alone(tupper, names, tmp_
         # tupperd announces the kill (it reads the counters when a unit dies, and every 2 s).
         event = events.wait(lambda e: e["type"] == "oom" and e["name"] == name and e["component"] == "hog", 30)
         assert event["oom_kills"] >= 1
+        assert event["process"] == "hog" and event["pid"] > 0  # from the kernel's log: which process died
         events.seen_or_wait(lambda e: e["type"] == "container" and e["name"] == name and e.get("state") == "degraded", 30)
     finally:
         events.close()
@@ -199,6 +201,31 @@ def test_a_component_over_its_memory_max_is_oom_killed_alone(tupper, names, tmp_
     assert int((cgroup("memory", name, "hog") / "memory.max_usage_in_bytes").read_text()) <= 64 << 20
     p = tupper("status", name)
     assert "oom:" in p.stdout and "hog 1" in p.stdout
+
+
+def test_a_container_over_its_own_memory_max_loses_the_hog_and_says_which(tupper, names, tmp_path):
+    """No limit on the component, 160M on the container: the kernel kills the largest process in the
+    container's cgroup; tupper names it, its component and unit, and marks that unit oom-kill."""
+    hog = write_component(tmp_path / "hog", "hog", {"hog.service": "[Service]\nType=exec\nExecStart=/opt/hog/bin/hog\n"},
+                          files={"bin/hog": HOG})
+    idle = write_component(tmp_path / "idle", "idle", {"idle.service": SLEEPER})
+    name = names()
+    spec = limited_spec(tmp_path / "spec.toml", name, [(hog, ""), (idle, "")], resources='memory_max = "160M"\n')
+    events = Events(tupper.env)
+    time.sleep(1.0)  # let it subscribe
+    try:
+        tupper("run", spec, check=True)
+        event = events.wait(lambda e: e["type"] == "oom" and e["name"] == name, 60)
+        assert event["component"] == "hog" and event["process"] == "hog", event
+    finally:
+        events.close()
+    st = wait_for(lambda: (s := tupper.json("status", name)) and {u["name"]: u for u in s["units"]}["hog.service"]["active_state"] == "failed" and s,
+                  30, "hog.service to fail")
+    units = {u["name"]: u for u in st["units"]}
+    assert units["hog.service"]["oom"] is True and units["hog.service"]["result"] == "oom-kill"
+    assert units["idle.service"]["active_state"] == "active" and units["idle.service"]["oom"] is False
+    assert st["oom_kills"] >= 1 and st["state"] == "degraded"
+    assert int((cgroup("memory", name) / "memory.max_usage_in_bytes").read_text()) <= 160 << 20
 
 
 def _memory_in_use(d: Path) -> int:

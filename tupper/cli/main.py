@@ -618,7 +618,8 @@ def cmd_events(args) -> int:
         elif msg.member == "HealthChanged":
             event = {"type": "health", "name": msg.body[0], "component": msg.body[1], "health": msg.body[2], "detail": msg.body[3]}
         elif msg.member == "OOMKilled":
-            event = {"type": "oom", "name": msg.body[0], "component": msg.body[1] or None, "oom_kills": msg.body[2]}
+            event = {"type": "oom", "name": msg.body[0], "component": msg.body[1] or None, "oom_kills": msg.body[2],
+                     "pid": msg.body[3] or None, "process": msg.body[4] or None}
         elif msg.member == "UnitStateChanged":
             from tupper.busnames import container_name
 
@@ -637,7 +638,8 @@ def cmd_events(args) -> int:
                 print(f"{stamp}  {event['name']}  {event['component']}: {event['health']} ({event['detail']})", flush=True)
             elif event["type"] == "oom":
                 where = f"component {event['component']}" if event["component"] else "container"
-                print(f"{stamp}  {event['name']}  OOM kill in the {where} ({event['oom_kills']} since start)", flush=True)
+                who = f"{event['process']} (pid {event['pid']})" if event["process"] else "a process"
+                print(f"{stamp}  {event['name']}  OOM killer killed {who} in the {where} ({event['oom_kills']} since start)", flush=True)
             else:
                 print(f"{stamp}  {event['name']}  {event.get('state') or event.get('event')}", flush=True)
 

@@ -72,7 +72,10 @@ def _guarded_exec(check: HealthCheck, leader: int) -> Result:
 def _why(exc: OSError) -> str:
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return "timed out"
-    return (exc.strerror or str(exc)).lower() if exc.errno else str(exc)
+    if isinstance(exc, ProcessLookupError):
+        return "the container's PID 1 is gone (it stopped)"
+    # The errno's own words: asyncio's "Connect call failed ('127.0.0.1', 80)" says less than "connection refused".
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def same_netns(pid: int) -> bool:

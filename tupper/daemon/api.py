@@ -295,10 +295,11 @@ class ManagerInterface(ServiceInterface):
         return [name, component, state, detail]
 
     @signal()
-    def OOMKilled(self, name: str, component: str, kills: "u") -> "ssu":
-        """The kernel's OOM killer killed processes of a container (component "": its own cgroup, the
-        total); kills is the count since the container started."""
-        return [name, component, kills]
+    def OOMKilled(self, name: str, component: str, kills: "u", pid: "u", process: str) -> "ssuus":
+        """The kernel's OOM killer killed a process of a container: in `component` ("": in none of them),
+        `kills` counted there since the container started; the process's host pid and name as the
+        kernel's log gives them (0 and "" where it cannot be read)."""
+        return [name, component, kills, pid, process]
 
     @signal()
     def Progress(self, name: str, kind: str, text: str) -> "sss":

@@ -24,6 +24,7 @@ import attrs
 from dbus_next.constants import NameFlag, RequestNameReply
 
 from tupper import proc
+from tupper.container.kmsg import KernelLog, OOMKill
 from tupper.container.systemd import UnitWatch
 from tupper.daemon import api
 from tupper.daemon.agent import Agent
@@ -46,6 +47,7 @@ RESTART_MAX_DELAY = 60.0
 STABLE_AFTER = 60.0
 # OOM kills of processes that are not a unit's main process change no unit state: counters are read this often.
 OOM_SWEEP = 2.0
+OOM_RECORDS = 100  # kernel OOM records kept for containers that have not looked yet
 
 
 
@@ -112,6 +114,8 @@ class Daemon:
         self.secrets = SecretStore(runtime.store)
         self.agents: dict[str, Agent] = {}
         runtime.serves_secrets = True
+        self.kmsg: KernelLog | None = None  # which processes the OOM killer kills (opened in begin)
+        self.oom_records: builtins.list[OOMKill] = []
 
     def call_soon(self, fn, *args) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -125,6 +129,10 @@ class Daemon:
         """Claim the store, finish what a crash left half-done, re-adopt every container on disk,
         export the API, then take the bus name."""
         self.store_claim = self.runtime.store.claim_for_daemon()
+        try:
+            self.kmsg = KernelLog.open()
+        except OSError as exc:
+            log.info("cannot read the kernel log (%s): OOM kills will be counted, not named", exc.strerror)
         await asyncio.to_thread(self._recover)
         self.bus.export(api.MANAGER_PATH, self.manager)
         for rec in self.runtime.records():
@@ -350,18 +358,46 @@ class Daemon:
 
     def _check_oom(self, w: Watched) -> None:
         """Announce OOM kills since the last look (after a unit died, and every OOM_SWEEP s): a few small
-        cgroup files, read on the loop."""
+        cgroup files, read on the loop; when a count moved, the kernel's log says which process died
+        and in which component (one OOMKilled per kill; without the log, one per count that moved)."""
         if w.oom is None:
             return
         total, per = w.oom.read()
-        for component, kills in (("", total), *per.items()):
-            seen = w.oom_kills.get(component, 0)
-            if kills > seen:
-                w.oom_kills[component] = kills
-                if component or not per or total > sum(per.values()):  # the container's own count includes its components'
-                    log.warning("%s: the OOM killer killed %d process(es)%s (%d in all)", w.name, kills - seen,
-                                f" of component {component}" if component else "", kills)
-                self.manager.OOMKilled(w.name, component, kills)
+        counts = {"": total, **per}
+        before = dict(w.oom_kills)
+        grew = {c: k for c, k in counts.items() if k > before.get(c, 0)}
+        if not grew:
+            return
+        w.oom_kills.update(grew)
+        kills = self._kernel_oom_kills(w.oom)
+        for component, kill in kills:
+            units = ", ".join(u for u, c in w.oom.units if c == component)
+            log.warning("%s: the OOM killer killed %s (pid %d) in %s (memory cgroup %s); %d kill(s) since it started",
+                        w.name, kill.task, kill.pid, f"component {component} ({units})" if component else "the container",
+                        kill.memcg, total)
+            self.manager.OOMKilled(w.name, component, counts.get(component, total), kill.pid, kill.task)
+        if not kills:
+            for component, count in grew.items():
+                if component or total > sum(per.values()):  # the container's count also moves with its components'
+                    log.warning("%s: the OOM killer killed %d process(es) in %s", w.name, count - before.get(component, 0),
+                                f"component {component}" if component else "the container")
+                    self.manager.OOMKilled(w.name, component, count, 0, "")
+
+    def _kernel_oom_kills(self, counter: OOMCounter) -> list[tuple[str, OOMKill]]:
+        """The kernel's records of kills in this container not yet announced, with their component. The
+        log is read once for every container: records of others wait for their own look."""
+        if self.kmsg is not None:
+            try:
+                self.oom_records += self.kmsg.oom_kills()
+            except OSError as exc:
+                log.warning("cannot read the kernel log (%s): OOM kills are counted, not named", exc)
+                self.kmsg.close()
+                self.kmsg = None
+            del self.oom_records[:-OOM_RECORDS]
+        mine = [(c, k) for k in self.oom_records if (c := counter.component_of(k)) is not None]
+        for _, k in mine:
+            self.oom_records.remove(k)
+        return mine
 
     async def _oom_sweep(self) -> None:
         while True:
@@ -653,6 +689,8 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([disconnected, waiter], return_when=asyncio.FIRST_COMPLETED)
     sweep.cancel()
+    if daemon.kmsg is not None:
+        daemon.kmsg.close()
     # Containers keep running: their monitors are not our children, and the next tupperd adopts them.
     log.info("tupperd exiting; %d container(s) left running", sum(1 for w in daemon.watched.values() if w.pidfd is not None))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import attrs
 
 from tupper import durable, proc
-from tupper.container import cgroups, nspawn, probe, unitfiles
+from tupper.container import cgroups, kmsg, nspawn, probe, unitfiles
 from tupper.container.inroot import Root, find_command
 from tupper.container.systemd import Connect, ContainerBus, SystemdBus, UnitState, run_command
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound
@@ -94,16 +94,35 @@ class RunResult:
 
 @attrs.frozen
 class OOMCounter:
-    """The files a container's OOM kills are counted in (cgroups.oom_kills reads them)."""
+    """The files a container's OOM kills are counted in (cgroups.oom_kills reads them), and its memory
+    cgroup as the kernel's log names it, to tell which component a killed process was in."""
 
     total: Path | None  # the container's own cgroup
     components: tuple[tuple[str, Path | None], ...]
     nested: bool  # v2: the container's count includes its components'; v1 counts each cgroup alone
+    memcg: str | None = None  # the container's memory cgroup, as a path in its hierarchy ("/…/NAME")
+    units: tuple[tuple[str, str], ...] = ()  # unit -> component (v2: the kernel names the unit's cgroup)
 
     def read(self) -> tuple[int, dict[str, int]]:
         per = {name: cgroups.oom_kills(path) for name, path in self.components}
         total = cgroups.oom_kills(self.total)
         return (total if self.nested else total + sum(per.values())), per
+
+    def component_of(self, kill: kmsg.OOMKill) -> str | None:
+        """The component the killed process was in ("" for none of them), None: not this container's.
+        v1: tupper's component cgroups are right below the container's; v2: the unit's cgroup is the
+        container systemd's (…/NAME/system.slice/UNIT)."""
+        if self.memcg is None:
+            return None
+        first = kmsg.below(kill.task_memcg, self.memcg)
+        if first is None:
+            return None
+        names = {name for name, _ in self.components}
+        if first in names:
+            return first
+        rest = kill.task_memcg[len(self.memcg.rstrip("/")) + 1:].split("/")
+        units = dict(self.units)
+        return next((units[part] for part in rest if part in units), "")
 
 
 @attrs.frozen
@@ -725,10 +744,14 @@ class Runtime:
         parent = self.store.cgroup_parent
         layout = cgroups.Layout.detect()
         mine = cgroups.controller_dirs(rec.name, parent, layout=layout)
-        return OOMCounter(total=mine.get("memory") or mine.get("unified"),
+        top = mine.get("memory") or mine.get("unified")
+        hierarchy = layout.controller("memory")  # the unified one on a pure cgroup2 host
+        memcg = "/" + str(top.relative_to(hierarchy.mount)) if top is not None and hierarchy is not None else None
+        return OOMCounter(total=top,
                           components=tuple((c.name, cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout).get("memory"))
                                            for c in rec.components),
-                          nested=layout.kind == "v2")
+                          nested=layout.kind == "v2", memcg=memcg,
+                          units=tuple((u, c.name) for c in rec.components for u in c.units))
 
     async def probe_health(self, rec: Record, check: health.HealthCheck) -> probe.Result:
         """One run of a resolved health check, on the caller's event loop (tupperd's liveness checks:

@@ -70,14 +70,16 @@ class ContainerStatus:
            oom_kills: int = 0, component_oom_kills: dict[str, int] | None = None,
            health: tuple[ComponentHealth, ...] = ()) -> ContainerStatus:
         """`states`: what the container's systemd answered (empty when it is not running); a unit it
-        did not answer for is shown inactive. A unit of a component that had OOM kills and that died
-        of a signal counts as killed by the OOM killer."""
+        did not answer for is shown inactive. A unit that died of a signal counts as killed by the OOM
+        killer where its component had OOM kills, or where the container had kills in no component's
+        cgroup (its own memory_max: on cgroup v1 the kernel counts them in the container's cgroup)."""
         per = component_oom_kills or {}
+        unattributed = oom_kills - sum(per.values()) > 0
         units = []
         for c in rec.components:
             for u in c.units:
                 state = states.get(u) or UnitState(name=u, active_state="inactive", sub_state="dead")
-                oom = per.get(c.name, 0) > 0 and state.result in ("signal", "oom-kill")
+                oom = (per.get(c.name, 0) > 0 or unattributed) and state.result in ("signal", "oom-kill")
                 units.append(UnitStatus(component=c.name, state=state, oom=oom))
         return cls(record=rec, units=tuple(units), system_state=system_state, oom_kills=oom_kills,
                    component_oom_kills=tuple(sorted(per.items())), health=health)
