@@ -3,14 +3,13 @@ what their results mean).
 
 http and tcp checks connect from the host, with a socket made in the container's network namespace
 (a short-lived thread enters it with setns(2), makes the socket and ends; the socket stays in that
-namespace): 127.0.0.1 is the container's own loopback, and no process runs inside. exec checks run
+namespace; where the container shares the host's namespace, no thread): 127.0.0.1 is the container's own loopback, and no process runs inside. exec checks run
 inside, as a transient unit of the container's systemd (its output captured in a memfd, killed by
 systemd after the timeout), like `tupper exec`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import os
@@ -37,27 +36,22 @@ class Result:
 
 
 def run(check: HealthCheck, leader: int) -> Result:
-    """One check of the container whose PID 1 is `leader` (a host PID), for callers without an event
-    loop (`tupper run`'s readiness wait, `--direct status`). Never raises for what the check finds; an
-    error reaching the container at all (it stopped) is a failed check too."""
+    """One check of the container whose PID 1 is `leader` (a host PID). Never raises for what the check
+    finds; an error reaching the container at all (it stopped) is a failed check too. Blocking: a
+    caller with an event loop runs it (or run_many) in a worker thread."""
     if check.kind == "exec":
         return _guarded_exec(check, leader)
-    return asyncio.run(run_async(check, leader))
-
-
-async def run_async(check: HealthCheck, leader: int) -> Result:
-    """The same, on a running event loop (tupperd): http and tcp checks are non-blocking sockets on it,
-    an exec check waits in a worker thread."""
-    if check.kind == "exec":
-        return await asyncio.to_thread(_guarded_exec, check, leader)
     assert check.target is not None
     try:
-        async with asyncio.timeout(check.timeout):  # no task of its own, unlike wait_for: checks are frequent
-            return await _net(check.kind, check.target, leader)
-    except TimeoutError:
-        return Result(False, f"timed out after {check.timeout:g}s")
+        return _net(check.kind, check.target, check.timeout, leader)
     except OSError as exc:
-        return Result(False, _why(exc))
+        return Result(False, f"timed out after {check.timeout:g}s" if isinstance(exc, TimeoutError) else _why(exc))
+
+
+def run_many(checks: list[tuple[HealthCheck, int]]) -> list[Result]:
+    """Several checks one after the other: tupperd hands over the checks due at one moment in one go (a
+    thread hand-off per check cost more than the check)."""
+    return [run(check, leader) for check, leader in checks]
 
 
 def _guarded_exec(check: HealthCheck, leader: int) -> Result:
@@ -116,20 +110,27 @@ def socket_in(pid: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.s
     return made[0]
 
 
-async def _net(kind: str, target: Target, leader: int) -> Result:
-    loop = asyncio.get_running_loop()
-    sock = socket_in(leader, socket.AF_INET6 if target.family_v6 else socket.AF_INET)
-    with sock:
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (target.host, target.port))
+def _net(kind: str, target: Target, timeout: float, leader: int) -> Result:
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return remaining
+
+    with socket_in(leader, socket.AF_INET6 if target.family_v6 else socket.AF_INET) as sock:
+        sock.settimeout(left())
+        sock.connect((target.host, target.port))
         if kind == "tcp":
             return Result(True, f"connected to port {target.port}")
         host = f"[{target.host}]" if target.family_v6 else target.host
-        await loop.sock_sendall(sock, f"GET {target.path} HTTP/1.0\r\nHost: {host}:{target.port}\r\n"
-                                      "User-Agent: tupper-health\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(f"GET {target.path} HTTP/1.0\r\nHost: {host}:{target.port}\r\n"
+                     "User-Agent: tupper-health\r\nConnection: close\r\n\r\n".encode())
         head = b""
         while b"\r\n" not in head and len(head) < 4096:
-            chunk = await loop.sock_recv(sock, 4096)
+            sock.settimeout(left())
+            chunk = sock.recv(4096)
             if not chunk:
                 break
             head += chunk

@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import builtins
 import contextlib
+import heapq
 import logging
+import math
 import os
 import shutil
 import signal
@@ -47,6 +49,8 @@ RESTART_MAX_DELAY = 60.0
 STABLE_AFTER = 60.0
 # OOM kills of processes that are not a unit's main process change no unit state: counters are read this often.
 OOM_SWEEP = 2.0
+# Checks of healthy components fall due on multiples of this (s), so those of many containers go out together.
+HEALTH_TICK = 0.25
 OOM_RECORDS = 100  # kernel OOM records kept for containers that have not looked yet
 
 
@@ -95,12 +99,16 @@ class Watched:
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
     unit_states: dict[str, str] = attrs.Factory(dict)  # component unit -> ActiveState, as its systemd last said
     health: dict[str, Tracker] = attrs.Factory(dict)  # component -> its health check's tracker
-    health_task: asyncio.Task | None = None
+    health_leader: int = 0  # the PID 1 its checks reach the container through
+    health_generation: int = 0  # +1 at every attach and detach: queued checks of an older one are dropped
     oom_kills: dict[str, int] = attrs.Factory(dict)  # component ("" for the container) -> OOM kills seen
     oom: OOMCounter | None = None  # where they are counted
 
     def health_view(self) -> tuple[ComponentHealth, ...]:
         return tuple(ComponentHealth(c, t.state, t.check.describe(), t.detail, t.restarts) for c, t in sorted(self.health.items()))
+
+
+Due = tuple["Watched", int, str, Tracker, float]  # a check due: container, its health generation, component, tracker, delay
 
 
 class Daemon:
@@ -114,6 +122,9 @@ class Daemon:
         self.secrets = SecretStore(runtime.store)
         self.agents: dict[str, Agent] = {}
         runtime.serves_secrets = True
+        self.health_queue: builtins.list[tuple[float, int, Watched, int, str, float]] = []  # (due, seq, …): a heap
+        self.health_seq = 0
+        self.health_wakeup = asyncio.Event()
         self.kmsg: KernelLog | None = None  # which processes the OOM killer kills (opened in begin)
         self.oom_records: builtins.list[OOMKill] = []
 
@@ -270,9 +281,7 @@ class Daemon:
             self._check_oom(w)
 
     def _detach(self, w: Watched) -> None:
-        if w.health_task is not None:
-            w.health_task.cancel()
-            w.health_task = None
+        w.health_generation += 1
         w.health.clear()
         w.unit_states.clear()
         w.oom_kills.clear()
@@ -307,31 +316,69 @@ class Daemon:
         now = time.monotonic()
         w.health = {c.name: Tracker(c.health.resolve(dict(c.env)), since=now, state="healthy" if healthy else "starting")
                     for c in rec.components if c.health}
-        if w.health:
-            w.health_task = asyncio.ensure_future(self._check_health(w, rec))
+        w.health_leader = rec.leader_pid
+        w.health_generation += 1
+        for component, tracker in w.health.items():
+            self._schedule_check(w, component, tracker, None)
 
-    async def _check_health(self, w: Watched, rec: Record) -> None:
-        """Each component's check at its interval (often while it starts); `retries` failures in a row
-        restart its units through the container's systemd, at most `restarts` times without a pass."""
-        due = {c: time.monotonic() + (t.next_delay(None) if t.state == "starting" else t.check.interval) for c, t in w.health.items()}
-        delay: dict[str, float | None] = dict.fromkeys(w.health)
-        while w.health:
-            component = min(due, key=due.__getitem__)
-            await asyncio.sleep(max(0.0, due[component] - time.monotonic()))
-            tracker = w.health[component]
+    def _schedule_check(self, w: Watched, component: str, tracker: Tracker, previous: float | None) -> None:
+        """Queue the component's next check: soon while it starts, else at its interval, rounded up to
+        HEALTH_TICK so that the checks of many containers fall due together and go out as one batch."""
+        delay = tracker.next_delay(previous)
+        due = time.monotonic() + delay
+        if tracker.state != "starting":
+            due = math.ceil(due / HEALTH_TICK) * HEALTH_TICK
+        self.health_seq += 1
+        heapq.heappush(self.health_queue, (due, self.health_seq, w, w.health_generation, component, delay))
+        self.health_wakeup.set()
+
+    async def _health_scheduler(self) -> None:
+        """Every checked component of every container, from one queue: wake when the first is due, hand
+        every due http and tcp check to a worker thread as one batch, each exec check to its own."""
+        while True:
+            if not self.health_queue:
+                await self.health_wakeup.wait()
+                self.health_wakeup.clear()
+                continue
+            wait = self.health_queue[0][0] - time.monotonic()
+            if wait > 0:
+                self.health_wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.health_wakeup.wait(), wait)  # an earlier check may be queued meanwhile
+                continue
+            now = time.monotonic()
+            batch: builtins.list[Due] = []
+            execs: builtins.list[Due] = []
+            while self.health_queue and self.health_queue[0][0] <= now:
+                _, _, w, generation, component, delay = heapq.heappop(self.health_queue)
+                tracker = w.health.get(component)
+                if generation != w.health_generation or tracker is None:
+                    continue  # the container stopped or restarted since: its checks started over
+                (execs if tracker.check.kind == "exec" else batch).append((w, generation, component, tracker, delay))
+            for group in ([batch] if batch else []) + [[e] for e in execs]:
+                asyncio.ensure_future(self._run_checks(group))
+
+    async def _run_checks(self, group: builtins.list[Due]) -> None:
+        results = await asyncio.to_thread(self.runtime.run_checks, [(t.check, w.health_leader) for w, _, _, t, _ in group])
+        for (w, generation, component, tracker, delay), result in zip(group, results, strict=True):
+            if generation != w.health_generation:
+                continue
             before = tracker.state
-            result = await self.runtime.probe_health(rec, tracker.check)
             action = tracker.feed(result.ok, result.detail, time.monotonic())
             if action == "restart":
                 self._health_changed(w, component, tracker)
-                await self._restart_component(w, rec, component, tracker)
-                delay[component] = None  # checked often again while it starts
-            wait = delay[component] = tracker.next_delay(delay[component] if tracker.state == "starting" else None)
-            due[component] = time.monotonic() + wait
-            if tracker.state != before and not action:
+                asyncio.ensure_future(self._restart_component(w, generation, component, tracker))
+                continue  # checked again once the restart is done
+            if tracker.state != before:
                 self._health_changed(w, component, tracker)
+            self._schedule_check(w, component, tracker, delay if tracker.state == "starting" else None)
 
-    async def _restart_component(self, w: Watched, rec: Record, component: str, tracker: Tracker) -> None:
+    async def _restart_component(self, w: Watched, generation: int, component: str, tracker: Tracker) -> None:
+        """Restart the component's service units through the container's systemd, then check it often again."""
+        try:
+            rec = self.runtime.record(w.name)
+        except NotFound:
+            return
         entry = rec.component(component)
         units = [u for u in (entry.units if entry else ()) if u.endswith(".service")]
         log.warning("%s: %s failed its health check %d time(s) in a row (%s: %s): restarting %s (restart %d of at most %d in a row)",
@@ -339,11 +386,15 @@ class Daemon:
                     tracker.streak, tracker.limit)
         async with w.lock:
             for unit in units:
+                if generation != w.health_generation:
+                    return  # stopped meanwhile
                 try:
                     await asyncio.to_thread(self.runtime.unit_job, w.name, unit, "RestartUnit")
                 except (TupperError, OSError) as exc:
                     log.warning("%s: could not restart %s: %s", w.name, unit, exc.message if isinstance(exc, TupperError) else exc)
-        tracker.since = time.monotonic()  # the start deadline counts from the restart's end
+        if generation == w.health_generation:
+            tracker.since = time.monotonic()  # the start deadline counts from the restart's end
+            self._schedule_check(w, component, tracker, None)
 
     def _health_changed(self, w: Watched, component: str, tracker: Tracker) -> None:
         if tracker.state == "unhealthy":
@@ -682,6 +733,7 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
     daemon = Daemon(runtime, bus)
     await daemon.begin()
     sweep = asyncio.ensure_future(daemon._oom_sweep())
+    checks = asyncio.ensure_future(daemon._health_scheduler())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         daemon.loop.add_signal_handler(sig, stop.set)
@@ -689,6 +741,7 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([disconnected, waiter], return_when=asyncio.FIRST_COMPLETED)
     sweep.cancel()
+    checks.cancel()
     if daemon.kmsg is not None:
         daemon.kmsg.close()
     # Containers keep running: their monitors are not our children, and the next tupperd adopts them.

@@ -753,10 +753,11 @@ class Runtime:
                           nested=layout.kind == "v2", memcg=memcg,
                           units=tuple((u, c.name) for c in rec.components for u in c.units))
 
-    async def probe_health(self, rec: Record, check: health.HealthCheck) -> probe.Result:
-        """One run of a resolved health check, on the caller's event loop (tupperd's liveness checks:
-        http and tcp without a thread; exec checks in a worker thread)."""
-        return await probe.run_async(check, rec.leader_pid)
+    @staticmethod
+    def run_checks(checks: list[tuple[health.HealthCheck, int]]) -> list[probe.Result]:
+        """Resolved health checks of running containers, (check, leader PID) each, one after the other:
+        tupperd's liveness checks due at one moment (blocking; tupperd runs it in a worker thread)."""
+        return probe.run_many(checks)
 
     def _health_now(self, rec: Record) -> tuple[ComponentHealth, ...]:
         if not (rec.alive() and rec.leader_pid and rec.state() == "running"):
