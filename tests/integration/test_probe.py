@@ -12,7 +12,7 @@ import threading
 import pytest
 from helpers import wait_for
 
-from tupper.container import probe
+from tupper.container import netns, probe
 from tupper.model.health import HealthCheck, Target
 
 SERVER = """
@@ -54,7 +54,7 @@ def check(kind: str, port: int, path: str = "/") -> HealthCheck:
 
 def test_http_and_tcp_checks_run_in_the_checked_process_network_namespace(netns_server):
     pid, port = netns_server
-    assert not probe.same_netns(pid)
+    assert not netns.same_netns(pid)
     with pytest.raises(ConnectionRefusedError):  # not on the host's loopback
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))

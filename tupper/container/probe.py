@@ -10,22 +10,18 @@ systemd after the timeout), like `tupper exec`.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import socket
-import threading
 import time
 
 import attrs
 
+from tupper.container import netns
 from tupper.container.inroot import find_command
 from tupper.container.systemd import run_command
 from tupper.errors import Failed
 from tupper.model.health import HealthCheck, Target
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 DETAIL_MAX = 200  # characters of a check's output kept as its detail
 
 
@@ -68,46 +64,13 @@ def _why(exc: OSError) -> str:
         return "timed out"
     if isinstance(exc, ProcessLookupError):
         return "the container's PID 1 is gone (it stopped)"
-    # The errno's own words: asyncio's "Connect call failed ('127.0.0.1', 80)" says less than "connection refused".
+    # The errno's own words ("connection refused"), not the message around them.
     return os.strerror(exc.errno).lower() if exc.errno else str(exc)
-
-
-def same_netns(pid: int) -> bool:
-    try:
-        a, b = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/self/ns/net")
-    except FileNotFoundError:
-        raise ProcessLookupError(errno.ESRCH, f"process {pid} is gone") from None
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def socket_in(pid: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A socket in the network namespace of process `pid`."""
-    if same_netns(pid):
-        return socket.socket(family, kind)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    made: list[socket.socket] = []
-    failed: list[OSError] = []
-
-    def enter() -> None:
-        # A thread of its own, which ends right after: whatever namespace it is left in goes with it.
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            failed.append(OSError(err, f"cannot enter the network namespace of {pid}: {os.strerror(err)}"))
-            return
-        try:
-            made.append(socket.socket(family, kind))
-        except OSError as exc:
-            failed.append(exc)
-
-    try:
-        t = threading.Thread(target=enter, name=f"netns-{pid}")
-        t.start()
-        t.join()
-    finally:
-        os.close(target)
-    if failed:
-        raise failed[0]
-    return made[0]
+    return netns.run_in(pid, lambda: socket.socket(family, kind))
 
 
 def _net(kind: str, target: Target, timeout: float, leader: int) -> Result:
