@@ -20,8 +20,8 @@ def parse(**table) -> net.NetworkSpec:
 def test_defaults_and_ports():
     assert parse() == net.NetworkSpec("private", "tupper0", ())
     spec = parse(ports=[{"host": 8080, "container": 80}, {"host": 5353, "protocol": "udp", "address": "127.0.0.1"},
-                        {"host": 8443, "container": 443, "address": "[::1]"}])
-    assert [p.describe() for p in spec.ports] == ["8080->80/tcp", "127.0.0.1:5353->5353/udp", "[::1]:8443->443/tcp"]
+                        {"host": 8443, "container": 443, "address": "[2001:db8::5]"}])
+    assert [p.describe() for p in spec.ports] == ["8080->80/tcp", "127.0.0.1:5353->5353/udp", "[2001:db8::5]:8443->443/tcp"]
     assert net.NetworkSpec.from_json(spec.to_json(), "record") == spec
     assert net.NetworkSpec.from_json(None).mode == "host"  # records from before networks
 
@@ -38,6 +38,7 @@ def test_defaults_and_ports():
     ({"ports": [{"host": 80, "address": "localhost"}]}, "network.ports[0].address: 'localhost' is not an IP address"),
     ({"ports": [{"host": 80}, {"host": 80, "address": "127.0.0.1"}]}, "network.ports[1]: host port 80/tcp is published twice"),
     ({"ports": [{"host": 80, "hostport": 1}]}, "network.ports[0].hostport: unknown key"),
+    ({"ports": [{"host": 80, "address": "::1"}]}, "network.ports[0].address: ::1 cannot be forwarded"),
 ])  # fmt: skip
 def test_bad_network_tables_name_the_key(table, message):
     with pytest.raises(InvalidInput) as err:

@@ -96,6 +96,9 @@ def parse_port(t: Table) -> Port:
             address = str(ipaddress.ip_address(address.strip("[]")))
         except ValueError:
             raise t.error("address", f"{address!r} is not an IP address") from None
+        if address == "::1":
+            raise t.error("address", "::1 cannot be forwarded (IPv6 has no route_localnet): use 127.0.0.1, "
+                                     "or one of the host's own IPv6 addresses")
     t.check_unknown()
     return Port(host, container, protocol, address)
 
