@@ -165,8 +165,11 @@ class UserStateGuard:
         if not self.want_canary or not (DEFAULT_ROOT / "images" / IMAGE).is_dir():
             return
         name = f"tupper-canary-{uuid.uuid4().hex[:6]}"
+        # Through the user's tupperd where one serves; else --direct: a call on the system bus would
+        # bus-activate a tupperd for the user's store, which would outlive the suite.
+        self.direct = not _system_tupperd_runs()
         p = self._user_tupper("run", str(REPO / "examples" / "hello.toml"), "--name", name)
-        if p.returncode != 0 and ("system bus" in p.stderr or "tupperd" in p.stderr):
+        if p.returncode != 0 and not self.direct and ("system bus" in p.stderr or "tupperd" in p.stderr):
             self.direct = True
             p = self._user_tupper("run", str(REPO / "examples" / "hello.toml"), "--name", name)
         if p.returncode != 0:
@@ -192,6 +195,14 @@ class UserStateGuard:
             if p.returncode != 0:
                 problems.append(f"could not remove the canary {self.canary}: {p.stderr.strip()}")
         return problems
+
+
+def _system_tupperd_runs() -> bool:
+    """Somebody owns org.tupper1 on the system bus (asked without activating it)."""
+    p = subprocess.run(["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+                        "org.freedesktop.DBus.NameHasOwner", "string:org.tupper1"], capture_output=True, text=True, timeout=30,
+                       env=_clean_env())
+    return p.returncode == 0 and "boolean true" in p.stdout
 
 
 def _pid_starttime(pid: int) -> int | None:
