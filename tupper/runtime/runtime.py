@@ -481,13 +481,6 @@ class Runtime:
         units = entry.units if entry else ()
         return [line for u in units for line in self.journal_tail(rec, u, 5)]
 
-    def check_health(self, rec: Record, component: str) -> probe.Result:
-        """One run of a component's health check (tupperd's liveness checks; `status` without tupperd)."""
-        entry = rec.component(component)
-        if entry is None or entry.health is None:
-            raise NotFound(f"container {rec.name!r} has no health check for {component!r}")
-        return probe.run(entry.health.resolve(dict(entry.env)), rec.leader_pid)
-
     def _failure(self, rec: Record, s: UnitState) -> UnitFailure:
         result = s.result if s.result and s.result != "success" else ("dependency" if s.active_state == "inactive" else s.active_state)
         return UnitFailure(s.name, s.active_state, result, self.journal_tail(rec, s.name, 10))
@@ -732,12 +725,8 @@ class Runtime:
                     states = {u: bus.unit_state(u) for u in rec.units}
             except Failed:
                 pass
-        total, ooms = self.oom_counts(rec)
+        total, ooms = self.oom_counter(rec).read()
         return ContainerStatus.of(rec, states, system_state, total, ooms, health)
-
-    def oom_counts(self, rec: Record) -> tuple[int, dict[str, int]]:
-        """OOM kills in the container (its components' included) and in each component, since it started."""
-        return self.oom_counter(rec).read()
 
     def oom_counter(self, rec: Record) -> OOMCounter:
         """Where the container's OOM kills are counted: found once, read as often as wanted (tupperd)."""
