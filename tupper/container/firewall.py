@@ -15,12 +15,19 @@ What the rules allow (docs/network.md):
   127.0.0.1:PORT works: route_localnet on the bridge lets the rewritten packet leave with its
   loopback source, which the postrouting rule masquerades to the bridge address.
 
-This module builds the JSON commands of libnftables (libnftables-json(5)); `apply` hands them over.
+This module builds the JSON commands of libnftables (libnftables-json(5)); `apply` hands them to
+libnftables through Debian's python3-nftables (loaded from its path when the running Python is not
+Debian's own, as in tupper's venv).
 """
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import ipaddress
+import os
+import threading
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -63,52 +70,52 @@ def _names(names: list[str]) -> Any:
     return names[0] if len(names) == 1 else {"set": names}
 
 
-def _chain(name: str, kind: str, hook: str, prio: int) -> Command:
-    return {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name, "type": kind, "hook": hook, "prio": prio,
+def _chain(table: str, name: str, kind: str, hook: str, prio: int) -> Command:
+    return {"add": {"chain": {"family": FAMILY, "table": table, "name": name, "type": kind, "hook": hook, "prio": prio,
                               "policy": "accept"}}}
 
 
-def _rule(chain: str, expr: list[dict], comment: str) -> Command:
-    return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr, "comment": comment}}}
+def _rule(table: str, chain: str, expr: list[dict], comment: str) -> Command:
+    return {"add": {"rule": {"family": FAMILY, "table": table, "chain": chain, "expr": expr, "comment": comment}}}
 
 
 ESTABLISHED = _match({"ct": {"key": "state"}}, {"set": ["established", "related"]}, "in")
 LOCAL_DESTINATION = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
 
 
-def ruleset(networks: list[Network], endpoints: list[Endpoint]) -> list[Command]:
+def ruleset(networks: list[Network], endpoints: list[Endpoint], table: str = TABLE) -> list[Command]:
     """The commands that replace table inet tupper with what these networks and endpoints need (and
     delete it when there is no network)."""
     # "add" first: deleting a table that does not exist fails the whole transaction.
-    out: list[Command] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
-                          {"delete": {"table": {"family": FAMILY, "name": TABLE}}}]
+    out: list[Command] = [{"add": {"table": {"family": FAMILY, "name": table}}},
+                          {"delete": {"table": {"family": FAMILY, "name": table}}}]
     if not networks:
         return out
-    out.append({"add": {"table": {"family": FAMILY, "name": TABLE}}})
-    out += [_chain("prerouting", "nat", "prerouting", -100), _chain("output", "nat", "output", -100),
-            _chain("postrouting", "nat", "postrouting", 100), _chain("forward", "filter", "forward", 0),
-            _chain("input", "filter", "input", 0)]
+    out.append({"add": {"table": {"family": FAMILY, "name": table}}})
+    out += [_chain(table, "prerouting", "nat", "prerouting", -100), _chain(table, "output", "nat", "output", -100),
+            _chain(table, "postrouting", "nat", "postrouting", 100), _chain(table, "forward", "filter", "forward", 0),
+            _chain(table, "input", "filter", "input", 0)]
     bridges = sorted(n.bridge for n in networks)
-    out.append(_rule("forward", [ESTABLISHED, {"accept": None}], "replies"))
-    out.append(_rule("input", [_match(_meta("iifname"), _names(bridges)), ESTABLISHED, {"accept": None}], "replies to the host's connections"))
-    out.append(_rule("input", [_match(_meta("iifname"), _names(bridges)), _match(_meta("l4proto"), {"set": ["icmp", "ipv6-icmp"]}, "in"),
+    out.append(_rule(table, "forward", [ESTABLISHED, {"accept": None}], "replies"))
+    out.append(_rule(table, "input", [_match(_meta("iifname"), _names(bridges)), ESTABLISHED, {"accept": None}], "replies to the host's connections"))
+    out.append(_rule(table, "input", [_match(_meta("iifname"), _names(bridges)), _match(_meta("l4proto"), {"set": ["icmp", "ipv6-icmp"]}, "in"),
                                {"accept": None}], "ping and IPv6 neighbour discovery"))
-    out.append(_rule("input", [_match(_meta("iifname"), _names(bridges)), {"drop": None}], "containers do not reach host services"))
+    out.append(_rule(table, "input", [_match(_meta("iifname"), _names(bridges)), {"drop": None}], "containers do not reach host services"))
     for net in sorted(networks, key=lambda n: n.name):
-        out.append(_rule("forward", [_match(_meta("iifname"), net.bridge), _match(_meta("oifname"), net.bridge), {"accept": None}],
+        out.append(_rule(table, "forward", [_match(_meta("iifname"), net.bridge), _match(_meta("oifname"), net.bridge), {"accept": None}],
                          f"network {net.name}: among its containers"))
         others = [b for b in bridges if b != net.bridge]
         if others:
-            out.append(_rule("forward", [_match(_meta("iifname"), net.bridge), _match(_meta("oifname"), _names(others)), {"drop": None}],
+            out.append(_rule(table, "forward", [_match(_meta("iifname"), net.bridge), _match(_meta("oifname"), _names(others)), {"drop": None}],
                              f"network {net.name}: not to other networks"))
-        out.append(_rule("postrouting", [_match(_payload("ip", "saddr"), _prefix(net.subnet)),
+        out.append(_rule(table, "postrouting", [_match(_payload("ip", "saddr"), _prefix(net.subnet)),
                                          _match(_meta("oifname"), net.bridge, "!="), {"masquerade": None}],
                          f"network {net.name}: outbound"))
         if net.subnet6:
-            out.append(_rule("postrouting", [_match(_payload("ip6", "saddr"), _prefix(net.subnet6)),
+            out.append(_rule(table, "postrouting", [_match(_payload("ip6", "saddr"), _prefix(net.subnet6)),
                                              _match(_meta("oifname"), net.bridge, "!="), {"masquerade": None}],
                              f"network {net.name}: outbound (IPv6)"))
-        out.append(_rule("postrouting", [_match(_payload("ip", "saddr"), _prefix(ipaddress.IPv4Network("127.0.0.0/8"))),
+        out.append(_rule(table, "postrouting", [_match(_payload("ip", "saddr"), _prefix(ipaddress.IPv4Network("127.0.0.0/8"))),
                                          _match(_meta("oifname"), net.bridge), {"masquerade": None}],
                          f"network {net.name}: published ports reached from 127.0.0.1"))
     by_name = {n.name: n for n in networks}
@@ -116,11 +123,11 @@ def ruleset(networks: list[Network], endpoints: list[Endpoint]) -> list[Command]
         if ep.network not in by_name:
             continue
         for port in ep.ports:
-            out += port_rules(ep, port)
+            out += port_rules(ep, port, table)
     return out
 
 
-def port_rules(ep: Endpoint, port: Port) -> list[Command]:
+def port_rules(ep: Endpoint, port: Port, table: str = TABLE) -> list[Command]:
     """DNAT of one published port, in prerouting (from elsewhere) and output (from the host itself)."""
     out = []
     targets: list[tuple[str, Any]] = []
@@ -137,5 +144,60 @@ def port_rules(ep: Endpoint, port: Port) -> list[Command]:
         expr.append(_match(_payload(port.protocol, "dport"), port.host))
         expr.append({"dnat": {"family": family, "addr": str(address), "port": port.container}})
         comment = f"container {ep.container}: {port.describe()}"
-        out += [_rule("prerouting", expr, comment), _rule("output", expr, comment)]
+        out += [_rule(table, "prerouting", expr, comment), _rule(table, "output", expr, comment)]
     return out
+
+
+NFTABLES_MODULE = Path("/usr/lib/python3/dist-packages/nftables/nftables.py")
+
+
+class FirewallError(OSError):
+    pass
+
+
+def _nftables() -> Any:
+    try:
+        import nftables  # Debian's python3-nftables, where it is importable
+    except ImportError:
+        if not NFTABLES_MODULE.is_file():
+            raise FirewallError(errno.ENOENT, "python3-nftables is not installed (`make setup` installs it)") from None
+        spec = importlib.util.spec_from_file_location("tupper_nftables", NFTABLES_MODULE)
+        assert spec is not None and spec.loader is not None
+        nftables = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nftables)
+    return nftables
+
+
+_lock = threading.Lock()
+_nft: Any = None
+
+
+def _after_fork() -> None:
+    # A container's monitor is a fork of tupperd: a lock held by another thread at that moment would stay held.
+    global _lock, _nft
+    _lock, _nft = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def apply(commands: list[Command]) -> None:
+    """Run the commands in one nftables transaction (all or nothing), in the caller's network namespace."""
+    global _nft
+    with _lock:
+        if _nft is None:
+            _nft = _nftables().Nftables()
+            _nft.set_json_output(True)
+        rc, _out, err = _nft.json_cmd({"nftables": commands})
+    if rc != 0:
+        raise FirewallError(errno.EINVAL, f"nftables refused tupper's table: {err.strip() or rc}")
+
+
+def table_exists(table: str) -> bool:
+    global _nft
+    with _lock:
+        if _nft is None:
+            _nft = _nftables().Nftables()
+            _nft.set_json_output(True)
+        rc, out, _err = _nft.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": table}}}]})
+    return rc == 0 and bool(out)

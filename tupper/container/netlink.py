@@ -1,5 +1,4 @@
-"""Bridges and veth pairs over netlink (pyroute2), for container networks (issue 11). Groundwork: the
-runtime does not call it yet.
+"""Bridges and veth pairs over netlink (pyroute2), for container networks (tupper.runtime.network).
 
 Every function takes `host`, the PID of a process in the namespace that plays the host (tupperd's own
 PID in tupper; a namespace of their own in the tests), and works there through tupper.container.netns.
@@ -56,10 +55,11 @@ def remove_bridge(host: int, net: Network) -> None:
     netns.run_in(host, work)
 
 
-def attach(host: int, container: int, net: Network, host_if: str, address: ipaddress.IPv4Address,
-           address6: ipaddress.IPv6Address | None = None) -> None:
-    """A veth pair: `host_if` on the bridge, its peer in the namespace of process `container` as host0
-    with the address(es), up, with the default route through the bridge."""
+def attach(host: int, container: int | None, net: Network, host_if: str, address: ipaddress.IPv4Address,
+           address6: ipaddress.IPv6Address | None = None, *, netns_fd: int | None = None) -> None:
+    """A veth pair: `host_if` on the bridge, its peer in the namespace of process `container` (or the
+    one open as `netns_fd`) as host0 with the address(es), up, with the default route through the bridge."""
+    where = {"net_ns_fd": netns_fd} if netns_fd is not None else {"net_ns_pid": container}
 
     def on_host() -> None:
         with IPRoute() as ipr:
@@ -68,7 +68,7 @@ def attach(host: int, container: int, net: Network, host_if: str, address: ipadd
             ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": f"{host_if}p"})
             bridge = ipr.link_lookup(ifname=net.bridge)[0]
             ipr.link("set", index=ipr.link_lookup(ifname=host_if)[0], master=bridge, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname=f"{host_if}p")[0], net_ns_pid=container)
+            ipr.link("set", index=ipr.link_lookup(ifname=f"{host_if}p")[0], **where)
 
     def inside() -> None:
         with IPRoute() as ipr:
@@ -84,7 +84,11 @@ def attach(host: int, container: int, net: Network, host_if: str, address: ipadd
                 ipr.route("add", dst="::/0", gateway=str(net.gateway6), family=10)
 
     netns.run_in(host, on_host)
-    netns.run_in(container, inside)
+    if netns_fd is not None:
+        netns.run_in_fd(netns_fd, inside)
+    else:
+        assert container is not None
+        netns.run_in(container, inside)
 
 
 def detach(host: int, host_if: str) -> bool:
@@ -104,5 +108,21 @@ def links(host: int) -> list[str]:
     def work() -> list[str]:
         with IPRoute() as ipr:
             return sorted(str(link.get("ifname")) for link in ipr.get_links())
+
+    return netns.run_in(host, work)
+
+
+def routes(host: int) -> list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    """(device, destination) of the host's routes, IPv4 and IPv6 (main table)."""
+
+    def work() -> list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+        out: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
+        with IPRoute() as ipr:
+            names = {link["index"]: str(link.get("ifname")) for link in ipr.get_links()}
+            for family, zero in ((2, "0.0.0.0"), (10, "::")):
+                for r in ipr.get_routes(family=family, table=254):
+                    dst = r.get("dst") or zero
+                    out.append((names.get(r.get("oif"), "?"), ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)))
+        return out
 
     return netns.run_in(host, work)

@@ -31,7 +31,18 @@ def machine_name(name: str) -> str:
     return name.replace("_", "-")
 
 
-def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host, properties: list[tuple[str, str]] | None = None) -> list[str]:
+def network_args(mode: str, netns_path: str | None) -> list[str]:
+    """private: the namespace tupper made and configured (tupper.runtime.network); none: a namespace of
+    nspawn's own with only a loopback; host: the host's network (no option)."""
+    if mode == "private":
+        if netns_path is None:
+            raise ValueError("a private network needs the namespace tupper made")
+        return [f"--network-namespace-path={netns_path}"]
+    return ["--private-network"] if mode == "none" else []
+
+
+def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host, properties: list[tuple[str, str]] | None = None,
+              network: list[str] | None = None) -> list[str]:
     """argv that boots systemd in `rootfs` as container `name`. `properties`: resource limits for the
     scope machined makes on a systemd host (cgroups.systemd_properties); elsewhere tupper writes them."""
     argv = [
@@ -49,6 +60,7 @@ def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host, properties
     else:
         # No host systemd and no system bus: nspawn must neither register nor create a scope.
         argv += ["--register", "no", "--keep-unit"]
+    argv += network or []
     for b in binds:
         argv += ["--bind-ro" if b.read_only else "--bind", f"{_escape(str(b.source))}:{_escape(b.target)}"]
     return argv

@@ -139,10 +139,13 @@ class Network:
     name: str
     subnet: ipaddress.IPv4Network
     subnet6: ipaddress.IPv6Network | None = None
+    tag: str = ""  # the store's (tupper.store.networks.tag_of): "" for the default store
 
     @property
     def bridge(self) -> str:
-        return f"tp-{self.name}"
+        """tp-NAME for the default store's networks, tpX-NAME for another store's (X: its tag), so
+        that two stores on one host never share a bridge."""
+        return f"tp{self.tag}-{self.name}"
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -157,11 +160,11 @@ class Network:
         return {"name": self.name, "subnet": str(self.subnet), "subnet6": str(self.subnet6) if self.subnet6 else None}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Network:
-        return make(data["name"], data["subnet"], data.get("subnet6"), "record")
+    def from_json(cls, data: dict[str, Any], tag: str = "") -> Network:
+        return make(data["name"], data["subnet"], data.get("subnet6"), "record", tag)
 
 
-def make(name: str, subnet: str, subnet6: str | None, where: str) -> Network:
+def make(name: str, subnet: str, subnet6: str | None, where: str, tag: str = "") -> Network:
     """A network definition from `tupper network create`'s options, checked."""
     check_network_name(name, where)
     try:
@@ -180,7 +183,7 @@ def make(name: str, subnet: str, subnet6: str | None, where: str) -> Network:
             raise InvalidInput(f"{where}: --ipv6 {subnet6!r}: {exc} (write it like fd00:88::/64)") from None
         if net6.prefixlen != 64 or not net6.subnet_of(ipaddress.IPv6Network("fc00::/7")):
             raise InvalidInput(f"{where}: --ipv6 {subnet6}: a unique local /64 (fd00::/8), please")
-    return Network(name, net, net6)
+    return Network(name, net, net6, tag)
 
 
 def overlaps(a: Network, b: Network) -> bool:

@@ -11,6 +11,7 @@ import attrs
 from tupper import tomlfile
 from tupper.errors import InvalidInput
 from tupper.model import components as comp
+from tupper.model import network as net
 from tupper.model import resources as res
 
 # The container name is also nspawn's machine name, which must be a valid hostname (systemd's
@@ -47,6 +48,7 @@ class Spec:
     restart_limit: int = 5
     grants: tuple[tuple[str, str], ...] = ()  # (credential ID, secret name) from the [secrets] table
     resources: res.Resources = res.Resources()  # [resources]: limits for the whole container
+    network: net.NetworkSpec = net.NetworkSpec()  # [network]: private (default), host or none
     file: str = "<spec>"
     base_dir: Path = Path(".")
 
@@ -124,6 +126,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
             raise grants_table.error(cred, f"invalid secret name {secret!r}")
         grants.append((cred, secret))
     resources = _resources(t)
+    network = net.parse(t.table("network"))
     t.check_unknown()
 
     final_name = name if name is not None else file_name
@@ -183,6 +186,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         restart_limit=restart_limit,
         grants=tuple(grants),
         resources=resources,
+        network=network,
         file=display,
         base_dir=base_dir,
     )

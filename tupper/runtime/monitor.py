@@ -23,7 +23,8 @@ from tupper.errors import Failed, TupperError
 from tupper.runtime import records
 
 
-def spawn(name: str, cdir: Path, argv: list[str], console: Path, cgroup: str | None) -> tuple[int, int]:
+def spawn(name: str, cdir: Path, argv: list[str], console: Path, cgroup: str | None,
+          on_exit: Callable[[Path], None] | None = None) -> tuple[int, int]:
     """Start the monitor of container `name` running `argv` (nspawn); (monitor pid, nspawn pid)."""
     r, w = os.pipe()
     pid = os.fork()
@@ -32,7 +33,7 @@ def spawn(name: str, cdir: Path, argv: list[str], console: Path, cgroup: str | N
             os.close(r)
             os.setsid()
             if os.fork() == 0:
-                _monitor(name, cdir, argv, w, console, cgroup)
+                _monitor(name, cdir, argv, w, console, cgroup, on_exit)
             os._exit(0)
         except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
             os._exit(1)
@@ -225,7 +226,8 @@ def _wait(p: subprocess.Popen, placer: Placer | None) -> int:
     return p.wait()
 
 
-def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None) -> None:
+def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None,
+             on_exit: Callable[[Path], None] | None) -> None:
     """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
     code = 1
     try:
@@ -267,6 +269,12 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
         if cgroup:
             cgroups.remove(name, parent=cgroup)
         nspawn.remove_runtime_dirs(name)
+        if on_exit is not None:
+            try:
+                on_exit(cdir)
+            except Exception as exc:  # noqa: BLE001 - the next tupper command's sync catches up
+                with contextlib.suppress(OSError):
+                    os.write(out, f"tupper-monitor: network clean-up failed: {exc}\n".encode())
         code = 0
     finally:
         os._exit(code)

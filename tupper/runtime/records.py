@@ -22,6 +22,7 @@ from tupper import proc
 from tupper.durable import write_json
 from tupper.errors import NotFound
 from tupper.model.health import HealthCheck
+from tupper.model.network import NetworkSpec
 from tupper.model.resources import Resources
 
 RECORD = "record.json"
@@ -95,6 +96,9 @@ class Record:
     grants: dict = attrs.Factory(dict)  # credential ID -> secret name (names only, never values)
     components: list[ComponentEntry] = attrs.Factory(list)
     resources: Resources = Resources()  # limits of the whole container (the spec's, then `tupper update`'s)
+    network: NetworkSpec = NetworkSpec()  # its [network]; records from before networks: the host's
+    address: str = ""  # its IPv4 address on its network while it runs (private mode), else ""
+    address6: str = ""
     phase: str = "creating"  # creating → running | failed; starting → running | failed; stopping → stopped; crash-loop; removing
     owner_pid: int = 0  # the process doing the operation of a transitional phase (or a live upgrade)
     owner_starttime: int = 0
@@ -105,7 +109,7 @@ class Record:
     leader_pid: int = 0
     started_at: float = 0.0
 
-    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "components", "resources", "phase",
+    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "components", "resources", "network", "address", "address6", "phase",
               "owner_pid", "owner_starttime", "upgrade", "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
 
     @property
@@ -136,6 +140,7 @@ class Record:
         out = {f: getattr(self, f) for f in self.FIELDS}
         out["components"] = [c.to_json() for c in self.components]
         out["resources"] = self.resources.to_json()
+        out["network"] = self.network.to_json()
         out["upgrade"] = self.upgrade.to_json() if self.upgrade else None
         return out
 
@@ -168,6 +173,7 @@ class Record:
         fields = {f: data[f] for f in cls.FIELDS if f in data}
         fields["components"] = [ComponentEntry.from_json(c) for c in data.get("components", [])]
         fields["resources"] = Resources.from_json(data.get("resources"), "record: resources")
+        fields["network"] = NetworkSpec.from_json(data.get("network"))
         fields["upgrade"] = PendingUpgrade(**data["upgrade"]) if data.get("upgrade") else None
         return cls(dir=directory, **fields)
 
@@ -214,6 +220,11 @@ class Record:
             "resources": self.resources.to_json(),
             "restart_policy": self.restart_policy,
             "secrets": dict(self.grants),
+            "network": {"mode": self.network.mode, "name": self.network.network if self.network.mode == "private" else None,
+                        "address": (self.address or None) if running else None,
+                        "address6": (self.address6 or None) if running else None,
+                        "ports": [p.to_json() for p in self.network.ports]},
+            "ports": [p.describe() for p in self.network.ports],
         }
         if (info := self.exit_info()) and not running:
             out["exit"] = info

@@ -28,6 +28,7 @@ from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
 from tupper.runtime import monitor, records
 from tupper.runtime.live import LiveChanges
+from tupper.runtime.network import Plumbing
 from tupper.runtime.records import ComponentEntry, Record
 from tupper.runtime.stats import ContainerStats, Pressure, Usage
 from tupper.runtime.status import ComponentHealth, ContainerStatus
@@ -166,6 +167,11 @@ class Runtime:
         """Running containers in the order `shutdown --all` stops them: the last started first."""
         return sorted((r for r in self.records() if r.alive()), key=lambda r: r.started_at, reverse=True)
 
+    @property
+    def net(self) -> Plumbing:
+        """Networks: the host's side of every container's network (tupper.runtime.network)."""
+        return Plumbing(self.store, self.records)
+
     def images_in_use(self, image: str) -> list[str]:
         return [r.name for r in self.records() if r.image == image]
 
@@ -247,6 +253,7 @@ class Runtime:
         self.store.require_free(FREE_FOR_CONTAINER, f"run {spec.name}")
         self._check_units_do_not_shadow_the_image(spec, image_path)
         self._check_secrets(spec)
+        self._check_network(spec)
         staging = self.store.scratch("new", spec.name)
         staging.mkdir(mode=0o700)
         with contextlib.ExitStack() as undo:
@@ -271,6 +278,7 @@ class Runtime:
                     for u in spec.components
                 ],
                 resources=spec.resources,
+                network=spec.network,
             )
             rec.begin("creating")
             rec.save()
@@ -314,6 +322,12 @@ class Runtime:
                 raise InvalidInput(f"{spec.file}: secrets.{cred}: no secret {secret!r} in the store",
                                    hint=f"set it first: tupper secret set {secret} < FILE")
 
+    def _check_network(self, spec: Spec) -> None:
+        """Exit 2 before anything is made: a network that does not exist, a host port taken."""
+        if spec.network.mode == "private":
+            self.net.network_of(spec.network.network, f"{spec.file}: network.network")
+            self.net.check_ports(spec.name, spec.network.ports, f"{spec.file}: network.ports")
+
     @staticmethod
     def _check_units_do_not_shadow_the_image(spec: Spec, image: Path) -> None:
         """A component unit named like one of the image's own (dbus.service, …) would replace it."""
@@ -347,10 +361,17 @@ class Runtime:
                     raise Failed(f"container {rec.name!r} has secrets, which tupperd's agent delivers: start it through tupperd")
                 # The directory, not the socket file: a restarted tupperd makes a new socket the container still sees.
                 binds.append(nspawn.Bind(self.store.agent_dir(rec.name), unitfiles.AGENT_DIR))
-            argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host, cgroups.systemd_properties(rec.resources))
             with progress.step(f"Booting {rec.name}"):
-                self._make_cgroups(rec, progress)
-                self._start(rec, argv)
+                netns_fd = self.net.prepare(rec)
+                netns_path = f"/proc/{os.getpid()}/fd/{netns_fd}" if netns_fd is not None else None
+                try:
+                    argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host, cgroups.systemd_properties(rec.resources),
+                                            nspawn.network_args(rec.network.mode, netns_path))
+                    self._make_cgroups(rec, progress)
+                    self._start(rec, argv)
+                finally:
+                    if netns_fd is not None:  # nspawn joined it (or never will): the container's processes hold it now
+                        os.close(netns_fd)
                 bus = self.connect_bus(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
             undo.callback(bus.close)
             with progress.step(f"Starting {len(rec.units)} unit(s)"):
@@ -362,6 +383,7 @@ class Runtime:
             if failures or unhealthy:
                 if not keep_failed:
                     self._halt(rec, bus, rec.stop_timeout)
+                    self.net.release(rec)
                 rec.end("failed")
                 bus.close()
                 undo.pop_all()
@@ -379,6 +401,7 @@ class Runtime:
         """A start that broke half-way (an exception, Ctrl-C): the container must not keep running."""
         if rec.alive():
             self._kill(rec)
+        self.net.release(rec)
         rec.end("failed")
 
     def _prepare_rootfs(self, rootfs: Path, spec: Spec) -> None:
@@ -426,11 +449,24 @@ class Runtime:
     def _start(self, rec: Record, argv: list[str]) -> None:
         """Fork the monitor that owns nspawn (see tupper.monitor); record the processes and PID 1."""
         cgroup = None if self.host.systemd else self.store.cgroup_parent
-        rec.monitor_pid, rec.nspawn_pid = monitor.spawn(rec.name, rec.dir, argv, rec.dir / "console.log", cgroup)
+        rec.monitor_pid, rec.nspawn_pid = monitor.spawn(rec.name, rec.dir, argv, rec.dir / "console.log", cgroup,
+                                                        on_exit=self._ended_by_itself)
         rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
         rec.started_at = time.time()
         rec.leader_pid = monitor.find_leader(rec.nspawn_pid, rec.alive, rec.dir / "console.log")
         rec.save()
+
+    def _ended_by_itself(self, cdir: Path) -> None:
+        """The monitor's last step when nspawn exited: where no tupper process is stopping or removing
+        the container (it ended by itself: poweroff inside, a crash), its network goes now."""
+        try:
+            rec = Record.load(cdir)
+        except (NotFound, ValueError, KeyError, TypeError):
+            rec = None
+        if rec is not None and rec.phase in ("stopping", "removing", "starting", "creating") and rec.owner_alive():
+            return  # that process releases it
+        if rec is not None and rec.network.mode == "private":
+            self.net.sync()
 
     def _wait_units(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress):
         deadline = time.monotonic() + timeout
@@ -539,6 +575,7 @@ class Runtime:
         self._halt(rec, bus, timeout)
         if bus is not None:
             bus.close()
+        self.net.release(rec)
         _end_if_possible(rec, "stopped")
         return rec
 
@@ -637,6 +674,7 @@ class Runtime:
         rec.begin("stopping")
         _save_if_possible(rec)
         self._kill(rec)
+        self.net.release(rec)
         _end_if_possible(rec, "stopped")
         return rec
 
@@ -660,6 +698,7 @@ class Runtime:
         _save_if_possible(rec)
         if rec.alive():
             self._kill(rec)
+        self.net.release(rec)
         with self.store.lock():
             self._discard(rec.dir, name)
 
@@ -686,15 +725,18 @@ class Runtime:
         if phase in ("creating", "removing"):
             with self.store.lock():
                 self._discard(rec.dir, rec.name)
+            self.net.sync()
             return f"removed (its {'run' if phase == 'creating' else 'rm'} was interrupted)"
         if phase == "starting":
             if rec.alive():
                 self._kill(rec)
+            self.net.release(rec)
             rec.end("failed")
             return "stopped, state failed (its start was interrupted)"
         if phase == "stopping":
             if rec.alive():
                 self._halt(rec, None, min(rec.stop_timeout, 5.0))
+            self.net.release(rec)
             rec.end("stopped")
             return "stopped (its stop was interrupted)"
         if rec.upgrade is not None:

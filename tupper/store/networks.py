@@ -1,7 +1,7 @@
 """The store's networks (issue 11): their definitions and every address handed out on them, in one
 file (`networks.json` at the store's root), written durably and changed only under the store's lock,
-so allocations survive tupperd restarts and no address is handed out twice. Groundwork: the runtime
-does not use it yet.
+so allocations survive tupperd restarts and no address is handed out twice. A container holds its
+address while it runs (tupper.runtime.network allocates it at start and releases it at stop).
 
     {"networks": {"tupper0": {"name": "tupper0", "subnet": "10.88.0.0/24", "subnet6": null}},
      "allocations": {"tupper0": {"web-1": "10.88.0.2"}}}
@@ -24,10 +24,22 @@ from tupper.model.network import Network
 FILE = "networks.json"
 
 
+def tag_of(is_default: bool, ident: str) -> str:
+    """A store's network tag: "" for the default store, else one character of its ident. It names the
+    store's bridges (tpX-NAME) and nftables table (tupperX), so two stores never share one."""
+    return "" if is_default else ident[0]
+
+
+def default_subnet(tag: str) -> str:
+    """The default network's subnet: 10.88.0.0/24 in the default store, 10.2XX.0.0/24 in another."""
+    return netmodel.DEFAULT_SUBNET if not tag else f"10.{200 + int(tag, 16)}.0.0/24"
+
+
 class Networks:
-    def __init__(self, root: Path, lock: Callable[[], AbstractContextManager[None]]) -> None:
+    def __init__(self, root: Path, lock: Callable[[], AbstractContextManager[None]], tag: str = "") -> None:
         self.path = root / FILE
         self.lock = lock  # the store's lock: every change reads, changes and writes the file under it
+        self.tag = tag
 
     def _read(self) -> dict:
         try:
@@ -44,13 +56,13 @@ class Networks:
         durable.write_json(self.path, data, 0o600)
 
     def list(self) -> list[Network]:
-        return [Network.from_json(n) for _, n in sorted(self._read()["networks"].items())]
+        return [Network.from_json(n, self.tag) for _, n in sorted(self._read()["networks"].items())]
 
     def get(self, name: str) -> Network:
         data = self._read()["networks"].get(name)
         if data is None:
             raise NotFound(f"no network {name!r}", hint="see `tupper network ls`")
-        return Network.from_json(data)
+        return Network.from_json(data, self.tag)
 
     def users(self, name: str) -> dict[str, str]:
         """Container -> address on network `name`."""
@@ -61,7 +73,7 @@ class Networks:
             data = self._read()
             if net.name in data["networks"]:
                 raise Exists(f"a network named {net.name!r} exists already")
-            for other in map(Network.from_json, data["networks"].values()):
+            for other in (Network.from_json(n, self.tag) for n in data["networks"].values()):
                 if netmodel.overlaps(net, other):
                     raise InvalidInput(f"network {net.name}: {net.subnet} overlaps network {other.name} ({other.subnet})",
                                        hint="pick another --subnet")
@@ -75,11 +87,11 @@ class Networks:
         with self.lock():
             data = self._read()
             if netmodel.DEFAULT_NETWORK not in data["networks"]:
-                net = netmodel.make(netmodel.DEFAULT_NETWORK, netmodel.DEFAULT_SUBNET, None, "default network")
+                net = netmodel.make(netmodel.DEFAULT_NETWORK, default_subnet(self.tag), None, "default network", self.tag)
                 data["networks"][net.name] = net.to_json()
                 data["allocations"].setdefault(net.name, {})
                 self._write(data)
-            return Network.from_json(data["networks"][netmodel.DEFAULT_NETWORK])
+            return Network.from_json(data["networks"][netmodel.DEFAULT_NETWORK], self.tag)
 
     def remove(self, name: str) -> None:
         with self.lock():
@@ -99,7 +111,7 @@ class Networks:
             data = self._read()
             if name not in data["networks"]:
                 raise NotFound(f"no network {name!r}", hint=f"create it: tupper network create {name}")
-            net = Network.from_json(data["networks"][name])
+            net = Network.from_json(data["networks"][name], self.tag)
             mine = data["allocations"].setdefault(name, {})
             if container in mine:
                 return ipaddress.IPv4Address(mine[container])
@@ -124,3 +136,16 @@ class Networks:
         for n, allocs in sorted(self._read()["allocations"].items()):
             for container, address in sorted(allocs.items()):
                 yield n, container, ipaddress.IPv4Address(address)
+
+    def prune(self, keep: Callable[[str], bool]) -> builtins.list[str]:
+        """Release the addresses of containers `keep(name)` says no longer hold one (stopped, gone, or
+        crashed without a clean-up); returns their names."""
+        with self.lock():
+            data = self._read()
+            gone = sorted({c for allocs in data["allocations"].values() for c in allocs if not keep(c)})
+            for allocs in data["allocations"].values():
+                for c in gone:
+                    allocs.pop(c, None)
+            if gone:
+                self._write(data)
+            return gone

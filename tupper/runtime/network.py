@@ -1,0 +1,278 @@
+"""Container networks at run time (docs/network.md): the one place that orders the network work of a
+container's start and stop, and keeps the host's side (bridges, nftables table, every container's
+/etc/hosts) in step with what runs.
+
+start (private mode): the network's bridge → an address from the store → a new network namespace with
+a veth pair (host0 inside, address, routes) made from the host over netlink → /etc/hosts and
+/etc/resolv.conf in the root → `sync` (nftables, the other containers' /etc/hosts). systemd-nspawn
+then joins that namespace (`--network-namespace-path`), so host0 is configured before systemd
+inside starts anything. The namespace lives as long as the container's processes: when the container
+ends, the kernel deletes it, and the veth pair with it.
+
+`sync` rebuilds everything that depends on which containers run, from the store's state alone: the
+nftables table (one transaction), each running container's /etc/hosts, and the bridges (a network
+nobody uses has none). It releases addresses of containers that no longer run. It is called after
+every start, stop, kill and removal, by a container's monitor when the container ends by itself, and
+by tupperd when it starts (re-adoption after a crash or a SIGKILL is the same rebuild).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tupper.container import firewall, netlink, netns, nspawn
+from tupper.container.inroot import Root
+from tupper.errors import Busy, InvalidInput, NotFound
+from tupper.model import network as netmodel
+from tupper.model.network import Network, Port
+from tupper.runtime.records import TRANSITIONAL, Record
+from tupper.store import networks as netstore
+from tupper.store.networks import Networks
+from tupper.store.store import Store
+
+log = logging.getLogger("tupper")
+
+HOST_RESOLV = Path("/etc/resolv.conf")
+LOCK = ".network.lock"
+
+
+def host_interface(tag: str, name: str) -> str:
+    """The host end of a container's veth pair: tvX-<10 hex digits of its name> (IFNAMSIZ is 16)."""
+    return f"tv{tag}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+
+
+def holds_address(rec: Record | None) -> bool:
+    """A container keeps its address while it runs or while a live process is starting it."""
+    if rec is None:
+        return False
+    return rec.alive() or (rec.phase in TRANSITIONAL and rec.phase != "removing" and rec.owner_alive())
+
+
+def resolv_conf(host_text: str) -> str:
+    """The container's resolv.conf: the host's, without nameservers on the host's loopback (the
+    container's loopback is its own), so a host running a local resolver gives containers none."""
+    out = ["# written by tupper from the host's /etc/resolv.conf (loopback nameservers left out)"]
+    for line in host_text.splitlines():
+        words = line.split()
+        if words[:1] == ["nameserver"] and len(words) > 1:
+            try:
+                if ipaddress.ip_address(words[1].split("%")[0]).is_loopback:
+                    continue
+            except ValueError:
+                continue
+        if words and words[0] in ("nameserver", "search", "domain", "options"):
+            out.append(line.strip())
+    return "\n".join(out) + "\n"
+
+
+def hosts_file(me: str, address: str, peers: list[tuple[str, str]], network: str | None) -> str:
+    """A container's /etc/hosts: localhost, its own name, and (private mode) every container running on
+    its network, by container name and by hostname where the two differ."""
+
+    def names(n: str) -> str:
+        host = nspawn.machine_name(n)
+        return n if host == n else f"{n} {host}"
+
+    lines = ["# written by tupper" + (f": this container and the others on network {network}" if network else ""),
+             "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{address}\t{names(me)}"]
+    lines += [f"{a}\t{names(n)}" for n, a in sorted(peers) if n != me]
+    return "\n".join(lines) + "\n"
+
+
+class Plumbing:
+    """The network side of the runtime, for one store."""
+
+    def __init__(self, store: Store, records: Callable[[], list[Record]]) -> None:
+        self.store = store
+        self.records = records  # the store's containers (Runtime.records)
+        self.tag = netstore.tag_of(store.is_default, store.ident)
+        self.networks = Networks(store.root, store.lock, self.tag)
+        self.table = f"{firewall.TABLE}{self.tag}"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One network change at a time in this store (the table is rebuilt from a consistent view)."""
+        fd = os.open(self.store.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # ---- networks ---------------------------------------------------------------------------------
+
+    def network_of(self, rec_or_name: str, where: str) -> Network:
+        """The named network (the default one is made on first use); exit 2 when it does not exist."""
+        if rec_or_name == netmodel.DEFAULT_NETWORK:
+            return self.networks.ensure_default()
+        try:
+            return self.networks.get(rec_or_name)
+        except NotFound as exc:
+            raise InvalidInput(f"{where}: no network {rec_or_name!r}",
+                               hint=f"create it first: tupper network create {rec_or_name}") from exc
+
+    def create(self, name: str, subnet: str | None, subnet6: str | None) -> Network:
+        where = f"tupper network create {name}"
+        net = netmodel.make(name, subnet or self._free_subnet(), subnet6, where, self.tag)
+        self._check_routes(net, where)
+        return self.networks.create(net)
+
+    def _free_subnet(self) -> str:
+        """A /24 for a network made without --subnet: the first 10.X.0.0/24 from 10.89 on that neither
+        another network of this store nor a route of the host covers."""
+        taken = [n.subnet for n in self.networks.list()]
+        routes = netlink.routes(os.getpid())
+        for x in range(89, 200):
+            candidate = ipaddress.IPv4Network(f"10.{x}.0.0/24")
+            if not any(candidate.overlaps(t) for t in taken) and not any(candidate.overlaps(r) for _, r in routes):
+                return str(candidate)
+        raise InvalidInput("tupper network create: no free 10.X.0.0/24 left", hint="give one with --subnet")
+
+    def _check_routes(self, net: Network, where: str) -> None:
+        mine = {n.bridge for n in self.networks.list()}
+        for dev, route in netlink.routes(os.getpid()):
+            if dev in mine or route.prefixlen == 0:
+                continue
+            if route.overlaps(net.subnet) or (net.subnet6 is not None and route.overlaps(net.subnet6)):
+                raise InvalidInput(f"{where}: {net.subnet6 if route.version == 6 else net.subnet} overlaps the host's route "
+                                   f"{route} on {dev}", hint="pick another --subnet (or --ipv6)")
+
+    def remove(self, name: str) -> None:
+        with self.lock():
+            net = self.networks.get(name)
+            users = sorted(r.name for r in self.records() if r.network.mode == "private" and r.network.network == name)
+            if users:
+                raise Busy(f"network {name!r} is used by {', '.join(users)}", hint="remove those containers first")
+            self.networks.remove(name)
+            netlink.remove_bridge(os.getpid(), net)
+            self._sync_locked()
+
+    def list(self) -> builtins.list[dict]:
+        users: dict[str, dict[str, str]] = {}
+        for network, container, address in self.networks.allocations():
+            users.setdefault(network, {})[container] = str(address)
+        configured = {rec.name: rec.network.network for rec in self.records() if rec.network.mode == "private"}
+        out = []
+        for net in self.networks.list():
+            out.append({**net.to_json(), "bridge": net.bridge, "gateway": str(net.gateway),
+                        "gateway6": str(net.gateway6) if net.gateway6 else None,
+                        "running": users.get(net.name, {}),
+                        "containers": sorted(n for n, network in configured.items() if network == net.name)})
+        return out
+
+    # ---- a container's start ---------------------------------------------------------------------
+
+    def check_ports(self, name: str, ports: tuple[Port, ...], where: str) -> None:
+        """Exit 2 where another running container publishes one of these host ports already."""
+        for rec in self.records():
+            if rec.name == name or not holds_address(rec):
+                continue
+            for i, p in enumerate(ports):
+                for q in rec.network.ports:
+                    if p.clashes(q):
+                        raise InvalidInput(f"{where}[{i}]: host port {p.host}/{p.protocol} is published by container {rec.name} already",
+                                           hint=f"pick another host port, or stop {rec.name}")
+
+    def prepare(self, rec: Record) -> int | None:
+        """Before nspawn: the container's network namespace, open (nspawn joins it by path; the caller
+        closes it once the container runs), or None where nspawn needs none of tupper's (host mode;
+        none mode: nspawn's own --private-network). The address is saved in the record."""
+        spec = rec.network
+        if spec.mode != "private":
+            self._write_names(rec, "127.0.1.1", [], None)
+            return None
+        where = f"{rec.spec_file}: network"
+        with self.lock():
+            self.check_ports(rec.name, spec.ports, f"{where}.ports")
+            net = self.network_of(spec.network, f"{where}.network")
+            address = self.networks.allocate(net.name, rec.name)
+        fd = None
+        try:
+            address6 = netmodel.address6(net, address)
+            rec.address, rec.address6 = str(address), str(address6) if address6 else ""
+            rec.save()
+            netlink.ensure_bridge(os.getpid(), net)
+            fd = netns.new()
+            netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
+            with self.lock():
+                self._sync_locked()
+            return fd
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            self.release(rec)
+            raise
+
+    def release(self, rec: Record) -> None:
+        """After the container ended (or its start failed): its address, rules and name go."""
+        with self.lock():
+            if rec.address:
+                rec.address = rec.address6 = ""
+                with contextlib.suppress(OSError):
+                    rec.save()
+            self.networks.release(rec.name)
+            with contextlib.suppress(OSError):  # an interface the kernel is still deleting with its namespace
+                netlink.detach(os.getpid(), host_interface(self.tag, rec.name))
+            self._sync_locked()
+
+    def sync(self) -> None:
+        with self.lock():
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        recs = {r.name: r for r in self.records()}
+        self.networks.prune(lambda name: holds_address(recs.get(name)))
+        nets = {n.name: n for n in self.networks.list()}
+        endpoints: list[firewall.Endpoint] = []
+        by_network: dict[str, list[tuple[str, str]]] = {}
+        for network, container, address in self.networks.allocations():
+            rec = recs.get(container)
+            if rec is None or network not in nets:
+                continue
+            endpoints.append(firewall.Endpoint(container, network, address, netmodel.address6(nets[network], address),
+                                               rec.network.ports))
+            by_network.setdefault(network, []).append((container, str(address)))
+        used = [nets[n] for n in sorted(by_network)]
+        firewall.apply(firewall.ruleset(used, endpoints, self.table))
+        for net in nets.values():
+            if net.name not in by_network:
+                netlink.remove_bridge(os.getpid(), net)
+        for network, members in by_network.items():
+            for member, member_address in members:
+                if holds_address(recs[member]):
+                    self._write_names(recs[member], member_address, members, network)
+
+    def _write_names(self, rec: Record, address: str, peers: builtins.list[tuple[str, str]], network: str | None) -> None:
+        """/etc/hosts (and, on a private network, /etc/resolv.conf) in the container's root. Written
+        through tupper.inroot: the root belongs to the container, which may have made /etc a symlink."""
+        try:
+            with Root(rec.rootfs) as root:
+                root.write_text("etc/hosts", hosts_file(rec.name, address, peers, network), 0o644)
+                if network is not None:
+                    try:
+                        host = HOST_RESOLV.read_text()
+                    except OSError:
+                        host = ""
+                    root.write_text("etc/resolv.conf", resolv_conf(host), 0o644)
+        except OSError as exc:
+            log.warning("%s: cannot write /etc/hosts: %s", rec.name, exc)
+
+    def leftovers(self) -> builtins.list[str]:
+        """What of this store's networking exists on the host with nothing running that needs it."""
+        out = []
+        if not any(True for _ in self.networks.allocations()):
+            if firewall.table_exists(self.table):
+                out.append(f"nftables table inet {self.table}")
+        prefix = f"tv{self.tag}-"
+        out += [f"link {i}" for i in netlink.links(os.getpid()) if i.startswith(prefix)
+                and not any(host_interface(self.tag, c) == i for _, c, _a in self.networks.allocations())]
+        return out
+
