@@ -828,6 +828,10 @@ class StandInRuntime:
     update = Runtime.update
     stats = Runtime.stats
     _stats = Runtime._stats
+    net = Runtime.net
+    create_network = Runtime.create_network
+    list_networks = Runtime.list_networks
+    remove_network = Runtime.remove_network
     host = nspawn.Host(systemd=False)
 
     def __init__(self, store: PlainStore, records: dict | None = None) -> None:

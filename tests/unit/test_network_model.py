@@ -23,7 +23,15 @@ def test_defaults_and_ports():
                         {"host": 8443, "container": 443, "address": "[2001:db8::5]"}])
     assert [p.describe() for p in spec.ports] == ["8080->80/tcp", "127.0.0.1:5353->5353/udp", "[2001:db8::5]:8443->443/tcp"]
     assert net.NetworkSpec.from_json(spec.to_json(), "record") == spec
+    for mode in ("host", "none"):
+        assert net.NetworkSpec.from_json(net.NetworkSpec(mode).to_json()) == net.NetworkSpec(mode)
     assert net.NetworkSpec.from_json(None).mode == "host"  # records from before networks
+
+
+def test_a_port_without_host_leaves_the_host_port_to_tupper():
+    (p,) = parse(ports=[{"container": 8080}]).ports
+    assert (p.host, p.container) == (net.ANY_PORT, 8080)
+    assert not p.clashes(net.Port(net.ANY_PORT, 8080))  # nothing is taken before tupper picks one
 
 
 @pytest.mark.parametrize("table, message", [
@@ -31,7 +39,8 @@ def test_defaults_and_ports():
     ({"mode": "host", "ports": [{"host": 80}]}, "network.ports: publishing ports needs mode = \"private\""),
     ({"mode": "none", "network": "a"}, "network.network: only with mode = \"private\""),
     ({"network": "Bad_Name"}, "network.network: invalid network name 'Bad_Name'"),
-    ({"ports": [{"container": 80}]}, "network.ports[0].host: missing (required)"),
+    ({"ports": [{"protocol": "udp"}]}, "network.ports[0].container: missing: give `container`"),
+    ({"network": "elevenchars"}, "network.network: invalid network name 'elevenchars'"),
     ({"ports": [{"host": 0}]}, "network.ports[0].host: port 0 is out of range"),
     ({"ports": [{"host": 80, "container": 70000}]}, "network.ports[0].container: port 70000 is out of range"),
     ({"ports": [{"host": 80, "protocol": "sctp"}]}, "network.ports[0].protocol: must be \"tcp\" or \"udp\""),
@@ -57,6 +66,8 @@ def test_network_definitions():
     n = net.make("tupper0", "10.88.0.0/24", "fd00:88::/64", "x")
     assert (n.bridge, str(n.gateway), str(n.gateway6)) == ("tp-tupper0", "10.88.0.1", "fd00:88::1")
     assert net.Network.from_json(n.to_json()) == n
+    other = net.make("tupper0", "10.88.0.0/24", None, "x", tag="5d")  # another store's: a bridge of its own
+    assert other.bridge == "tp5d-tupper0" and len(net.make("abcdefghij", "10.1.0.0/24", None, "x", "ff").bridge) == 15
     for subnet, message in (("10.88.0.0/33", "--subnet"), ("8.8.8.0/24", "not a private range"), ("10.0.0.0/8", "/16 to /29")):
         with pytest.raises(InvalidInput, match=message):
             net.make("a", subnet, None, "x")

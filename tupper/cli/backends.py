@@ -109,6 +109,17 @@ class DirectBackend:
         self._not_served()
         return self.runtime.update(name, component, changes).to_json()
 
+    def network_create(self, name: str, subnet: str | None, ipv6: str | None) -> dict:
+        self._not_served()
+        return self.runtime.create_network(name, subnet, ipv6)
+
+    def network_list(self) -> builtins.list[dict]:
+        return self.runtime.list_networks()
+
+    def network_remove(self, name: str) -> None:
+        self._not_served()
+        self.runtime.remove_network(name)
+
     def exec(self, name: str, argv: builtins.list[str]) -> int:
         return self.runtime.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
 

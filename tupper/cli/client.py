@@ -197,8 +197,24 @@ class Client:
         limits, notes, applied = self.call("Update", "ssa{ss}", [name, component or "", changes])[0]
         return {"resources": limits, "notes": notes, "applied": applied}
 
+    def network_create(self, name: str, subnet: str | None, ipv6: str | None) -> dict:
+        return _network(self.call("CreateNetwork", "sss", [name, subnet or "", ipv6 or ""])[0])
+
+    def network_list(self) -> builtins.list[dict]:
+        return [_network(n) for n in self.call("ListNetworks")[0]]
+
+    def network_remove(self, name: str) -> None:
+        self.call("RemoveNetwork", "s", [name])
+
     def exec(self, name: str, argv: builtins.list[str], fds: tuple[int, int, int] = (0, 1, 2)) -> int:
         return self.call("Exec", "sashhh", [name, argv, 0, 1, 2], unix_fds=list(fds))[0]
+
+
+def _network(fields: list) -> dict:
+    """A network as the D-Bus API gives it, (sssssa{ss}as), as `network ls --json` shows it."""
+    name, subnet, subnet6, bridge, gateway, running, containers = fields
+    return {"name": name, "subnet": subnet, "subnet6": subnet6 or None, "bridge": bridge, "gateway": gateway,
+            "running": dict(running), "containers": list(containers)}
 
 
 def _json(text: str):

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from tupper.errors import InvalidInput, TupperError
+from tupper.errors import InvalidInput, NotFound, TupperError
 
 # Imports are deferred to where they are needed: every command pays for what the module imports, and
 # the commands that go to tupperd (the common case) need little besides argparse and a socket.
@@ -20,7 +20,8 @@ tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it
 
 
 # Container verbs: served by tupperd unless --direct. Everything else runs in this process.
-DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "kill", "shutdown", "rm", "exec", "events", "update", "stats"})
+DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "kill", "shutdown", "rm", "exec", "events", "update", "stats",
+                             "network", "port"})
 
 
 def _path(text: str):
@@ -166,6 +167,38 @@ def _add_update(sub) -> None:
     up.add_argument("--json", action="store_true", help="JSON object with the limits now, notes, and whether they were applied live")
 
 
+def _add_network(sub) -> None:
+    import argparse
+
+    nw = sub.add_parser("network", help="create, list and remove container networks",
+                        description="Networks that containers in mode = \"private\" join (docs/network.md): a bridge, "
+                                    "an address for each running container, NAT for outbound traffic, names between "
+                                    "containers. The default network, tupper0, is made on first use.")
+    nsub = nw.add_subparsers(dest="network_command", metavar="ACTION", required=True)
+    nc = nsub.add_parser("create", help="create a network",
+                         epilog="examples:\n  tupper network create backend\n  tupper network create db --subnet 10.90.0.0/24 --ipv6 fd00:90::/64",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    nc.add_argument("name", help="a lowercase letter, then lowercase letters, digits and '-' (at most 11)")
+    nc.add_argument("--subnet", help="private IPv4 subnet, /16 to /29 (default: a free 10.X.0.0/24)")
+    nc.add_argument("--ipv6", metavar="SUBNET", help="a unique local /64 (fd00::/8) for IPv6 too")
+    nc.add_argument("--json", action="store_true")
+    nl = nsub.add_parser("ls", help="list networks with their running containers")
+    nl.add_argument("--json", action="store_true")
+    nr = nsub.add_parser("rm", help="remove a network (refused while a container is configured to join it)")
+    nr.add_argument("name")
+
+
+def _add_port(sub) -> None:
+    import argparse
+
+    pt = sub.add_parser("port", help="list a container's published ports",
+                        description="The container's [[network.ports]]: host address and port -> container port/protocol.",
+                        epilog="examples:\n  tupper port web\n  curl http://127.0.0.1:$(tupper port web --json | jq '.[0].host')/",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pt.add_argument("name")
+    pt.add_argument("--json", action="store_true", help="JSON list of {host, container, protocol, address}")
+
+
 def _add_shutdown(sub) -> None:
     sh = sub.add_parser("shutdown", help="stop containers, the last started first")
     sh.add_argument("--all", action="store_true", required=True, help="every running container")
@@ -251,7 +284,7 @@ def _add_store(sub) -> None:
 # In the order `tupper --help` lists them.
 _COMMANDS = {
     "run": _add_run, "ps": _add_ps, "status": _add_status, "stats": _add_stats, "stop": _add_stop, "start": _add_start,
-    "kill": _add_kill, "update": _add_update, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
+    "kill": _add_kill, "update": _add_update, "port": _add_port, "network": _add_network, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret,
 }
@@ -423,6 +456,10 @@ def dispatch(args) -> int:
         return cmd_update(args, backend)
     if cmd == "stats":
         return cmd_stats(args, backend)
+    if cmd == "network":
+        return cmd_network(args, backend)
+    if cmd == "port":
+        return cmd_port(args, backend)
     t0 = time.monotonic()
     if cmd == "stop":
         state = backend.stop(args.name, args.timeout)
@@ -440,6 +477,50 @@ def dispatch(args) -> int:
             print(f"{name}: stopped")
     else:
         raise AssertionError(cmd)
+    return 0
+
+
+def cmd_network(args, backend) -> int:
+    import json
+
+    from tupper.cli.ui import table
+
+    if args.network_command == "create":
+        net = backend.network_create(args.name, args.subnet, args.ipv6)
+        if args.json:
+            print(json.dumps(net, indent=2))
+        else:
+            print(f"network {net['name']}: {net['subnet']}" + (f", {net['subnet6']}" if net["subnet6"] else "") + f" on bridge {net['bridge']}")
+        return 0
+    if args.network_command == "ls":
+        nets = backend.network_list()
+        if args.json:
+            print(json.dumps(nets, indent=2))
+            return 0
+        table(["NAME", "SUBNET", "IPV6", "BRIDGE", "RUNNING", "CONTAINERS"],
+              [[n["name"], n["subnet"], n["subnet6"] or "-", n["bridge"],
+                ",".join(f"{c}={a}" for c, a in sorted(n["running"].items())) or "-", ",".join(n["containers"]) or "-"] for n in nets])
+        return 0
+    if args.network_command == "rm":
+        backend.network_remove(args.name)
+        print(f"network {args.name}: removed")
+        return 0
+    raise AssertionError(args.network_command)
+
+
+def cmd_port(args, backend) -> int:
+    import json
+
+    rec = next((r for r in backend.list() if r["name"] == args.name), None)
+    if rec is None:
+        raise NotFound(f"no container {args.name!r}", hint="see `tupper ps`")
+    ports = rec["network"]["ports"]
+    if args.json:
+        print(json.dumps(ports, indent=2))
+        return 0
+    for p in ports:
+        host = f"[{p['address']}]" if ":" in p["address"] else (p["address"] or "0.0.0.0")
+        print(f"{p['container']}/{p['protocol']} -> {host}:{p['host']}")
     return 0
 
 
@@ -537,6 +618,11 @@ def cmd_run(args, backend) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['name']} is running (leader pid {result['leader_pid']}, image {result['image']}) in {result['seconds']:.2f}s")
+    if net := result.get("network"):
+        if net.get("address"):
+            print(f"network {net['name']}: {net['address']}" + (f", {net['address6']}" if net.get("address6") else ""))
+        if result.get("ports"):
+            print(f"ports: {', '.join(result['ports'])}")
     table(["UNIT", "ACTIVE", "SUB", "MAIN PID"], [[u["name"], u["active_state"], u["sub_state"], u["main_pid"] or "-"] for u in result["units"]])
     return 0
 
@@ -551,11 +637,19 @@ def cmd_ps(args, backend) -> int:
         print(json.dumps(recs, indent=2))
         return 0
     table(
-        ["NAME", "STATE", "HEALTH", "IMAGE", "LEADER", "STARTED", "COMPONENTS"],
+        ["NAME", "STATE", "HEALTH", "IMAGE", "LEADER", "STARTED", "ADDRESS", "PORTS", "COMPONENTS"],
         [[r["name"], r["state"], health_summary(r), r["image"], r["leader_pid"] or "-", ago(r["started_at"]),
-          ",".join(c["name"] for c in r["components"]) or "-"] for r in recs],
+          address_summary(r), ",".join(r.get("ports", ())) or "-", ",".join(c["name"] for c in r["components"]) or "-"] for r in recs],
     )
     return 0
+
+
+def address_summary(rec: dict) -> str:
+    """The ADDRESS column: the running container's address on its network, or its mode."""
+    net = rec.get("network") or {"mode": "host"}
+    if net["mode"] != "private":
+        return net["mode"]
+    return net.get("address") or "-"
 
 
 def health_summary(rec: dict) -> str:
@@ -586,6 +680,12 @@ def cmd_status(args, backend) -> int:
     started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st['started_at'])) if st["started_at"] else "-"
     print(f"started:  {started} ({ago(st['started_at'])})")
     print(f"restart:  {st.get('restart_policy', 'no')}")
+    if net := st.get("network"):
+        where = f"{net['mode']}" + (f" on {net['name']}" if net.get("name") else "")
+        addresses = ", ".join(a for a in (net.get("address"), net.get("address6")) if a)
+        print(f"network:  {where}" + (f" ({addresses})" if addresses else ""))
+        if st.get("ports"):
+            print(f"ports:    {', '.join(st['ports'])}")
     if "exit" in st:
         print(f"exit:     status {st['exit']['returncode']}")
     if st.get("oom_kills"):

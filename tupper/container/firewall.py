@@ -83,15 +83,21 @@ ESTABLISHED = _match({"ct": {"key": "state"}}, {"set": ["established", "related"
 LOCAL_DESTINATION = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
 
 
-def ruleset(networks: list[Network], endpoints: list[Endpoint], table: str = TABLE) -> list[Command]:
+OWNER_CHAIN: Final = "owner"
+
+
+def ruleset(networks: list[Network], endpoints: list[Endpoint], table: str = TABLE, owner: str = "") -> list[Command]:
     """The commands that replace table inet tupper with what these networks and endpoints need (and
-    delete it when there is no network)."""
+    delete it when there is no network). `owner`: the store, named in a chain no packet goes through
+    (`table_owner` reads it back), so two stores can never take each other's table."""
     # "add" first: deleting a table that does not exist fails the whole transaction.
     out: list[Command] = [{"add": {"table": {"family": FAMILY, "name": table}}},
                           {"delete": {"table": {"family": FAMILY, "name": table}}}]
     if not networks:
         return out
     out.append({"add": {"table": {"family": FAMILY, "name": table}}})
+    out.append({"add": {"chain": {"family": FAMILY, "table": table, "name": OWNER_CHAIN}}})
+    out.append(_rule(table, OWNER_CHAIN, [{"accept": None}], f"store {owner}"))
     out += [_chain(table, "prerouting", "nat", "prerouting", -100), _chain(table, "output", "nat", "output", -100),
             _chain(table, "postrouting", "nat", "postrouting", 100), _chain(table, "forward", "filter", "forward", 0),
             _chain(table, "input", "filter", "input", 0)]
@@ -193,11 +199,27 @@ def apply(commands: list[Command]) -> None:
         raise FirewallError(errno.EINVAL, f"nftables refused tupper's table: {err.strip() or rc}")
 
 
-def table_exists(table: str) -> bool:
+def _list(what: dict) -> list[dict] | None:
     global _nft
     with _lock:
         if _nft is None:
             _nft = _nftables().Nftables()
             _nft.set_json_output(True)
-        rc, out, _err = _nft.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": table}}}]})
-    return rc == 0 and bool(out)
+        rc, out, _err = _nft.json_cmd({"nftables": [{"list": what}]})
+    return out.get("nftables", []) if rc == 0 and isinstance(out, dict) else None
+
+
+def table_exists(table: str) -> bool:
+    return _list({"table": {"family": FAMILY, "name": table}}) is not None
+
+
+def table_owner(table: str) -> str | None:
+    """The store that made the table (its `owner` chain's comment), "" for a table without one, None
+    where there is no such table."""
+    if not table_exists(table):
+        return None
+    for item in _list({"chain": {"family": FAMILY, "table": table, "name": OWNER_CHAIN}}) or []:
+        comment = item.get("rule", {}).get("comment", "")
+        if comment.startswith("store "):
+            return comment[len("store "):]
+    return ""

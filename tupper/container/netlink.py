@@ -60,19 +60,20 @@ def attach(host: int, container: int | None, net: Network, host_if: str, address
     """A veth pair: `host_if` on the bridge, its peer in the namespace of process `container` (or the
     one open as `netns_fd`) as host0 with the address(es), up, with the default route through the bridge."""
     where = {"net_ns_fd": netns_fd} if netns_fd is not None else {"net_ns_pid": container}
+    peer = "p" + host_if[1:]  # its name until it is host0 in the container (as long as host_if: IFNAMSIZ)
 
     def on_host() -> None:
         with IPRoute() as ipr:
             for index in ipr.link_lookup(ifname=host_if):  # left by a crash: made again
                 ipr.link("del", index=index)
-            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": f"{host_if}p"})
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer})
             bridge = ipr.link_lookup(ifname=net.bridge)[0]
             ipr.link("set", index=ipr.link_lookup(ifname=host_if)[0], master=bridge, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname=f"{host_if}p")[0], **where)
+            ipr.link("set", index=ipr.link_lookup(ifname=peer)[0], **where)
 
     def inside() -> None:
         with IPRoute() as ipr:
-            index = ipr.link_lookup(ifname=f"{host_if}p")[0]
+            index = ipr.link_lookup(ifname=peer)[0]
             ipr.link("set", index=index, ifname=CONTAINER_IF)
             ipr.addr("add", index=index, address=str(address), prefixlen=net.subnet.prefixlen)
             if address6 is not None:

@@ -247,6 +247,25 @@ class ManagerInterface(ServiceInterface):
         return _update_reply(await self._guard(self.daemon.update(name, component or None, dict(limits))))
 
     @method()
+    @privileged
+    async def CreateNetwork(self, name: "s", subnet: "s", ipv6: "s") -> "(sssssa{ss}as)":
+        """Create a network: its IPv4 subnet ("" picks a free 10.X.0.0/24) and IPv6 /64 ("" none).
+        Returns it as ListNetworks does."""
+        return _network(await self._guard(self.daemon.network_create(name, subnet or None, ipv6 or None)))
+
+    @method()
+    async def ListNetworks(self) -> "a(sssssa{ss}as)":
+        """Every network: name, subnet, IPv6 subnet ("" none), bridge, gateway, the running containers
+        on it with their addresses, and every container configured to join it."""
+        return [_network(n) for n in await self._guard(self.daemon.network_list())]
+
+    @method()
+    @privileged
+    async def RemoveNetwork(self, name: "s") -> None:
+        """Remove a network; refused while a container is configured to join it."""
+        await self._guard(self.daemon.network_remove(name))
+
+    @method()
     async def Stats(self, names: "as") -> "s":
         """What `tupper stats --no-stream --json NAME…` prints (no names: every running container): CPU,
         memory, IO, pids and pressure of each container and its components, from their cgroups."""
@@ -354,6 +373,33 @@ class ContainerInterface(ServiceInterface):
         return self._rec().restart_policy
 
     @dbus_property(access=PropertyAccess.READ)
+    def NetworkMode(self) -> "s":
+        """private, host or none."""
+        return self._rec().network.mode
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Network(self) -> "s":
+        """The network it joins in private mode ("" in host or none mode)."""
+        rec = self._rec()
+        return rec.network.network if rec.network.mode == "private" else ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Address(self) -> "s":
+        """Its IPv4 address on its network while it runs ("" otherwise); PropertiesChanged announces it."""
+        rec = self._rec()
+        return rec.address if rec.alive() else ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Address6(self) -> "s":
+        rec = self._rec()
+        return rec.address6 if rec.alive() else ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Ports(self) -> "a(qqss)":
+        """Published ports: host port, container port, protocol (tcp, udp), host address ("" all)."""
+        return [[p.host, p.container, p.protocol, p.address] for p in self._rec().network.ports]
+
+    @dbus_property(access=PropertyAccess.READ)
     def Secrets(self) -> "a{ss}":
         """Credential ID -> secret name granted to this container (names only, never values)."""
         return dict(self._rec().grants)
@@ -415,6 +461,10 @@ class ContainerInterface(ServiceInterface):
     @signal()
     def UnitStateChanged(self, unit: str, active_state: str, sub_state: str) -> "sss":
         return [unit, active_state, sub_state]
+
+
+def _network(n: dict) -> list:
+    return [n["name"], n["subnet"], n["subnet6"] or "", n["bridge"], n["gateway"], n["running"], n["containers"]]
 
 
 def _update_reply(result) -> list:

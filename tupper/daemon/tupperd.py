@@ -179,6 +179,11 @@ class Daemon:
         for d in sorted(agents.iterdir()) if agents.is_dir() else []:
             if d.name not in granted:
                 shutil.rmtree(d, ignore_errors=True)
+        # Re-adoption of the network: the nftables table, hosts files and addresses, rebuilt from the store.
+        try:
+            self.runtime.net.sync()
+        except (TupperError, OSError) as exc:
+            log.error("could not rebuild the containers' network state: %s", exc)
         for finding in check.check(self.runtime):
             log.warning("store check: %s: %s (tupper store check --repair would %s)", finding.path, finding.detail, finding.repair)
 
@@ -484,13 +489,16 @@ class Daemon:
     def _set_state(self, w: Watched, rec: Record | None = None) -> str:
         """Publish the container's state if it changed; `rec`: its record, if the caller holds it fresh."""
         try:
-            state = self._state(w, rec or self.runtime.record(w.name))
+            rec = rec or self.runtime.record(w.name)
+            state = self._state(w, rec)
         except NotFound:
             return w.state
         if state != w.state:
             w.state = state
             self.manager.ContainerStateChanged(w.name, state)
-            w.iface.emit_properties_changed({"State": state})
+            alive = rec.alive()
+            w.iface.emit_properties_changed({"State": state, "Address": rec.address if alive else "",
+                                             "Address6": rec.address6 if alive else ""})
         return state
 
     def list(self) -> builtins.list[dict]:
@@ -662,6 +670,17 @@ class Daemon:
     async def unit_job(self, name: str, unit: str, method: str) -> str:
         self._watched(name)
         return await asyncio.to_thread(self.runtime.unit_job, name, unit, method)
+
+    # ---- networks -----------------------------------------------------------------------------
+
+    async def network_create(self, name: str, subnet: str | None, ipv6: str | None) -> dict:
+        return await asyncio.to_thread(self.runtime.create_network, name, subnet, ipv6)
+
+    async def network_list(self) -> builtins.list[dict]:
+        return await asyncio.to_thread(self.runtime.list_networks)
+
+    async def network_remove(self, name: str) -> None:
+        await asyncio.to_thread(self.runtime.remove_network, name)
 
     def _watched(self, name: str) -> Watched:
         self.get(name)

@@ -29,12 +29,15 @@ MODES: Final = ("private", "host", "none")
 PROTOCOLS: Final = ("tcp", "udp")
 DEFAULT_NETWORK: Final = "tupper0"
 DEFAULT_SUBNET: Final = "10.88.0.0/24"
-NETWORK_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,10}$")  # a bridge is named after it: IFNAMSIZ is 16 with "tp-"
+NETWORK_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,9}$")  # a bridge is named after it: IFNAMSIZ is 16 with "tpXX-"
+
+
+ANY_PORT: Final = 0  # a Port's host port before tupper picked one
 
 
 @attrs.frozen
 class Port:
-    host: int
+    host: int  # ANY_PORT in a spec that lets tupper choose
     container: int
     protocol: str = "tcp"
     address: str = ""  # "" = every host address; else an IPv4 or IPv6 address of the host
@@ -53,7 +56,7 @@ class Port:
 
     def clashes(self, other: Port) -> bool:
         """Both would take the same host port: same protocol and port, addresses overlapping."""
-        return (self.protocol == other.protocol and self.host == other.host
+        return (self.host != ANY_PORT and self.protocol == other.protocol and self.host == other.host
                 and (not self.address or not other.address or self.address == other.address))
 
     def to_json(self) -> dict[str, Any]:
@@ -67,14 +70,22 @@ class NetworkSpec:
     ports: tuple[Port, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"mode": self.mode, "network": self.network, "ports": [p.to_json() for p in self.ports]}
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.mode == "private":
+            out["network"] = self.network
+        if self.ports:
+            out["ports"] = [p.to_json() for p in self.ports]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, where: str = "record") -> NetworkSpec:
         """A record's; records written before networks existed ran on the host's network."""
         if not data:
             return cls(mode="host")
-        return parse(Table(data, where, "network"))
+        try:
+            return parse(Table(data, where, "network"))
+        except InvalidInput as exc:  # a damaged record: its readers treat it as one they cannot read
+            raise ValueError(exc.message) from None
 
 
 def _port_number(t: Table, key: str, default: int | None = None) -> int:
@@ -85,8 +96,12 @@ def _port_number(t: Table, key: str, default: int | None = None) -> int:
 
 
 def parse_port(t: Table) -> Port:
-    host = _port_number(t, "host")
-    container = _port_number(t, "container", host)
+    """One `[[network.ports]]` entry. Without `host`, tupper picks a free host port when the container
+    is created (as podman's `-p 80`) and keeps it; `tupper port NAME` shows it."""
+    if "host" not in t.data and "container" not in t.data:
+        raise t.error("container", "missing: give `container` (the container's port) and, to choose it, `host`")
+    host = _port_number(t, "host") if "host" in t.data else ANY_PORT
+    container = _port_number(t, "container", host or None)
     protocol = t.get("protocol", str, "tcp")
     if protocol not in PROTOCOLS:
         raise t.error("protocol", f"must be \"tcp\" or \"udp\", got {protocol!r}")
@@ -127,7 +142,7 @@ def parse(t: Table) -> NetworkSpec:
 def check_network_name(name: str, where: str) -> str:
     if not NETWORK_NAME_RE.fullmatch(name):
         raise InvalidInput(f"{where}: invalid network name {name!r}: a lowercase letter, then lowercase letters, "
-                           "digits and '-', at most 11 (it names the bridge)")
+                           "digits and '-', at most 10 (it names the bridge)")
     return name
 
 
@@ -143,8 +158,8 @@ class Network:
 
     @property
     def bridge(self) -> str:
-        """tp-NAME for the default store's networks, tpX-NAME for another store's (X: its tag), so
-        that two stores on one host never share a bridge."""
+        """tp-NAME for the default store's networks, tpXX-NAME for another store's (XX: its tag), so
+        that two stores on one host do not share a bridge."""
         return f"tp{self.tag}-{self.name}"
 
     @property

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import hashlib
 import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
+
 from tupper.container import firewall, netlink, netns, nspawn
 from tupper.container.inroot import Root
-from tupper.errors import Busy, InvalidInput, NotFound
+from tupper.errors import Busy, Failed, InvalidInput, NotFound
 from tupper.model import network as netmodel
 from tupper.model.network import Network, Port
 from tupper.runtime.records import TRANSITIONAL, Record
@@ -54,6 +58,21 @@ def holds_address(rec: Record | None) -> bool:
     if rec is None:
         return False
     return rec.alive() or (rec.phase in TRANSITIONAL and rec.phase != "removing" and rec.owner_alive())
+
+
+def host_port_taken(port: Port) -> str | None:
+    """Why a process of the host holds the port (it would be shadowed by the forward), else None."""
+    family = socket.AF_INET6 if port.family == "ip6" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM if port.protocol == "tcp" else socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((port.address or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port.host))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "a process on this host uses it"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"{port.address} is not an address of this host"
+            return exc.strerror or str(exc)
+    return None
 
 
 def resolv_conf(host_text: str) -> str:
@@ -129,10 +148,10 @@ class Plumbing:
         """A /24 for a network made without --subnet: the first 10.X.0.0/24 from 10.89 on that neither
         another network of this store nor a route of the host covers."""
         taken = [n.subnet for n in self.networks.list()]
-        routes = netlink.routes(os.getpid())
+        routes = [r for _, r in netlink.routes(os.getpid()) if r.prefixlen > 0]  # the default route covers everything
         for x in range(89, 200):
             candidate = ipaddress.IPv4Network(f"10.{x}.0.0/24")
-            if not any(candidate.overlaps(t) for t in taken) and not any(candidate.overlaps(r) for _, r in routes):
+            if not any(candidate.overlaps(t) for t in taken) and not any(candidate.overlaps(r) for r in routes):
                 return str(candidate)
         raise InvalidInput("tupper network create: no free 10.X.0.0/24 left", hint="give one with --subnet")
 
@@ -170,16 +189,34 @@ class Plumbing:
 
     # ---- a container's start ---------------------------------------------------------------------
 
-    def check_ports(self, name: str, ports: tuple[Port, ...], where: str) -> None:
-        """Exit 2 where another running container publishes one of these host ports already."""
-        for rec in self.records():
-            if rec.name == name or not holds_address(rec):
-                continue
-            for i, p in enumerate(ports):
-                for q in rec.network.ports:
-                    if p.clashes(q):
-                        raise InvalidInput(f"{where}[{i}]: host port {p.host}/{p.protocol} is published by container {rec.name} already",
-                                           hint=f"pick another host port, or stop {rec.name}")
+    def check_ports(self, name: str, ports: tuple[Port, ...], where: str) -> tuple[Port, ...]:
+        """The ports with a host port picked where the spec left it to tupper; exit 2 where another
+        running container publishes one of them already, or a process of the host listens on it."""
+        others = [(rec.name, q) for rec in self.records() if rec.name != name and holds_address(rec) for q in rec.network.ports]
+        out: builtins.list[Port] = []
+        for i, p in enumerate(ports):
+            if p.host == netmodel.ANY_PORT:
+                p = attrs.evolve(p, host=self._free_port(p, [q for _, q in others] + out))
+            for other, q in others:
+                if p.clashes(q):
+                    raise InvalidInput(f"{where}[{i}]: host port {p.host}/{p.protocol} is published by container {other} already",
+                                       hint=f"pick another host port, or stop {other}")
+            problem = host_port_taken(p)
+            if problem:
+                raise InvalidInput(f"{where}[{i}]: host port {p.host}/{p.protocol}: {problem}", hint="pick another host port")
+            out.append(p)
+        return tuple(out)
+
+    @staticmethod
+    def _free_port(port: Port, published: builtins.list[Port]) -> int:
+        for _ in range(100):
+            with socket.socket(socket.AF_INET6 if port.family == "ip6" else socket.AF_INET,
+                               socket.SOCK_STREAM if port.protocol == "tcp" else socket.SOCK_DGRAM) as s:
+                s.bind((port.address, 0))
+                candidate = s.getsockname()[1]
+            if not any(attrs.evolve(port, host=candidate).clashes(q) for q in published):
+                return candidate
+        raise InvalidInput("no free host port found", hint="give `host` in [[network.ports]]")
 
     def prepare(self, rec: Record) -> int | None:
         """Before nspawn: the container's network namespace, open (nspawn joins it by path; the caller
@@ -191,7 +228,9 @@ class Plumbing:
             return None
         where = f"{rec.spec_file}: network"
         with self.lock():
-            self.check_ports(rec.name, spec.ports, f"{where}.ports")
+            ports = self.check_ports(rec.name, spec.ports, f"{where}.ports")
+            if ports != spec.ports:  # a record from a spec whose host ports were left to tupper (created before that was kept)
+                rec.network = attrs.evolve(spec, ports=ports)
             net = self.network_of(spec.network, f"{where}.network")
             address = self.networks.allocate(net.name, rec.name)
         fd = None
@@ -241,7 +280,11 @@ class Plumbing:
                                                rec.network.ports))
             by_network.setdefault(network, []).append((container, str(address)))
         used = [nets[n] for n in sorted(by_network)]
-        firewall.apply(firewall.ruleset(used, endpoints, self.table))
+        owner = firewall.table_owner(self.table)
+        if owner not in (None, str(self.store.root)):
+            raise Failed(f"the nftables table inet {self.table} belongs to the store {owner or '(unknown)'}, not {self.store.root}: "
+                         "two stores with one network tag", hint="stop that store's containers, or use another store root")
+        firewall.apply(firewall.ruleset(used, endpoints, self.table, str(self.store.root)))
         for net in nets.values():
             if net.name not in by_network:
                 netlink.remove_bridge(os.getpid(), net)

@@ -23,6 +23,7 @@ from tupper.container.inroot import Root, find_command
 from tupper.container.systemd import Connect, ContainerBus, SystemdBus, UnitState, run_command
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound
 from tupper.model import health
+from tupper.model.network import NetworkSpec
 from tupper.model.resources import Resources
 from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
@@ -172,6 +173,18 @@ class Runtime:
         """Networks: the host's side of every container's network (tupper.runtime.network)."""
         return Plumbing(self.store, self.records)
 
+    def create_network(self, name: str, subnet: str | None, subnet6: str | None) -> dict:
+        """`tupper network create`: a network in the store (its bridge is made when a container joins)."""
+        net = self.net.create(name, subnet, subnet6)
+        return next(n for n in self.net.list() if n["name"] == net.name)
+
+    def list_networks(self) -> list[dict]:
+        return self.net.list()
+
+    def remove_network(self, name: str) -> None:
+        """Refused while a container (running or not) is configured to join it."""
+        self.net.remove(name)
+
     def images_in_use(self, image: str) -> list[str]:
         return [r.name for r in self.records() if r.image == image]
 
@@ -253,7 +266,7 @@ class Runtime:
         self.store.require_free(FREE_FOR_CONTAINER, f"run {spec.name}")
         self._check_units_do_not_shadow_the_image(spec, image_path)
         self._check_secrets(spec)
-        self._check_network(spec)
+        network = self._check_network(spec)
         staging = self.store.scratch("new", spec.name)
         staging.mkdir(mode=0o700)
         with contextlib.ExitStack() as undo:
@@ -278,7 +291,7 @@ class Runtime:
                     for u in spec.components
                 ],
                 resources=spec.resources,
-                network=spec.network,
+                network=network,
             )
             rec.begin("creating")
             rec.save()
@@ -322,11 +335,13 @@ class Runtime:
                 raise InvalidInput(f"{spec.file}: secrets.{cred}: no secret {secret!r} in the store",
                                    hint=f"set it first: tupper secret set {secret} < FILE")
 
-    def _check_network(self, spec: Spec) -> None:
-        """Exit 2 before anything is made: a network that does not exist, a host port taken."""
-        if spec.network.mode == "private":
-            self.net.network_of(spec.network.network, f"{spec.file}: network.network")
-            self.net.check_ports(spec.name, spec.network.ports, f"{spec.file}: network.ports")
+    def _check_network(self, spec: Spec) -> NetworkSpec:
+        """Exit 2 before anything is made: a network that does not exist, a host port taken. Host ports
+        the spec leaves to tupper are picked here, and kept for the container's life."""
+        if spec.network.mode != "private":
+            return spec.network
+        self.net.network_of(spec.network.network, f"{spec.file}: network.network")
+        return attrs.evolve(spec.network, ports=self.net.check_ports(spec.name, spec.network.ports, f"{spec.file}: network.ports"))
 
     @staticmethod
     def _check_units_do_not_shadow_the_image(spec: Spec, image: Path) -> None:
@@ -618,6 +633,8 @@ class Runtime:
         if not self.host.systemd:
             cgroups.remove(rec.name, parent=self.store.cgroup_parent)
         nspawn.remove_runtime_dirs(rec.name)
+        if rec.network.mode == "private":
+            self.net.sync()
 
     def update(self, name: str, component: str | None, changes: dict[str, str]) -> UpdateResult:
         """Change resource limits of a container (or of one of its components), live if it runs

@@ -25,14 +25,19 @@ FILE = "networks.json"
 
 
 def tag_of(is_default: bool, ident: str) -> str:
-    """A store's network tag: "" for the default store, else one character of its ident. It names the
-    store's bridges (tpX-NAME) and nftables table (tupperX), so two stores never share one."""
-    return "" if is_default else ident[0]
+    """A store's network tag: "" for the default store, else two hex digits of its ident. It names the
+    store's bridges (tpXX-NAME), veths (tvXX-…) and nftables table (tupperXX); the table also names
+    its store, so the rare two stores with one tag are told apart (tupper.runtime.network refuses)."""
+    return "" if is_default else ident[:2]
 
 
 def default_subnet(tag: str) -> str:
-    """The default network's subnet: 10.88.0.0/24 in the default store, 10.2XX.0.0/24 in another."""
-    return netmodel.DEFAULT_SUBNET if not tag else f"10.{200 + int(tag, 16)}.0.0/24"
+    """The default network's subnet: 10.88.0.0/24 in the default store, 10.X.Y.0/24 (X from 200)
+    in another, from its tag."""
+    if not tag:
+        return netmodel.DEFAULT_SUBNET
+    n = int(tag, 16)
+    return f"10.{200 + n // 16}.{(n % 16) * 16}.0/24"
 
 
 class Networks:
