@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from baseline import NSPAWN_RUN, RawContainer
 from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
 from isolation import measure_health_cpu, measure_limits_start
+from network import measure_forward_rps, measure_network_start
 from sdk import PAYLOAD_MB, measure_sdk_build, measure_upgrade
 
 from tupper.cli.client import Client
@@ -57,7 +58,8 @@ PS_COUNTS = (10, 20)  # `tupper ps` is timed with this many bench containers run
 SETTLE = 1.0  # seconds between "unit active" and stop, the same for tupper and the baseline
 # start and stop: ratio tupper/baseline (medians); ps20, stats20: seconds with 20 running. ps10, stats10 have no target.
 TARGETS = {"start": 1.3, "stop": 1.5, "ps20": 0.2, "stats20": 0.15, "upgrade": 0.5,  # ratios, then seconds
-           "limits_start": 1.05, "health_cpu": 2.0}  # ratio; percent of one CPU
+           "limits_start": 1.05, "health_cpu": 2.0,  # ratio; percent of one CPU
+           "net_start": 1.3, "forward_rps": 0.9}  # ratio (at most); ratio (at least)
 HEALTH_COUNT, HEALTH_WINDOW = 20, 30.0  # containers checked every second, seconds of tupperd CPU measured
 NO_SUCH = "bench-no-such-container"  # for a CLI call that tupperd answers at once (with an error)
 
@@ -272,6 +274,8 @@ def verdicts(results: dict) -> dict:
         "upgrade": results["upgrade"]["tupper"]["median"] < TARGETS["upgrade"],
         "limits_start": results["limits_start"]["ratio"] <= TARGETS["limits_start"],
         "health_cpu": results["health_cpu"]["http"]["percent"] < TARGETS["health_cpu"],
+        "net_start": results["net_start"]["ratio"] <= TARGETS["net_start"],
+        "forward_rps": results["forward_rps"]["ratio"] >= TARGETS["forward_rps"],
     }
 
 
@@ -314,11 +318,51 @@ def table_rows(results: dict) -> list[list[str]]:
                  f"{h['http']['percent'] / raw:.2f}" if raw else "-", f"< {TARGETS['health_cpu']} %", "yes" if ok["health_cpu"] else "NO"])
     rows.append([f"tupperd CPU, {n} containers, exec check every 1 s", f"{h['exec']['percent']:.2f}",
                  "-", "-", "-", "-", "-", "-", "-", "-"])
+    rows += network_rows(results, ok)
     b = results["sdk_build"]
     t = b["tupper"]
     rows.append([f"`sdk build`, {b['payload_bytes'] >> 20} MB payload → {b['package_bytes'] / 2**20:.0f} MB package",
                  f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}", "-", "-", "-", "-", "-", "-"])
     return rows
+
+
+def network_rows(results: dict, ok: dict) -> list[list[str]]:
+    r = results["net_start"]
+    b = r["baseline"]
+    rows = []
+    for kind, label in (("private", "start, `mode = \"private\"` + 1 published port (vs raw nspawn)"),
+                        ("host", "start, `mode = \"host\"` (vs raw nspawn)")):
+        t = r[kind]
+        ratio = t["median"] / b["median"]
+        rows.append([label, f"{t['median']:.3f}", f"{t['p90']:.3f}", f"{t['min']:.3f}", f"{b['median']:.3f}", f"{b['p90']:.3f}",
+                     f"{b['min']:.3f}", f"{ratio:.2f}", f"≤ {TARGETS['net_start']}" if kind == "private" else "-",
+                     ("yes" if ok["net_start"] else "NO") if kind == "private" else "-"])
+    f = results["forward_rps"]
+    t, d = f["forwarded"], f["direct"]
+    rows.append([f"requests/s through 127.0.0.1:PORT (vs straight to the container's address; ab -n {f['requests']} -c {f['concurrency']})",
+                 f"{t['median']:.0f}", "-", f"{t['min']:.0f}", f"{d['median']:.0f}", "-", f"{d['min']:.0f}", f"{f['ratio']:.2f}",
+                 f"≥ {TARGETS['forward_rps']}", "yes" if ok["forward_rps"] else "NO"])
+    return rows
+
+
+def network_results(starts: dict, rps: dict) -> dict:
+    out = {"net_start": {k: summary(v) for k, v in starts.items()}}
+    out["net_start"]["ratio"] = out["net_start"]["private"]["median"] / out["net_start"]["baseline"]["median"]
+    out["forward_rps"] = {"forwarded": summary(rps["rps"]["forwarded"]), "direct": summary(rps["rps"]["direct"]),
+                          "requests": rps["requests"], "concurrency": rps["concurrency"]}
+    out["forward_rps"]["ratio"] = out["forward_rps"]["forwarded"]["median"] / out["forward_rps"]["direct"]["median"]
+    return out
+
+
+def raw_start(i: int, cleanup: Cleanup) -> float:
+    """The baseline's start alone (the container is removed at once)."""
+    c = RawContainer(f"{PREFIX}-rn{i}", IMAGE, SCRATCH, COMPONENT, UNIT)
+    cleanup.raw.append(c)
+    t0 = time.perf_counter()
+    c.start()
+    took = time.perf_counter() - t0
+    cleanup.remove_raw(c)
+    return took
 
 
 HEADER = ["", "tupper median", "p90", "min", "baseline median", "p90", "min", "ratio", "target", "met"]
@@ -402,7 +446,16 @@ Raw numbers: `bench/results/latest.json` (not committed).
   installed versions (alternating), wall time until the new units are active.
 - **sdk build**: `tupper sdk build` of a component with a 50 MB payload (half random, half text).
 
-Targets: start ratio ≤ 1.3, stop ratio ≤ 1.5, `tupper ps` with 20 running < 0.2 s, `tupper stats --no-stream --json` with 20 running < 0.15 s, live upgrade < 0.5 s, start with `[resources]` ≤ 1.05 × without, tupperd's CPU for http checks of 20 containers every second < 2 % of one CPU.
+- **network start**: `tupper run` of services/hello with `mode = "private"` and one published port
+  (its own network namespace, a veth pair on the store's default bridge, an address, the nftables
+  table rebuilt, /etc/hosts written), and with `mode = "host"`, against the same raw baseline (nspawn
+  on the host's network), the three alternating. The plain **start** row above uses
+  examples/hello.toml, which since networks landed runs in a private network (the default) too.
+- **requests/s**: `ab` (apache2-utils) against examples/web.toml's server, through the port forwarded
+  on the host's 127.0.0.1 (nftables DNAT in `output`, route_localnet, masquerade) and straight to the
+  container's address on the bridge, alternating; each `ab` run is bounded in requests and time.
+
+Targets: start ratio ≤ 1.3, stop ratio ≤ 1.5, `tupper ps` with 20 running < 0.2 s, `tupper stats --no-stream --json` with 20 running < 0.15 s, live upgrade < 0.5 s, start with `[resources]` ≤ 1.05 × without, tupperd's CPU for http checks of 20 containers every second < 2 % of one CPU, start with a private network and a port ≤ 1.3 × raw nspawn, requests/s through the forward ≥ 0.9 × straight.
 
 """
 
@@ -446,6 +499,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 runs, and leave docs/benchmarks.md alone")
     ap.add_argument("--cli", type=Path, help="another tupper executable to measure, e.g. of an older version "
                                              "(default .venv/bin/tupper; leaves docs/benchmarks.md alone)")
+    ap.add_argument("--network", action="store_true", help="only the network start and forwarded requests/s "
+                                                          "measurements, printed (leaves docs/benchmarks.md alone)")
     ap.add_argument("--isolation", action="store_true", help="only the resource-limit start and health-check CPU "
                                                             "measurements, printed (leaves docs/benchmarks.md alone)")
     args = ap.parse_args()
@@ -464,6 +519,8 @@ def main() -> int:
     bus = PrivateBus(STORE, python=str(REPO / ".venv/bin/python"), debug=False)
     os.environ.update(bus.env(STORE))
     try:
+        if args.network:
+            return measure_network(runs)
         return measure_isolation(runs) if args.isolation else measure(args, runs)
     finally:
         bus.close()
@@ -488,6 +545,22 @@ def measure_isolation(runs: int) -> int:
     for kind, h in health.items():
         raw = f"; the same GETs by a plain loop: {h['raw_percent']:.2f} %" if "raw_percent" in h else ""
         print(f"tupperd CPU, {h['containers']} containers, {kind} checks: {h['percent']:.2f} % of one CPU ({h['samples']}){raw}")
+    return 0
+
+
+def measure_network(runs: int) -> int:
+    fresh_tupperd()
+    cleanup = Cleanup()
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        starts = measure_network_start(tupper, PREFIX, runs, cleanup.tupper_names, lambda i: raw_start(i, cleanup))
+        rps = measure_forward_rps(tupper, PREFIX, max(min(runs, 5), 3), cleanup.tupper_names)
+    finally:
+        cleanup.all()
+    results = network_results(starts, rps)
+    ok = {"net_start": results["net_start"]["ratio"] <= TARGETS["net_start"],
+          "forward_rps": results["forward_rps"]["ratio"] >= TARGETS["forward_rps"]}
+    print_table(network_rows(results, ok))
     return 0
 
 
@@ -518,6 +591,10 @@ def measure(args, runs: int) -> int:
         upgrade = measure_upgrade(tupper, PREFIX, max(runs, 10), cleanup.tupper_names)
         print("  start with [resources] against the same spec without, alternating ...", flush=True)
         limits = measure_limits_start(tupper, PREFIX, max(runs, 10), cleanup.tupper_names)
+        print("  start with a private network and a published port, with host networking, and raw nspawn, alternating ...", flush=True)
+        net_starts = measure_network_start(tupper, PREFIX, max(runs, 10), cleanup.tupper_names, lambda i: raw_start(i, cleanup))
+        print("  requests/s through a forwarded localhost port and straight to the container (ab) ...", flush=True)
+        rps = measure_forward_rps(tupper, PREFIX, max(min(runs, 5), 3), cleanup.tupper_names)
         print(f"  tupperd CPU with {HEALTH_COUNT} containers unchecked, http-checked and exec-checked every second "
               f"({HEALTH_WINDOW:.0f} s each) ...", flush=True)
         health = measure_health_cpu(tupper, PREFIX, HEALTH_COUNT, HEALTH_WINDOW, tupperd_pid, cleanup.tupper_names)
@@ -558,6 +635,7 @@ def measure(args, runs: int) -> int:
     results["limits_start"] = {"limited": summary(limits["limited"]), "plain": summary(limits["plain"])}
     results["limits_start"]["ratio"] = results["limits_start"]["limited"]["median"] / results["limits_start"]["plain"]["median"]
     results["health_cpu"] = health
+    results.update(network_results(net_starts, rps))
     results["verdicts"] = verdicts(results)
 
     print()

@@ -42,12 +42,30 @@ def store_root(user_state) -> Path:
     was_mounted = mounted(root)
     ensure_image(root, log=lambda text: print(f"\n{text}", file=sys.stderr))
     yield root
+    _check_network_leftovers(root)
     # Leave the machine as we found it: a pool the suite mounted is unmounted again (the file stays,
     # so the next run mounts it in a moment instead of copying the image again).
     if not was_mounted and mounted(root):
         running = [c for c in _ps(root) if c["state"] in ("running", "starting", "stopping", "failed")]
         if not running:
             subprocess.run([sys.executable, "-m", "tupper", "--root", str(root), "store", "unmount"], check=False)
+
+
+def _check_network_leftovers(root: Path) -> None:
+    """After the suite: with none of its containers running, nothing of the store's networking is
+    left on the host (veths, bridges, the nftables table) or in its allocation file."""
+    import hashlib
+
+    if any(c["state"] in ("running", "starting", "stopping", "failed", "degraded") for c in _ps(root)):
+        return
+    tag = hashlib.sha256(str(root).encode()).hexdigest()[:2]
+    links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout)
+    left = [link["ifname"] for link in links if link["ifname"].startswith((f"tv{tag}-", f"tp{tag}-"))]
+    if subprocess.run(["nft", "list", "table", "inet", f"tupper{tag}"], capture_output=True).returncode == 0:
+        left.append(f"nftables table inet tupper{tag}")
+    allocations = json.loads((root / "networks.json").read_text()).get("allocations", {}) if (root / "networks.json").exists() else {}
+    left += [f"address of {c} on {n}" for n, a in allocations.items() for c in a]
+    assert not left, f"the suite left networking behind: {left}"
 
 
 def _ps(root: Path) -> list[dict]:

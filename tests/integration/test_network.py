@@ -88,8 +88,12 @@ def network(tupper):
         return name
 
     yield new
+    # This runs before `names` removes the test's containers: those on these networks go first.
+    users = {n["name"]: n["containers"] for n in tupper.json("network", "ls")}
     for name in made:
-        tupper("network", "rm", name)
+        for container in users.get(name, []):
+            tupper("rm", "--force", container)
+        tupper("network", "rm", name, check=True)
 
 
 def test_two_copies_of_the_web_example_answer_on_their_own_localhost_ports_and_by_name(tupper, names, tmp_path, store_root, bus):

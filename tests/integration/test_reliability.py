@@ -24,6 +24,20 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fd_count(pid: int, timeout: float = 5.0) -> int:
+    """tupperd's fd count once work a previous call left running (a stop's network clean-up in a
+    worker thread) is over: the same count twice, 0.2 s apart."""
+    deadline = time.monotonic() + timeout
+    last = fd_count(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = fd_count(pid)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def fd_targets(pid: int) -> list[str]:
     out = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -52,7 +66,7 @@ def test_every_failing_exec_closes_the_callers_descriptors_in_tupperd(tupper, bu
     tupper("run", HELLO, "--name", stopped, check=True)
     tupper("stop", stopped, check=True)
     pid = bus.tupperd_pid()
-    before = fd_count(pid)
+    before = settled_fd_count(pid)
     cases = [
         ([sys.executable, "-m", "tupper", "exec", "no-such-container", "--", "true"], 2),
         ([sys.executable, "-m", "tupper", "exec", stopped, "--", "true"], 1),
@@ -108,7 +122,7 @@ def _eof(fd: int) -> bool:
 
 
 READ_ONLY = {
-    ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "SecretHolders", "Stats")
+    ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "SecretHolders", "Stats", "ListNetworks")
 } | {("org.tupper1.Container", "ListUnits")}
 
 NOBODY_CALLS = """

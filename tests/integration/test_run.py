@@ -192,16 +192,9 @@ def test_logs_show_the_unit_journal_while_running_and_after_stop(tupper, names):
     assert p.returncode == 0 and "hello from" in p.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def web_spec(tmp_path: Path, port: int) -> Path:
-    """examples/web.toml on a port nobody uses: the user's own demo may hold 8080 on this host."""
-    text = (REPO / "examples/web.toml").read_text().replace('PORT = "8080"', f'PORT = "{port}"')
-    text = text.replace('"../services/', f'"{SERVICES}/')
+def web_spec(tmp_path: Path) -> Path:
+    """examples/web.toml, its component paths absolute; its port is published on a host port tupper picks."""
+    text = (REPO / "examples/web.toml").read_text().replace('"../services/', f'"{SERVICES}/')
     path = tmp_path / "web.toml"
     path.write_text(text)
     return path
@@ -209,11 +202,11 @@ def web_spec(tmp_path: Path, port: int) -> Path:
 
 def test_web_component_is_active_only_when_its_port_answers(tupper, names, tmp_path):
     name = names()
-    port = free_port()
-    p = tupper("run", web_spec(tmp_path, port), "--name", name)
+    p = tupper("run", web_spec(tmp_path), "--name", name)
     assert p.returncode == 0, p.stderr
-    # The container shares the host's network: the port answers as soon as run returns.
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+    # Its own network, port 8080 published on the host: the forward answers as soon as run returns.
+    (port,) = tupper.json("port", name)
+    with socket.create_connection(("127.0.0.1", port["host"]), timeout=2) as s:
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         reply = s.recv(4096)
     assert reply.startswith(b"HTTP/1.0 200") and b"Hello from a tupper container" in reply
@@ -223,7 +216,7 @@ def test_web_component_is_active_only_when_its_port_answers(tupper, names, tmp_p
 
 def test_env_from_the_spec_reaches_the_service(tupper, names, tmp_path):
     name = names()
-    tupper("run", web_spec(tmp_path, free_port()), "--name", name, check=True)
+    tupper("run", web_spec(tmp_path), "--name", name, check=True)
     p = tupper("logs", name, "-u", "hello.service")
     assert "hi from the demo" in p.stdout
 

@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)  # --debug traces tupper, not each netlink message
     code = _main(args)
     if program and client:
         _exit(code)

@@ -705,6 +705,9 @@ class Daemon:
             while rec.exit_info() is None and proc.pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             await asyncio.to_thread(self.runtime.reap, rec)  # the monitor's duties, if it was killed
+            if rec.network.mode == "private" and not w.deliberate:
+                # Its monitor starts a sync too; this one covers a monitor that was killed first.
+                await asyncio.to_thread(self.runtime.net.sync)
             self._set_state(w)
             if w.deliberate or rec.alive():
                 return
@@ -775,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="tupperd: %(message)s", stream=sys.stderr)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # --debug traces tupper, not each netlink message
     try:
         asyncio.run(serve(args.root, args.admin_group))
     except TupperError as exc:

@@ -257,7 +257,12 @@ class Plumbing:
                 rec.address = rec.address6 = ""
                 with contextlib.suppress(OSError):
                     rec.save()
-            self.networks.release(rec.name)
+            try:
+                self.networks.release(rec.name)
+            except OSError as exc:  # a full store: the rules go all the same; the next sync releases it
+                if exc.errno != errno.ENOSPC:
+                    raise
+                log.warning("%s: no space left to release its address; the next network change does", rec.name)
             with contextlib.suppress(OSError):  # an interface the kernel is still deleting with its namespace
                 netlink.detach(os.getpid(), host_interface(self.tag, rec.name))
             self._sync_locked()
@@ -268,14 +273,19 @@ class Plumbing:
 
     def _sync_locked(self) -> None:
         recs = {r.name: r for r in self.records()}
-        self.networks.prune(lambda name: holds_address(recs.get(name)))
+        try:
+            self.networks.prune(lambda name: holds_address(recs.get(name)))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
         nets = {n.name: n for n in self.networks.list()}
         endpoints: list[firewall.Endpoint] = []
         by_network: dict[str, list[tuple[str, str]]] = {}
         for network, container, address in self.networks.allocations():
             rec = recs.get(container)
-            if rec is None or network not in nets:
+            if not holds_address(rec) or network not in nets:
                 continue
+            assert rec is not None
             endpoints.append(firewall.Endpoint(container, network, address, netmodel.address6(nets[network], address),
                                                rec.network.ports))
             by_network.setdefault(network, []).append((container, str(address)))
@@ -288,6 +298,12 @@ class Plumbing:
         for net in nets.values():
             if net.name not in by_network:
                 netlink.remove_bridge(os.getpid(), net)
+        # veths of containers that hold no address: a start cut short between making the pair and
+        # handing one end to the container's namespace (which would have taken the pair with it)
+        keep = {host_interface(self.tag, c) for members in by_network.values() for c, _ in members}
+        for link in netlink.links(os.getpid()):
+            if link.startswith(f"tv{self.tag}-") and link not in keep:
+                netlink.detach(os.getpid(), link)
         for network, members in by_network.items():
             for member, member_address in members:
                 if holds_address(recs[member]):
@@ -319,3 +335,23 @@ class Plumbing:
                 and not any(host_interface(self.tag, c) == i for _, c, _a in self.networks.allocations())]
         return out
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tupper.runtime.network --root ROOT sync`: what a container's monitor runs when the
+    container ended by itself (a fresh process: the monitor is a fork of a threaded tupperd, where
+    netlink and nftables libraries are not safe to use)."""
+    import argparse
+
+    from tupper.runtime.runtime import Runtime
+
+    ap = argparse.ArgumentParser(prog="python -m tupper.runtime.network")
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("action", choices=["sync"])
+    args = ap.parse_args(argv)
+    Runtime(Store.open(args.root, create=False)).net.sync()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -481,7 +481,14 @@ class Runtime:
         if rec is not None and rec.phase in ("stopping", "removing", "starting", "creating") and rec.owner_alive():
             return  # that process releases it
         if rec is not None and rec.network.mode == "private":
-            self.net.sync()
+            import subprocess
+            import sys
+
+            # A fresh process (see tupper.runtime.network.main), bounded in time, not waited for: the
+            # monitor ends now, so that whoever waits for it (a recovering tupperd holding the store's
+            # lock) is not kept waiting by a sync that needs that lock.
+            subprocess.Popen(["timeout", "60", sys.executable, "-m", "tupper.runtime.network", "--root", str(self.store.root), "sync"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_units(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress):
         deadline = time.monotonic() + timeout
@@ -633,8 +640,6 @@ class Runtime:
         if not self.host.systemd:
             cgroups.remove(rec.name, parent=self.store.cgroup_parent)
         nspawn.remove_runtime_dirs(rec.name)
-        if rec.network.mode == "private":
-            self.net.sync()
 
     def update(self, name: str, component: str | None, changes: dict[str, str]) -> UpdateResult:
         """Change resource limits of a container (or of one of its components), live if it runs
@@ -742,7 +747,7 @@ class Runtime:
         if phase in ("creating", "removing"):
             with self.store.lock():
                 self._discard(rec.dir, rec.name)
-            self.net.sync()
+            self.net.release(rec)
             return f"removed (its {'run' if phase == 'creating' else 'rm'} was interrupted)"
         if phase == "starting":
             if rec.alive():
