@@ -6,15 +6,28 @@ PID in tupper; a namespace of their own in the tests), and works there through t
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from pathlib import Path
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from tupper.container import netns
 from tupper.model.network import Network
 
 CONTAINER_IF = "host0"  # the container's end, as systemd-nspawn --network-veth names it
+
+
+def _delete(ipr: IPRoute, index: int) -> bool:
+    """Delete a link; False where it is gone already (a veth goes with its peer's namespace, at any moment)."""
+    try:
+        ipr.link("del", index=index)
+        return True
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return False
+        raise
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -50,7 +63,7 @@ def remove_bridge(host: int, net: Network) -> None:
     def work() -> None:
         with IPRoute() as ipr:
             for index in ipr.link_lookup(ifname=net.bridge):
-                ipr.link("del", index=index)
+                _delete(ipr, index)
 
     netns.run_in(host, work)
 
@@ -65,7 +78,7 @@ def attach(host: int, container: int | None, net: Network, host_if: str, address
     def on_host() -> None:
         with IPRoute() as ipr:
             for index in ipr.link_lookup(ifname=host_if):  # left by a crash: made again
-                ipr.link("del", index=index)
+                _delete(ipr, index)
             ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer})
             bridge = ipr.link_lookup(ifname=net.bridge)[0]
             ipr.link("set", index=ipr.link_lookup(ifname=host_if)[0], master=bridge, state="up")
@@ -97,10 +110,7 @@ def detach(host: int, host_if: str) -> bool:
 
     def work() -> bool:
         with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=host_if)
-            for index in found:
-                ipr.link("del", index=index)
-            return bool(found)
+            return any([_delete(ipr, index) for index in ipr.link_lookup(ifname=host_if)])
 
     return netns.run_in(host, work)
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
+from pyroute2.netlink.exceptions import NetlinkError
 
 from tupper.container import firewall, netlink, netns, nspawn
 from tupper.container.inroot import Root
@@ -106,6 +107,18 @@ def hosts_file(me: str, address: str, peers: list[tuple[str, str]], network: str
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def _clear_errors(what: str) -> Iterator[None]:
+    """netlink's and nftables' errors as tupper's: one line saying what failed, never "internal error"."""
+    try:
+        yield
+    except NetlinkError as exc:
+        code, text = (exc.args + ("",))[:2] if exc.args else (0, "")
+        raise Failed(f"{what}: the kernel refused a network change: {text or os.strerror(code)} (netlink error {code})") from None
+    except firewall.FirewallError as exc:
+        raise Failed(f"{what}: {exc.strerror}") from None
+
+
 class Plumbing:
     """The network side of the runtime, for one store."""
 
@@ -171,7 +184,8 @@ class Plumbing:
             if users:
                 raise Busy(f"network {name!r} is used by {', '.join(users)}", hint="remove those containers first")
             self.networks.remove(name)
-            netlink.remove_bridge(os.getpid(), net)
+            with _clear_errors(f"network {name!r}"):
+                netlink.remove_bridge(os.getpid(), net)
             self._sync_locked()
 
     def list(self) -> builtins.list[dict]:
@@ -238,9 +252,10 @@ class Plumbing:
             address6 = netmodel.address6(net, address)
             rec.address, rec.address6 = str(address), str(address6) if address6 else ""
             rec.save()
-            netlink.ensure_bridge(os.getpid(), net)
-            fd = netns.new()
-            netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
+            with _clear_errors(f"container {rec.name!r}: its network"):
+                netlink.ensure_bridge(os.getpid(), net)
+                fd = netns.new()
+                netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
             with self.lock():
                 self._sync_locked()
             return fd
@@ -272,6 +287,10 @@ class Plumbing:
             self._sync_locked()
 
     def _sync_locked(self) -> None:
+        with _clear_errors("container networks"):
+            self._rebuild()
+
+    def _rebuild(self) -> None:
         recs = {r.name: r for r in self.records()}
         try:
             self.networks.prune(lambda name: holds_address(recs.get(name)))
