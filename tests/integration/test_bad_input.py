@@ -221,6 +221,26 @@ def health_port_from_a_bad_env(tmp: Path, name: str):
     return spec, [str(spec), "components[0].env", "port 99999 is out of range"]
 
 
+def network_bad_mode(tmp: Path, name: str):
+    spec = write_spec(tmp / "spec.toml", [SERVICES / "hello"], name=name, extra='[network]\nmode = "bridge"\n')
+    return spec, [str(spec), "network.mode: must be one of private, host, none, got 'bridge'"]
+
+
+def network_ports_in_host_mode(tmp: Path, name: str):
+    spec = write_spec(tmp / "spec.toml", [SERVICES / "hello"], name=name, extra='[network]\nmode = "host"\n[[network.ports]]\nhost = 8080\n')
+    return spec, [str(spec), 'network.ports: publishing ports needs mode = "private"']
+
+
+def network_that_does_not_exist(tmp: Path, name: str):
+    spec = write_spec(tmp / "spec.toml", [SERVICES / "hello"], name=name, extra='[network]\nnetwork = "nosuchnet"\n')
+    return spec, [str(spec), "network.network: no network 'nosuchnet'"]
+
+
+def network_port_out_of_range(tmp: Path, name: str):
+    spec = write_spec(tmp / "spec.toml", [SERVICES / "hello"], name=name, extra="[network]\n[[network.ports]]\nhost = 70000\n")
+    return spec, [str(spec), "network.ports[0].host: port 70000 is out of range (1-65535)"]
+
+
 CASES: list[Callable] = [
     malformed_toml, unknown_key, wrong_type, bool_for_number, missing_image, missing_component_dir, dir_without_manifest,
     missing_unit_file, same_unit_twice, requires_unknown, requires_cycle, bad_name_characters, space_in_file_stem,
@@ -228,7 +248,8 @@ CASES: list[Callable] = [
     payload_symlink_climbing_out, mount_with_dotdot, mount_on_system_dir, mount_through_image_symlink,
     negative_memory, unparseable_cpu, low_above_high, component_weight_out_of_range, misspelt_resource,
     health_two_checks, health_https, health_hostname, health_bad_interval, health_timeout_above_interval,
-    health_negative_retries, health_port_from_a_bad_env,
+    health_negative_retries, health_port_from_a_bad_env, network_bad_mode, network_ports_in_host_mode,
+    network_that_does_not_exist, network_port_out_of_range,
 ]  # fmt: skip
 
 

@@ -487,8 +487,8 @@ class Runtime:
             # A fresh process (see tupper.runtime.network.main), bounded in time, not waited for: the
             # monitor ends now, so that whoever waits for it (a recovering tupperd holding the store's
             # lock) is not kept waiting by a sync that needs that lock.
-            subprocess.Popen(["timeout", "60", sys.executable, "-m", "tupper.runtime.network", "--root", str(self.store.root), "sync"],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            proc.popen(["timeout", "60", sys.executable, "-m", "tupper.runtime.network", "--root", str(self.store.root), "sync"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_units(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress):
         deadline = time.monotonic() + timeout
