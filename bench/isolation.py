@@ -125,7 +125,8 @@ def measure_health_cpu(tupper, prefix: str, count: int, window: float, tupperd_p
                 spec = work / f"{name}.toml"
                 port = _free_port()
                 ports.append(port)
-                spec.write_text(f'image = "debian-bookworm"\n[[components]]\npath = "{component}"\n'
+                # The host's network: the baseline loop reaches the same servers on the host's loopback.
+                spec.write_text(f'image = "debian-bookworm"\n[network]\nmode = "host"\n[[components]]\npath = "{component}"\n'
                                 f'[components.env]\nPORT = "{port}"\n')
                 cleanup_names.append(name)
                 names.append(name)

@@ -59,6 +59,10 @@ def _check_network_leftovers(root: Path) -> None:
     if any(c["state"] in ("running", "starting", "stopping", "failed", "degraded") for c in _ps(root)):
         return
     tag = hashlib.sha256(str(root).encode()).hexdigest()[:2]
+    # The store's networks are the suite's own: removing them takes their bridges.
+    for net in json.loads(subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(root), "network", "ls", "--json"],
+                                         capture_output=True, text=True).stdout or "[]"):
+        subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(root), "network", "rm", net["name"]], capture_output=True)
     links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout)
     left = [link["ifname"] for link in links if link["ifname"].startswith((f"tv{tag}-", f"tp{tag}-"))]
     if subprocess.run(["nft", "list", "table", "inet", f"tupper{tag}"], capture_output=True).returncode == 0:

@@ -240,8 +240,22 @@ def test_thirty_start_stop_cycles_leave_no_veth_rule_or_address(tupper, names, t
     allocations = json.loads((store_root / "networks.json").read_text())["allocations"]
     assert all(name not in a for a in allocations.values())
     running = [r for r in tupper.json("ps") if r["state"] in ("running", "starting", "degraded") and r["network"]["mode"] == "private"]
-    if not running:  # nothing of the store's networking is left at all
-        assert links(f"tv{tag(store_root)}-") == [] and links(f"tp{tag(store_root)}-") == [] and nft_table(store_root) == ""
+    if not running:  # nothing of the store's networking is left but its networks' bridges
+        assert links(f"tv{tag(store_root)}-") == [] and nft_table(store_root) == ""
+
+
+def test_store_check_finds_a_veth_pair_a_crash_left_and_repair_removes_it(tupper, store_root):
+    t = tag(store_root)
+    left, peer = f"tv{t}-0123456789", f"pv{t}-0123456789"  # as a start cut between making the pair and moving its end
+    subprocess.run(["ip", "link", "add", left, "type", "veth", "peer", "name", peer], check=True)
+    try:
+        p = tupper("store", "check", "--json")
+        findings = json.loads(p.stdout)
+        assert p.returncode == 1 and any(f["kind"] == "network" and f["path"] == f"link {left}" for f in findings), findings
+        tupper("store", "check", "--repair", check=True)
+        assert links(left) == [] and links(peer) == []
+    finally:
+        subprocess.run(["ip", "link", "del", left], capture_output=True)
 
 
 def test_host_and_none_modes(tupper, names, tmp_path):

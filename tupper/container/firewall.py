@@ -216,9 +216,10 @@ def table_exists(table: str) -> bool:
 def table_owner(table: str) -> str | None:
     """The store that made the table (its `owner` chain's comment), "" for a table without one, None
     where there is no such table."""
-    if not table_exists(table):
-        return None
-    for item in _list({"chain": {"family": FAMILY, "table": table, "name": OWNER_CHAIN}}) or []:
+    chain = _list({"chain": {"family": FAMILY, "table": table, "name": OWNER_CHAIN}})
+    if chain is None:  # no such chain: no such table, or one that is not tupper's
+        return "" if table_exists(table) else None
+    for item in chain:
         comment = item.get("rule", {}).get("comment", "")
         if comment.startswith("store "):
             return comment[len("store "):]

@@ -19,7 +19,7 @@ from tupper.runtime.runtime import Runtime
 
 @attrs.frozen
 class Finding:
-    kind: str  # interrupted, orphan-root, record-without-root, corrupt-record, scratch, cgroup, nspawn-dir, agent-dir, image, component
+    kind: str  # interrupted, orphan-root, record-without-root, corrupt-record, scratch, cgroup, nspawn-dir, agent-dir, image, component, network
     path: str
     detail: str
     repair: str  # what --repair does
@@ -81,6 +81,11 @@ def check(runtime: Runtime) -> list[Finding]:
         for d in sorted(agents.iterdir()):
             if d.name not in granted and d.name not in busy:
                 found.append(Finding("agent-dir", str(d), "a secrets agent directory for no container with secrets", "remove it"))
+    try:
+        found += [Finding("network", what, why, "rebuild the store's network state (docs/network.md)")
+                  for what, why in runtime.net.leftovers()]
+    except (TupperError, OSError) as exc:
+        found.append(Finding("network", "networks.json", f"cannot read the store's networks: {exc}", "none: fix or remove the file"))
     found += _published(store.images_dir, "*", "image", runtime)
     components = store.root / "components"
     if components.is_dir():
@@ -117,6 +122,9 @@ def repair(runtime: Runtime, findings: list[Finding]) -> list[Repaired]:
             elif f.kind == "scratch" or f.kind in ("image", "component", "nspawn-dir", "agent-dir"):
                 store.remove_tree(path)
                 result = "removed"
+            elif f.kind == "network":
+                runtime.net.sync()
+                result = "rebuilt"
             elif f.kind == "cgroup":
                 name = f.path.split("/", 1)[1]
                 result = "removed" if cgroups.remove(name, parent=store.cgroup_parent) else "could not remove it (busy)"

@@ -268,18 +268,14 @@ class Plumbing:
     def release(self, rec: Record) -> None:
         """After the container ended (or its start failed): its address, rules and name go."""
         with self.lock():
-            if rec.address:
-                rec.address = rec.address6 = ""
-                with contextlib.suppress(OSError):
-                    rec.save()
+            rec.address = rec.address6 = ""  # saved by the caller, with the container's new phase
             try:
                 self.networks.release(rec.name)
             except OSError as exc:  # a full store: the rules go all the same; the next sync releases it
                 if exc.errno != errno.ENOSPC:
                     raise
                 log.warning("%s: no space left to release its address; the next network change does", rec.name)
-            with contextlib.suppress(OSError):  # an interface the kernel is still deleting with its namespace
-                netlink.detach(os.getpid(), host_interface(self.tag, rec.name))
+            # Its veth pair goes with its namespace, which the kernel deletes once the last process in it is gone.
             self._sync_locked()
 
     def sync(self) -> None:
@@ -314,14 +310,12 @@ class Plumbing:
             raise Failed(f"the nftables table inet {self.table} belongs to the store {owner or '(unknown)'}, not {self.store.root}: "
                          "two stores with one network tag", hint="stop that store's containers, or use another store root")
         firewall.apply(firewall.ruleset(used, endpoints, self.table, str(self.store.root)))
-        for net in nets.values():
-            if net.name not in by_network:
-                netlink.remove_bridge(os.getpid(), net)
-        # veths of containers that hold no address: a start cut short between making the pair and
-        # handing one end to the container's namespace (which would have taken the pair with it)
+        # Veth pairs left whole on the host: a start cut short between making the pair and handing one
+        # end (pv…) to the container's namespace, which would have taken the pair with it.
         keep = {host_interface(self.tag, c) for members in by_network.values() for c, _ in members}
-        for link in netlink.links(os.getpid()):
-            if link.startswith(f"tv{self.tag}-") and link not in keep:
+        present = set(netlink.links(os.getpid()))
+        for link in present:
+            if link.startswith(f"tv{self.tag}-") and link not in keep and "p" + link[1:] in present:
                 netlink.detach(os.getpid(), link)
         for network, members in by_network.items():
             for member, member_address in members:
@@ -343,15 +337,22 @@ class Plumbing:
         except OSError as exc:
             log.warning("%s: cannot write /etc/hosts: %s", rec.name, exc)
 
-    def leftovers(self) -> builtins.list[str]:
-        """What of this store's networking exists on the host with nothing running that needs it."""
+    def leftovers(self) -> builtins.list[tuple[str, str]]:
+        """(what, why) of this store's networking that nothing running needs: what `sync` removes."""
+        recs = {r.name: r for r in self.records()}
         out = []
-        if not any(True for _ in self.networks.allocations()):
-            if firewall.table_exists(self.table):
-                out.append(f"nftables table inet {self.table}")
-        prefix = f"tv{self.tag}-"
-        out += [f"link {i}" for i in netlink.links(os.getpid()) if i.startswith(prefix)
-                and not any(host_interface(self.tag, c) == i for _, c, _a in self.networks.allocations())]
+        holders = set()
+        for network, container, address in self.networks.allocations():
+            if holds_address(recs.get(container)):
+                holders.add(container)
+            else:
+                out.append((f"address {address} on network {network}", f"held for {container}, which does not run"))
+        present = set(netlink.links(os.getpid()))
+        keep = {host_interface(self.tag, c) for c in holders}
+        out += [(f"link {link}", "a veth pair of no running container") for link in sorted(present)
+                if link.startswith(f"tv{self.tag}-") and link not in keep and "p" + link[1:] in present]
+        if not holders and firewall.table_exists(self.table):
+            out.append((f"nftables table inet {self.table}", "no container runs on a network"))
         return out
 
 
