@@ -60,7 +60,8 @@ def measure_network_start(tupper, prefix: str, runs: int, cleanup_names: list[st
 
 
 def _ab(url: str) -> float:
-    p = subprocess.run(["ab", "-q", "-n", str(AB_REQUESTS), "-c", str(AB_CONCURRENCY), "-t", str(AB_TIME_LIMIT), "-s", "5", url],
+    # -t before -n: ab reads -t as "-n 50000" too, and a later -n sets the count back.
+    p = subprocess.run(["ab", "-q", "-t", str(AB_TIME_LIMIT), "-n", str(AB_REQUESTS), "-c", str(AB_CONCURRENCY), "-s", "5", url],
                        capture_output=True, text=True, timeout=AB_TIME_LIMIT + 30)
     m = re.search(r"Requests per second:\s+([\d.]+)", p.stdout)
     failed = re.search(r"Failed requests:\s+(\d+)", p.stdout)

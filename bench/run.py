@@ -148,6 +148,10 @@ class Cleanup:
     def all(self) -> None:
         for name in list(self.tupper_names):
             self.remove_tupper(name)
+        # The bench store's networks (the default one, made by the first private start) and their bridges.
+        out = subprocess.run([str(TUPPER), "network", "ls", "--json"], capture_output=True, text=True).stdout
+        for net in json.loads(out or "[]"):
+            subprocess.run([str(TUPPER), "network", "rm", net["name"]], capture_output=True)
         for c in list(self.raw):
             try:
                 self.remove_raw(c)

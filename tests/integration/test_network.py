@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -267,3 +269,50 @@ def test_host_and_none_modes(tupper, names, tmp_path):
     assert ifaces[none] == ["lo"]
     assert set(ifaces[host]) == set(subprocess.run(["ls", "/sys/class/net"], capture_output=True, text=True).stdout.split())
     assert tupper.json("status", host)["network"]["address"] is None
+
+
+OUTSIDE_SERVER = """
+import socket, sys
+s = socket.socket()
+s.bind(("0.0.0.0", 7777))
+s.listen(1)
+print("ready", flush=True)
+c, peer = s.accept()
+c.sendall(peer[0].encode())
+c.close()
+"""
+
+
+def test_outbound_traffic_is_masqueraded_behind_the_host(tupper, names, tmp_path):
+    """A namespace of the test's own plays "the outside": a veth from the host (198.51.100.1/30, a
+    documentation range) to it (198.51.100.2). A container connects there; the outside sees the host's
+    address, not the container's."""
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+    host_if, out_if = f"tx{uuid.uuid4().hex[:8]}", f"ty{uuid.uuid4().hex[:8]}"
+    server = None
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"), 5, "the namespace")
+        for argv in (["ip", "link", "add", host_if, "type", "veth", "peer", "name", out_if],
+                     ["ip", "link", "set", out_if, "netns", str(holder.pid)],
+                     ["ip", "addr", "add", "198.51.100.1/30", "dev", host_if], ["ip", "link", "set", host_if, "up"],
+                     ["nsenter", "-t", str(holder.pid), "-n", "ip", "addr", "add", "198.51.100.2/30", "dev", out_if],
+                     ["nsenter", "-t", str(holder.pid), "-n", "ip", "link", "set", out_if, "up"],
+                     ["nsenter", "-t", str(holder.pid), "-n", "ip", "link", "set", "lo", "up"]):
+            subprocess.run(argv, check=True)
+        server = subprocess.Popen(["nsenter", "-t", str(holder.pid), "-n", sys.executable, "-c", OUTSIDE_SERVER],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        comp = write_component(tmp_path / "s", "s", {"sleeper.service": SLEEPER})
+        name = names()
+        tupper("run", write_spec(tmp_path / "s.toml", [comp]), "--name", name, check=True)
+        assert tupper.json("status", name)["network"]["address"].startswith("10.")
+        p = tupper("exec", name, "--", "timeout", "5", "bash", "-c", "exec 3<>/dev/tcp/198.51.100.2/7777; cat <&3")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == "198.51.100.1", "the outside sees the host's address"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        holder.kill()
+        holder.wait()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)

@@ -279,14 +279,15 @@ class Plumbing:
             self._sync_locked()
 
     def sync(self) -> None:
+        """The whole rebuild, with the sweep of what crashes left (tupperd's start, a monitor, store check)."""
         with self.lock():
-            self._sync_locked()
+            self._sync_locked(sweep=True)
 
-    def _sync_locked(self) -> None:
+    def _sync_locked(self, sweep: bool = False) -> None:
         with _clear_errors("container networks"):
-            self._rebuild()
+            self._rebuild(sweep)
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, sweep: bool) -> None:
         recs = {r.name: r for r in self.records()}
         try:
             self.networks.prune(lambda name: holds_address(recs.get(name)))
@@ -310,17 +311,18 @@ class Plumbing:
             raise Failed(f"the nftables table inet {self.table} belongs to the store {owner or '(unknown)'}, not {self.store.root}: "
                          "two stores with one network tag", hint="stop that store's containers, or use another store root")
         firewall.apply(firewall.ruleset(used, endpoints, self.table, str(self.store.root)))
-        # Veth pairs left whole on the host: a start cut short between making the pair and handing one
-        # end (pv…) to the container's namespace, which would have taken the pair with it.
-        keep = {host_interface(self.tag, c) for members in by_network.values() for c, _ in members}
-        present = set(netlink.links(os.getpid()))
-        for link in present:
-            if link.startswith(f"tv{self.tag}-") and link not in keep and "p" + link[1:] in present:
-                netlink.detach(os.getpid(), link)
         for network, members in by_network.items():
             for member, member_address in members:
                 if holds_address(recs[member]):
                     self._write_names(recs[member], member_address, members, network)
+        if sweep:
+            # Veth pairs left whole on the host: a start cut short between making the pair and handing
+            # one end (pv…) to the container's namespace, which would have taken the pair with it.
+            keep = {host_interface(self.tag, c) for members in by_network.values() for c, _ in members}
+            present = set(netlink.links(os.getpid()))
+            for link in present:
+                if link.startswith(f"tv{self.tag}-") and link not in keep and "p" + link[1:] in present:
+                    netlink.detach(os.getpid(), link)
 
     def _write_names(self, rec: Record, address: str, peers: builtins.list[tuple[str, str]], network: str | None) -> None:
         """/etc/hosts (and, on a private network, /etc/resolv.conf) in the container's root. Written
