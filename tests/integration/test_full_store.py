@@ -31,6 +31,8 @@ def full(store_root):
     yield tupper
     for c in json.loads(tupper("ps", "--json").stdout or "[]"):
         tupper("rm", "--force", c["name"])
+    for net in json.loads(tupper("network", "ls", "--json").stdout or "[]"):  # the pool goes; its bridges must too
+        tupper("network", "rm", net["name"], check=True)
     if mounted(FULL_ROOT):
         subprocess.run(["umount", str(FULL_ROOT)], check=False)
         for line in subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout.splitlines():
