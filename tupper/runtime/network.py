@@ -180,9 +180,12 @@ class Plumbing:
     def remove(self, name: str) -> None:
         with self.lock():
             net = self.networks.get(name)
-            users = sorted(r.name for r in self.records() if r.network.mode == "private" and r.network.network == name)
+            recs = {r.name: r for r in self.records()}
+            users = sorted(r.name for r in recs.values() if r.network.mode == "private" and r.network.network == name)
             if users:
                 raise Busy(f"network {name!r} is used by {', '.join(users)}", hint="remove those containers first")
+            # Addresses of containers that are gone (their release could not be written: a full store).
+            self.networks.prune(lambda n: holds_address(recs.get(n)))
             self.networks.remove(name)
             with _clear_errors(f"network {name!r}"):
                 netlink.remove_bridge(os.getpid(), net)
