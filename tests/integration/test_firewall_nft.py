@@ -43,3 +43,27 @@ def test_replacing_with_no_network_removes_the_table():
     a = net.make("a", "10.88.0.0/24", None, "x")
     both = firewall.ruleset([a], []) + firewall.ruleset([], [])
     assert nft_in_netns(both).strip() == ""
+
+
+def test_covers_reads_which_bridges_the_applied_table_fences():
+    from tupper.container import netns
+
+    a, b, c = (net.make(n, f"10.{x}.0.0/24", None, "x") for n, x in (("a", 88), ("b", 89), ("c", 90)))
+    fd = netns.new()  # the namespace's own nftables: the host's ruleset is not touched
+    try:
+        def inside() -> tuple[bool, ...]:
+            firewall._nft = None  # libnftables keeps its netlink socket: one opened here, in the test's namespace
+            before = firewall.covers("tuppert", a.bridge)
+            firewall.apply(firewall.ruleset([a], [], "tuppert"))
+            one = (firewall.covers("tuppert", a.bridge), firewall.covers("tuppert", b.bridge))
+            firewall.apply(firewall.ruleset([a, b], [], "tuppert"))  # two bridges: a set in the rule
+            two = (firewall.covers("tuppert", a.bridge), firewall.covers("tuppert", b.bridge), firewall.covers("tuppert", c.bridge))
+            firewall.apply(firewall.ruleset([], [], "tuppert"))
+            return (before, *one, *two, firewall.covers("tuppert", a.bridge))
+
+        assert netns.run_in_fd(fd, inside) == (False, True, False, True, True, False, False)
+    finally:
+        import os
+
+        firewall._nft = None
+        os.close(fd)

@@ -224,3 +224,17 @@ def table_owner(table: str) -> str | None:
         if comment.startswith("store "):
             return comment[len("store "):]
     return ""
+
+
+def covers(table: str, bridge: str) -> bool:
+    """The table holds the rules of the network with this bridge (its input rules name it): a container
+    attached to that bridge is fenced in from its first packet, before its own port rules are added."""
+    chain = _list({"chain": {"family": FAMILY, "table": table, "name": "input"}})
+    for item in chain or []:
+        for expr in item.get("rule", {}).get("expr", []):
+            m = expr.get("match", {})
+            if m.get("left") == {"meta": {"key": "iifname"}}:
+                right = m.get("right")
+                if right == bridge or (isinstance(right, dict) and bridge in right.get("set", [])):
+                    return True
+    return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -30,21 +31,34 @@ def _delete(ipr: IPRoute, index: int) -> bool:
         raise
 
 
+def index_of(name: str) -> int | None:
+    """The index of link `name` in the calling thread's namespace (if_nametoindex(3): one ioctl, where a
+    netlink lookup through pyroute2 takes a millisecond), None where there is none."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
 def _sysctl(path: str, value: str) -> None:
     Path("/proc/sys/net", path).write_text(value)
 
 
-def ensure_bridge(host: int, net: Network) -> None:
+def ensure_bridge(host: int, net: Network) -> bool:
     """The network's bridge with the gateway address(es), up; forwarding on, and route_localnet on the
-    bridge (published ports answer on 127.0.0.1: see tupper.container.firewall)."""
+    bridge (published ports answer on 127.0.0.1: see tupper.container.firewall). True where the
+    bridge was made now."""
 
-    def work() -> None:
+    def work() -> bool:
+        made = False
         with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=net.bridge)
-            if not found:
+            index = index_of(net.bridge)
+            if index is None:
                 ipr.link("add", ifname=net.bridge, kind="bridge")
-                found = ipr.link_lookup(ifname=net.bridge)
-            index = found[0]
+                index = index_of(net.bridge)
+                made = True
+                if index is None:
+                    raise OSError(errno.ENODEV, f"the bridge {net.bridge} vanished as it was made")
             have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
             if (str(net.gateway), net.subnet.prefixlen) not in have:
                 ipr.addr("add", index=index, address=str(net.gateway), prefixlen=net.subnet.prefixlen)
@@ -55,8 +69,9 @@ def ensure_bridge(host: int, net: Network) -> None:
         _sysctl(f"ipv4/conf/{net.bridge}/route_localnet", "1")
         if net.subnet6 is not None:
             _sysctl("ipv6/conf/all/forwarding", "1")
+        return made
 
-    netns.run_in(host, work)
+    return netns.run_in(host, work)
 
 
 def remove_bridge(host: int, net: Network) -> None:
@@ -70,29 +85,33 @@ def remove_bridge(host: int, net: Network) -> None:
 
 def attach(host: int, container: int | None, net: Network, host_if: str, address: ipaddress.IPv4Address,
            address6: ipaddress.IPv6Address | None = None, *, netns_fd: int | None = None) -> None:
-    """A veth pair: `host_if` on the bridge, its peer in the namespace of process `container` (or the
-    one open as `netns_fd`) as host0 with the address(es), up, with the default route through the bridge."""
+    """A veth pair: `host_if` on the bridge, its peer made right in the namespace of process
+    `container` (or the one open as `netns_fd`) as host0, with the address(es), up, with the default
+    route through the bridge. Made there, not moved there: moving a link between namespaces waits for
+    the kernel's RCU grace periods (about 20 ms here), and a pair whose peer lives in the container's
+    namespace goes with that namespace, so no crash can leave it whole on the host."""
     where = {"net_ns_fd": netns_fd} if netns_fd is not None else {"net_ns_pid": container}
-    peer = "p" + host_if[1:]  # its name until it is host0 in the container (as long as host_if: IFNAMSIZ)
 
     def on_host() -> None:
         with IPRoute() as ipr:
-            for index in ipr.link_lookup(ifname=host_if):  # left by a crash: made again
-                _delete(ipr, index)
-            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer})
-            bridge = ipr.link_lookup(ifname=net.bridge)[0]
-            ipr.link("set", index=ipr.link_lookup(ifname=host_if)[0], master=bridge, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname=peer)[0], **where)
+            if (left := index_of(host_if)) is not None:  # left by a crash: made again
+                _delete(ipr, left)
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": CONTAINER_IF, **where})
+            bridge, index = index_of(net.bridge), index_of(host_if)
+            if bridge is None or index is None:
+                raise OSError(errno.ENODEV, f"the bridge {net.bridge} or the link {host_if} vanished while it was set up")
+            ipr.link("set", index=index, master=bridge, state="up")
 
     def inside() -> None:
+        index, lo = index_of(CONTAINER_IF), index_of("lo")
+        if index is None or lo is None:
+            raise OSError(errno.ENODEV, f"no {CONTAINER_IF} in the container's namespace")
         with IPRoute() as ipr:
-            index = ipr.link_lookup(ifname=peer)[0]
-            ipr.link("set", index=index, ifname=CONTAINER_IF)
             ipr.addr("add", index=index, address=str(address), prefixlen=net.subnet.prefixlen)
             if address6 is not None:
                 ipr.addr("add", index=index, address=str(address6), prefixlen=64, flags=0x02)  # IFA_F_NODAD
             ipr.link("set", index=index, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("set", index=lo, state="up")
             ipr.route("add", dst="0.0.0.0/0", gateway=str(net.gateway))
             if address6 is not None and net.gateway6 is not None:
                 ipr.route("add", dst="::/0", gateway=str(net.gateway6), family=10)

@@ -2,18 +2,20 @@
 container's start and stop, and keeps the host's side (bridges, nftables table, every container's
 /etc/hosts) in step with what runs.
 
-start (private mode): the network's bridge → an address from the store → a new network namespace with
-a veth pair (host0 inside, address, routes) made from the host over netlink → /etc/hosts and
-/etc/resolv.conf in the root → `sync` (nftables, the other containers' /etc/hosts). systemd-nspawn
-then joins that namespace (`--network-namespace-path`), so host0 is configured before systemd
-inside starts anything. The namespace lives as long as the container's processes: when the container
-ends, the kernel deletes it, and the veth pair with it.
+start (private mode), `prepare`: the network's bridge (and its rules, at its first use) → an address
+from the store → a new network namespace with a veth pair whose peer is made in it as host0, with
+address and routes, from the host over netlink → /etc/hosts and /etc/resolv.conf in the root.
+systemd-nspawn then joins that namespace (`--network-namespace-path`), so host0 is configured before
+systemd inside starts anything. `publish`, while systemd boots: `sync` (the container's port
+forwards, the other containers' /etc/hosts). The namespace lives as long as the container's
+processes: when the container ends, the kernel deletes it, and the veth pair with it.
 
 `sync` rebuilds everything that depends on which containers run, from the store's state alone: the
-nftables table (one transaction), each running container's /etc/hosts, and the bridges (a network
-nobody uses has none). It releases addresses of containers that no longer run. It is called after
-every start, stop, kill and removal, by a container's monitor when the container ends by itself, and
-by tupperd when it starts (re-adoption after a crash or a SIGKILL is the same rebuild).
+nftables table (one transaction: the rules of every network of the store, and the port forwards of
+every running container) and each running container's /etc/hosts. It releases addresses of
+containers that no longer run. It is called after every start, stop, kill and removal, by a
+container's monitor when the container ends by itself, and by tupperd when it starts (re-adoption
+after a crash or a SIGKILL is the same rebuild). Bridges, and their rules, live until `network rm`.
 """
 
 from __future__ import annotations
@@ -155,7 +157,10 @@ class Plumbing:
         where = f"tupper network create {name}"
         net = netmodel.make(name, subnet or self._free_subnet(), subnet6, where, self.tag)
         self._check_routes(net, where)
-        return self.networks.create(net)
+        with self.lock():
+            made = self.networks.create(net)
+            self._sync_locked()  # its rules, before a container is on it
+        return made
 
     def _free_subnet(self) -> str:
         """A /24 for a network made without --subnet: the first 10.X.0.0/24 from 10.89 on that neither
@@ -238,7 +243,9 @@ class Plumbing:
     def prepare(self, rec: Record) -> int | None:
         """Before nspawn: the container's network namespace, open (nspawn joins it by path; the caller
         closes it once the container runs), or None where nspawn needs none of tupper's (host mode;
-        none mode: nspawn's own --private-network). The address is saved in the record."""
+        none mode: nspawn's own --private-network). The address is saved in the record. The rules of
+        its network are in place before its veth is on the bridge; its own port rules and the other
+        containers' /etc/hosts follow in `publish`, while it boots."""
         spec = rec.network
         if spec.mode != "private":
             self._write_names(rec, "127.0.1.1", [], None)
@@ -250,23 +257,33 @@ class Plumbing:
                 rec.network = attrs.evolve(spec, ports=ports)
             net = self.network_of(spec.network, f"{where}.network")
             address = self.networks.allocate(net.name, rec.name)
+            peers = [(c, str(a)) for n, c, a in self.networks.allocations() if n == net.name]
         fd = None
         try:
             address6 = netmodel.address6(net, address)
             rec.address, rec.address6 = str(address), str(address6) if address6 else ""
             rec.save()
             with _clear_errors(f"container {rec.name!r}: its network"):
-                netlink.ensure_bridge(os.getpid(), net)
+                made = netlink.ensure_bridge(os.getpid(), net)
+                if made or not firewall.covers(self.table, net.bridge):  # a network's first use (or a table lost)
+                    with self.lock():
+                        self._sync_locked()
                 fd = netns.new()
                 netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
-            with self.lock():
-                self._sync_locked()
+            self._write_names(rec, str(address), peers, net.name)
             return fd
         except BaseException:
             if fd is not None:
                 os.close(fd)
             self.release(rec)
             raise
+
+    def publish(self, rec: Record) -> None:
+        """Once nspawn runs: the container's published ports and its name in the other containers'
+        /etc/hosts (the rebuild), done while its systemd boots, before the start is reported done."""
+        if rec.network.mode == "private":
+            with self.lock():
+                self._sync_locked()
 
     def release(self, rec: Record) -> None:
         """After the container ended (or its start failed): its address, rules and name go."""
@@ -308,7 +325,7 @@ class Plumbing:
             endpoints.append(firewall.Endpoint(container, network, address, netmodel.address6(nets[network], address),
                                                rec.network.ports))
             by_network.setdefault(network, []).append((container, str(address)))
-        used = [nets[n] for n in sorted(by_network)]
+        used = [nets[n] for n in sorted(nets)]  # every network's rules, used or not: see `prepare`
         owner = firewall.table_owner(self.table)
         if owner not in (None, str(self.store.root)):
             raise Failed(f"the nftables table inet {self.table} belongs to the store {owner or '(unknown)'}, not {self.store.root}: "
@@ -356,8 +373,8 @@ class Plumbing:
         keep = {host_interface(self.tag, c) for c in holders}
         out += [(f"link {link}", "a veth pair of no running container") for link in sorted(present)
                 if link.startswith(f"tv{self.tag}-") and link not in keep and "p" + link[1:] in present]
-        if not holders and firewall.table_exists(self.table):
-            out.append((f"nftables table inet {self.table}", "no container runs on a network"))
+        if not self.networks.list() and firewall.table_exists(self.table):
+            out.append((f"nftables table inet {self.table}", "the store has no network"))
         return out
 
 

@@ -387,6 +387,7 @@ class Runtime:
                 finally:
                     if netns_fd is not None:  # nspawn joined it (or never will): the container's processes hold it now
                         os.close(netns_fd)
+                self.net.publish(rec)  # while systemd inside boots
                 bus = self.connect_bus(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
             undo.callback(bus.close)
             with progress.step(f"Starting {len(rec.units)} unit(s)"):
