@@ -88,7 +88,7 @@ def _add_run(sub) -> None:
     r = sub.add_parser("run", help="boot a container from a spec and start its components",
                        description="Snapshot the spec's image, bind its components, boot systemd with systemd-nspawn, "
                                    "and wait until every component unit is active. The container keeps running after tupper returns.")
-    r.add_argument("spec", type=_path, help="spec file (TOML), see docs/spec.md")
+    r.add_argument("spec", help="spec file (TOML), see docs/spec.md")
     r.add_argument("--name", help="container name (default: the spec's `name`, else the file's stem)")
     r.add_argument("--keep-failed", action="store_true", help="when a unit fails, leave the container running for inspection")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -442,10 +442,12 @@ def dispatch(args) -> int:
         return _backend(args).exec(args.name, command)
     if cmd == "events":
         return cmd_events(args)
-    if cmd == "run":
+    if cmd == "run" and args.direct:
+        from pathlib import Path
+
         from tupper import tomlfile
 
-        tomlfile.load(args.spec, "spec file")  # a bad path or bad TOML is refused before any store is opened
+        tomlfile.load(Path(args.spec), "spec file")  # a bad path or bad TOML is refused before any store is opened
     backend = _backend(args)
     if cmd == "run":
         return cmd_run(args, backend)

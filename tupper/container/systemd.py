@@ -346,6 +346,22 @@ class UnitWatch:
             raise
         return watch
 
+    async def states(self) -> dict[str, tuple[str, str]]:
+        """{unit: (ActiveState, SubState)} of the followed units, as systemd has them now."""
+        from dbus_next import Message, MessageType
+
+        out = {}
+        for path, unit in self._paths.items():
+            got = []
+            for prop in ("ActiveState", "SubState"):
+                reply = await self._bus.call(Message(destination=SD.decode(), path=path, interface="org.freedesktop.DBus.Properties",
+                                                     member="Get", signature="ss", body=[UNIT.decode(), prop]))
+                if reply is None or reply.message_type == MessageType.ERROR:
+                    raise Failed(f"{unit}: {prop}: {reply.error_name if reply else 'no reply'}")
+                got.append(reply.body[0].value)
+            out[unit] = (got[0], got[1])
+        return out
+
     def close(self) -> None:
         """Disconnect and close the socket now. dbus-next's disconnect() only shuts the socket down and
         leaves the fd to the garbage collector: one fd per stopped container in tupperd, for an unbounded time."""

@@ -119,6 +119,7 @@ class Daemon:
         self.manager = api.ManagerInterface(self)
         self.watched: dict[str, Watched] = {}
         self.creating: set[str] = set()
+        self.tasks: set[asyncio.Task] = set()  # background work that must not be collected half-way
         self.secrets = SecretStore(runtime.store)
         self.agents: dict[str, Agent] = {}
         runtime.serves_secrets = True
@@ -251,8 +252,11 @@ class Daemon:
 
     async def _attach(self, w: Watched, rec: Record, *, started: bool = False) -> None:
         """Watch the container's nspawn (pidfd), follow its units over its own bus, check its components'
-        health, count its OOM kills. `started`: we just started it (its checks passed; every OOM kill in
-        its fresh cgroups is news), else it is adopted (checks start over; kills so far are old news)."""
+        health, count its OOM kills. `started`: we just started it (its units were active a moment ago,
+        its checks passed, every OOM kill in its fresh cgroups is news): the call that started it is
+        answered at once and the units are followed from a task, which then reads where they stand
+        (catching a change made before its subscription). Else it is adopted: followed, then read, before
+        this returns (checks start over; kills so far are old news)."""
         self._detach(w)
         try:
             fd = os.pidfd_open(rec.nspawn_pid)
@@ -263,27 +267,45 @@ class Daemon:
             return
         w.pidfd, w.nspawn_pid = fd, rec.nspawn_pid
         self.loop.add_reader(fd, lambda: asyncio.ensure_future(self._on_exit(w, fd)))
-        try:
-            await self._subscribe_units(w, rec)
-        except Exception as exc:  # noqa: BLE001 - the container runs without unit signals; say so
-            log.warning("%s: cannot follow its units over its bus: %s", rec.name, exc)
+        if started:
+            w.oom = self.runtime.oom_counter(rec)
+            self._start_health(w, rec, healthy=True)
+            self._set_state(w)
+            self._check_oom(w)
+            task = asyncio.ensure_future(self._follow_units(w, rec, fd))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        await self._follow_units(w, rec, fd)
         if w.pidfd != fd:
             return
         w.oom = self.runtime.oom_counter(rec)
-        if not started:
-            # Adopted: where its units and OOM counters stand now (a start just saw every unit active, and
-            # its cgroups are new); changes arrive as signals from here on.
-            try:
-                status = await asyncio.to_thread(self.runtime.status, rec.name, ())
-                if w.pidfd == fd:
-                    w.unit_states.update({u.name: u.state.active_state for u in status.units})
-                    w.oom_kills = {"": status.oom_kills, **dict(status.component_oom_kills)}
-            except (TupperError, OSError) as exc:
-                log.warning("%s: cannot read its units' state: %s", rec.name, exc)
+        # Adopted: where its units and OOM counters stand now; changes arrive as signals from here on.
+        try:
+            status = await asyncio.to_thread(self.runtime.status, rec.name, ())
+            if w.pidfd == fd:
+                w.unit_states.update({u.name: u.state.active_state for u in status.units})
+                w.oom_kills = {"": status.oom_kills, **dict(status.component_oom_kills)}
+        except (TupperError, OSError) as exc:
+            log.warning("%s: cannot read its units' state: %s", rec.name, exc)
         if w.pidfd == fd:
-            self._start_health(w, rec, healthy=started)
+            self._start_health(w, rec, healthy=False)
             self._set_state(w)
             self._check_oom(w)
+
+    async def _follow_units(self, w: Watched, rec: Record, fd: int) -> None:
+        """Subscribe to the container's unit changes (`_on_unit`); then, for a container just started,
+        report any unit that is no longer active (it changed before the subscription took)."""
+        try:
+            await self._subscribe_units(w, rec)
+            if w.units is None or w.pidfd != fd:
+                return
+            for unit, (active, sub) in (await w.units.states()).items():
+                if w.pidfd == fd and active != "active" and w.unit_states.get(unit) != active:
+                    self._on_unit(w, unit, active, sub)
+        except Exception as exc:  # noqa: BLE001 - the container runs without unit signals; say so
+            if w.pidfd == fd:
+                log.warning("%s: cannot follow its units over its bus: %s", rec.name, exc)
 
     def _detach(self, w: Watched) -> None:
         w.health_generation += 1

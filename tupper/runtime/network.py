@@ -261,8 +261,7 @@ class Plumbing:
         fd = None
         try:
             address6 = netmodel.address6(net, address)
-            rec.address, rec.address6 = str(address), str(address6) if address6 else ""
-            rec.save()
+            rec.address, rec.address6 = str(address), str(address6) if address6 else ""  # saved with the container's pids
             with _clear_errors(f"container {rec.name!r}: its network"):
                 made = netlink.ensure_bridge(os.getpid(), net)
                 if made or not firewall.covers(self.table, net.bridge):  # a network's first use (or a table lost)
