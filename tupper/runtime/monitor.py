@@ -9,10 +9,12 @@ container's directory and removes what nspawn leaves (cgroups where tupper made 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +24,62 @@ from tupper.container import cgroups, nspawn
 from tupper.errors import Failed, TupperError
 from tupper.runtime import records
 
+GATE_TIMEOUT = 120.0  # seconds nspawn may wait at a gate (Gate) before the start is called off
+
+
+class Gate:
+    """Work that must be done before nspawn runs, done while the monitor is being made: `spawn(...,
+    gate=g.fd)` forks the monitor and nspawn's process, which joins its cgroups and then waits here
+    until `work()` (run in a thread of this process) has returned; only then is nspawn executed. Where
+    `work()` raises, nspawn is never executed, `spawn` fails, and `join()` raises work's exception.
+    Use it as a context manager: on leaving, the thread is waited for and the pipe closed."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._r, self._w = os.pipe()
+        self._failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(work,), name="gate")
+        self._thread.start()
+
+    @property
+    def fd(self) -> int:
+        return self._r
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+            os.write(self._w, b"1")
+        except BaseException as exc:  # noqa: BLE001 - handed to join()
+            self._failed.append(exc)
+        finally:
+            os.close(self._w)  # end of file: a waiter that read no "1" calls the start off
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._failed:
+            raise self._failed[0]
+
+    def __enter__(self) -> Gate:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.join()
+        finally:
+            os.close(self._r)
+
+
+def _pass(gate: int) -> None:
+    """In nspawn's process before exec: wait for the gate's "go"."""
+    if not select.select([gate], [], [], GATE_TIMEOUT)[0]:
+        raise OSError(errno.ETIMEDOUT, "the container's network was not ready in time")
+    if os.read(gate, 1) != b"1":
+        raise OSError(errno.ECANCELED, "the start was called off")
+
 
 def spawn(name: str, cdir: Path, argv: list[str], console: Path, cgroup: str | None,
-          on_exit: Callable[[Path], None] | None = None) -> tuple[int, int]:
-    """Start the monitor of container `name` running `argv` (nspawn); (monitor pid, nspawn pid)."""
+          on_exit: Callable[[Path], None] | None = None, gate: int | None = None) -> tuple[int, int]:
+    """Start the monitor of container `name` running `argv` (nspawn); (monitor pid, nspawn pid).
+    `gate`: a Gate's fd: nspawn is executed once the gate opens (see Gate)."""
     import setproctitle  # noqa: F401 - imported here, once, not in each monitor (it imports logging: 20 ms in a fresh one)
 
     r, w = os.pipe()
@@ -35,7 +89,7 @@ def spawn(name: str, cdir: Path, argv: list[str], console: Path, cgroup: str | N
             os.close(r)
             os.setsid()
             if os.fork() == 0:
-                _monitor(name, cdir, argv, w, console, cgroup, on_exit)
+                _monitor(name, cdir, argv, w, console, cgroup, on_exit, gate)
             os._exit(0)
         except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
             os._exit(1)
@@ -229,7 +283,7 @@ def _wait(p: subprocess.Popen, placer: Placer | None) -> int:
 
 
 def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None,
-             on_exit: Callable[[Path], None] | None) -> None:
+             on_exit: Callable[[Path], None] | None, gate: int | None = None) -> None:
     """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
     code = 1
     try:
@@ -244,8 +298,18 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         # Keep nothing of the caller's open: a pipe held here would keep the caller's reader waiting.
-        os.closerange(3, reply_fd)
-        os.closerange(reply_fd + 1, 65536)
+        low = 3
+        for keep in sorted({reply_fd} | ({gate} if gate is not None else set())):
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, 65536)
+
+        def before_exec() -> None:  # in nspawn's process
+            if cgroup:
+                cgroups.join(name, parent=cgroup)
+            if gate is not None:
+                _pass(gate)
+
         out = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             p = proc.popen(
@@ -254,11 +318,13 @@ def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Pat
                 stdout=out,
                 stderr=out,
                 close_fds=True,
-                preexec_fn=(lambda: cgroups.join(name, parent=cgroup)) if cgroup else None,
+                preexec_fn=before_exec if cgroup or gate is not None else None,
             )
-        except (OSError, TupperError) as exc:
+        except (OSError, TupperError, subprocess.SubprocessError) as exc:
             os.write(reply_fd, f"error: {exc}".encode())
             os._exit(1)
+        if gate is not None:
+            os.close(gate)
         os.write(reply_fd, f"{os.getpid()} {p.pid}\n".encode())
         os.close(reply_fd)
         placer = Placer(name, cdir, cgroup, out) if cgroup and cgroups.Layout.detect().kind != "v2" else None

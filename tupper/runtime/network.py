@@ -121,6 +121,20 @@ def _clear_errors(what: str) -> Iterator[None]:
         raise Failed(f"{what}: {exc.strerror}") from None
 
 
+@attrs.frozen
+class Joining:
+    """A container's network namespace, open as `fd` (the caller closes it once nspawn has joined it,
+    or will not), and the work that wires it up (`wire`: its veth pair, host0, /etc/hosts)."""
+
+    fd: int
+    wire: Callable[[], None]
+
+    @property
+    def path(self) -> str:
+        """The namespace as systemd-nspawn's --network-namespace-path opens it (through this process's fd)."""
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+
 class Plumbing:
     """The network side of the runtime, for one store."""
 
@@ -240,12 +254,14 @@ class Plumbing:
                 return candidate
         raise InvalidInput("no free host port found", hint="give `host` in [[network.ports]]")
 
-    def prepare(self, rec: Record) -> int | None:
-        """Before nspawn: the container's network namespace, open (nspawn joins it by path; the caller
-        closes it once the container runs), or None where nspawn needs none of tupper's (host mode;
-        none mode: nspawn's own --private-network). The address is saved in the record. The rules of
-        its network are in place before its veth is on the bridge; its own port rules and the other
-        containers' /etc/hosts follow in `publish`, while it boots."""
+    def prepare(self, rec: Record) -> Joining | None:
+        """Before nspawn: the container's address (in the record, saved by the caller) and its network
+        namespace, open, for nspawn to join by path; None where nspawn needs none of tupper's (host
+        mode; none mode: nspawn's own --private-network). The namespace is still empty: `Joining.wire`
+        makes its veth pair and /etc/hosts, and must be done before nspawn starts, which it may do
+        while the caller makes ready to start nspawn (see Runtime.start). The network's rules are in
+        place before that; the container's own port rules and the other containers' /etc/hosts follow
+        in `publish`, while it boots."""
         spec = rec.network
         if spec.mode != "private":
             self._write_names(rec, "127.0.1.1", [], None)
@@ -258,24 +274,25 @@ class Plumbing:
             net = self.network_of(spec.network, f"{where}.network")
             address = self.networks.allocate(net.name, rec.name)
             peers = [(c, str(a)) for n, c, a in self.networks.allocations() if n == net.name]
-        fd = None
         try:
             address6 = netmodel.address6(net, address)
-            rec.address, rec.address6 = str(address), str(address6) if address6 else ""  # saved with the container's pids
+            rec.address, rec.address6 = str(address), str(address6) if address6 else ""
             with _clear_errors(f"container {rec.name!r}: its network"):
                 made = netlink.ensure_bridge(os.getpid(), net)
                 if made or not firewall.covers(self.table, net.bridge):  # a network's first use (or a table lost)
                     with self.lock():
                         self._sync_locked()
-                fd = netns.new()
-                netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
-            self._write_names(rec, str(address), peers, net.name)
-            return fd
+            fd = netns.new()
         except BaseException:
-            if fd is not None:
-                os.close(fd)
             self.release(rec)
             raise
+
+        def wire() -> None:
+            with _clear_errors(f"container {rec.name!r}: its network"):
+                netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
+            self._write_names(rec, str(address), peers, net.name)
+
+        return Joining(fd, wire)
 
     def publish(self, rec: Record) -> None:
         """Once nspawn runs: the container's published ports and its name in the other containers'

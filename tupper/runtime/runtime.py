@@ -377,16 +377,18 @@ class Runtime:
                 # The directory, not the socket file: a restarted tupperd makes a new socket the container still sees.
                 binds.append(nspawn.Bind(self.store.agent_dir(rec.name), unitfiles.AGENT_DIR))
             with progress.step(f"Booting {rec.name}"):
-                netns_fd = self.net.prepare(rec)
-                netns_path = f"/proc/{os.getpid()}/fd/{netns_fd}" if netns_fd is not None else None
+                joining = self.net.prepare(rec)
                 try:
-                    argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host, cgroups.systemd_properties(rec.resources),
-                                            nspawn.network_args(rec.network.mode, netns_path))
-                    self._make_cgroups(rec, progress)
-                    self._start(rec, argv)
+                    # The namespace is wired up (veth pair, host0, /etc/hosts) while the monitor and nspawn's
+                    # process are made; nspawn is executed only once that is done (monitor.Gate).
+                    with monitor.Gate(joining.wire) if joining else contextlib.nullcontext() as gate:
+                        argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host, cgroups.systemd_properties(rec.resources),
+                                                nspawn.network_args(rec.network.mode, joining.path if joining else None))
+                        self._make_cgroups(rec, progress)
+                        self._start(rec, argv, gate.fd if gate else None)
                 finally:
-                    if netns_fd is not None:  # nspawn joined it (or never will): the container's processes hold it now
-                        os.close(netns_fd)
+                    if joining is not None:  # nspawn joined it (or never will): the container's processes hold it now
+                        os.close(joining.fd)
                 self.net.publish(rec)  # while systemd inside boots
                 bus = self.connect_bus(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
             undo.callback(bus.close)
@@ -462,11 +464,11 @@ class Runtime:
         for note in notes:
             progress.note(f"{rec.name}: {note}")
 
-    def _start(self, rec: Record, argv: list[str]) -> None:
+    def _start(self, rec: Record, argv: list[str], gate: int | None = None) -> None:
         """Fork the monitor that owns nspawn (see tupper.monitor); record the processes and PID 1."""
         cgroup = None if self.host.systemd else self.store.cgroup_parent
         rec.monitor_pid, rec.nspawn_pid = monitor.spawn(rec.name, rec.dir, argv, rec.dir / "console.log", cgroup,
-                                                        on_exit=self._ended_by_itself)
+                                                        on_exit=self._ended_by_itself, gate=gate)
         rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
         rec.started_at = time.time()
         rec.leader_pid = monitor.find_leader(rec.nspawn_pid, rec.alive, rec.dir / "console.log")
