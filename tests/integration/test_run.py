@@ -38,6 +38,24 @@ def test_container_gets_its_name_as_hostname_and_components_read_only(tupper, na
     assert p.returncode != 0, "the component payload must be bound read-only"
 
 
+def test_an_nspawn_settings_file_for_the_machine_has_no_effect(tupper, names, tmp_path):
+    """tupper's record is the one source of a container's settings (nspawn runs with --settings=no):
+    a NAME.nspawn file in /run/systemd/nspawn that would rename the host and bind a directory in is ignored."""
+    name = names()
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "marker").write_text("from the .nspawn file")
+    settings = Path("/run/systemd/nspawn") / f"{name}.nspawn"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(f"[Exec]\nHostname=from-nspawn-file\n[Files]\nBindReadOnly={planted}:/mnt/planted\n")
+    try:
+        tupper("run", REPO / "examples/hello.toml", "--name", name, check=True)
+        assert tupper("exec", name, "--", "cat", "/proc/sys/kernel/hostname").stdout.strip() == name
+        assert tupper("exec", name, "--", "test", "-e", "/mnt/planted/marker").returncode == 1
+    finally:
+        settings.unlink()
+
+
 def test_requires_starts_units_after_the_required_ones_are_active(tupper, names, tmp_path):
     # "base" takes a while to become active; "app" requires it, so it may only start afterwards.
     base = write_component(tmp_path / "base", "base", {"base.service": (

@@ -20,6 +20,7 @@ def test_boot_argv_on_a_host_without_systemd_neither_registers_nor_makes_a_scope
         "--boot",
         "--console", "pipe",
         "--link-journal", "no",
+        "--settings", "no",
         "--register", "no",
         "--keep-unit",
     ]  # fmt: skip
@@ -55,7 +56,7 @@ def test_boot_argv_is_a_list_of_strings():
 def test_command_argv_runs_the_command_after_a_double_dash_without_booting():
     argv = nspawn.command_argv(ROOTFS, ["/bin/sh", "-c", "echo --boot"], NO_SYSTEMD)
     assert argv == [
-        "systemd-nspawn", "--quiet", "--directory", str(ROOTFS), "--pipe", "--link-journal", "no",
+        "systemd-nspawn", "--quiet", "--directory", str(ROOTFS), "--pipe", "--link-journal", "no", "--settings", "no",
         "--register", "no", "--keep-unit",
         "--", "/bin/sh", "-c", "echo --boot",
     ]  # fmt: skip
@@ -64,7 +65,7 @@ def test_command_argv_runs_the_command_after_a_double_dash_without_booting():
 
 def test_command_argv_on_a_systemd_host_keeps_nspawn_defaults():
     argv = nspawn.command_argv(ROOTFS, ["true"], SYSTEMD)
-    assert argv == ["systemd-nspawn", "--quiet", "--directory", str(ROOTFS), "--pipe", "--link-journal", "no", "--", "true"]
+    assert argv == ["systemd-nspawn", "--quiet", "--directory", str(ROOTFS), "--pipe", "--link-journal", "no", "--settings", "no", "--", "true"]
 
 
 def test_host_detect_needs_both_systemd_and_a_system_bus(monkeypatch):

@@ -53,6 +53,9 @@ def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host, properties
         "--boot",
         "--console", "pipe",
         "--link-journal", "no",
+        # The record is the one source of a container's settings: a NAME.nspawn file in /etc/systemd/nspawn,
+        # /run/systemd/nspawn or beside the root would otherwise change it behind tupper's back.
+        "--settings", "no",
     ]
     if host.systemd:
         argv += ["--register", "yes"]
@@ -68,7 +71,7 @@ def boot_argv(name: str, rootfs: Path, binds: list[Bind], host: Host, properties
 
 def command_argv(rootfs: Path, command: list[str], host: Host) -> list[str]:
     """argv that runs one command in `rootfs` without booting (image build steps)."""
-    argv = ["systemd-nspawn", "--quiet", "--directory", str(rootfs), "--pipe", "--link-journal", "no"]
+    argv = ["systemd-nspawn", "--quiet", "--directory", str(rootfs), "--pipe", "--link-journal", "no", "--settings", "no"]
     if not host.systemd:
         argv += ["--register", "no", "--keep-unit"]
     return argv + ["--", *command]
