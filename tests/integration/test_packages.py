@@ -186,3 +186,28 @@ def test_sdk_cli_init_check_and_every_problem_reported_with_exit_2(tupper, tmp_p
     assert lines[-1] == f"tupper: 3 problem(s) in {d}"
     assert tupper("sdk", "build", d, "-o", tmp_path).returncode == 2, "build refuses what check refuses"
     assert not list(tmp_path.glob("*.tupper"))
+
+
+def test_sdk_check_has_systemd_verify_the_units(tupper, tmp_path):
+    """A misspelt directive and a bad value pass tupper's own checks; systemd-analyze verify catches both."""
+    d = tmp_path / "demo"
+    tupper("sdk", "init", "demo", "--dir", d, check=True)
+    unit = d / "units/demo.service"
+    unit.write_text(unit.read_text().replace("[Service]\n", "[Service]\nRestart=on-falure\nMemoryMaxx=1G\n"))
+    bad = tupper("sdk", "check", d)
+    assert bad.returncode == 2
+    lines = bad.stderr.splitlines()
+    assert any(line.startswith(f"{d}/units/demo.service:") and "on-falure" in line for line in lines), lines
+    assert any("Unknown key 'MemoryMaxx'" in line for line in lines), lines
+    assert lines[-1] == f"tupper: 2 problem(s) in {d}"
+
+
+def test_sdk_build_into_a_directory_that_does_not_exist_yet(tupper, tmp_path):
+    d = tmp_path / "demo"
+    tupper("sdk", "init", "demo", "--dir", d, check=True)
+    built = tupper("sdk", "build", d, "-o", f"{tmp_path}/dist/")  # the command the docs and the generated README give
+    assert built.returncode == 0, built.stderr
+    assert (tmp_path / "dist/demo-0.1.0.tupper").is_file()
+    refused = tupper("sdk", "build", d, "-o", tmp_path / "nowhere" / "demo.tupper")
+    assert refused.returncode == 2 and "no directory" in refused.stderr and "end it with /" in refused.stderr
+    assert not (tmp_path / "nowhere").exists()

@@ -23,7 +23,7 @@ def add_sdk(sub) -> None:
     check.add_argument("--image", default="debian-bookworm", help="image to check programs and unit names against (when built)")
     build = s.add_parser("build", help="check, then write NAME-VERSION.tupper (reproducible, with a sha256 digest)")
     build.add_argument("dir", type=Path)
-    build.add_argument("-o", "--output", type=Path, default=Path("."), help="directory or file (default: .)")
+    build.add_argument("-o", "--output", default=".", help="a directory (made if missing where it ends with /) or a file (default: .)")
     build.add_argument("--image", default="debian-bookworm", help=argparse.SUPPRESS)
     inspect = s.add_parser("inspect", help="show a package's manifest, units, files and digest (verified)")
     inspect.add_argument("package", type=Path)
@@ -62,12 +62,20 @@ def _image_root(args) -> Path | None:
 
 
 def _check(args) -> tuple:
+    from tupper.container import verify
     from tupper.model import sdk
 
     image = _image_root(args)
     component, problems = sdk.check(args.dir, image)
     if image is None:
         print(f"note: image {args.image!r} not available: programs and unit names were not checked against it", file=sys.stderr)
+    if component is not None:
+        if verify.available():
+            root = args.dir.resolve()
+            problems += [sdk.Problem(f"{args.dir / where}", what)
+                         for where, what in verify.findings([root / "units" / u for u in component.units], root)]
+        else:
+            print("note: systemd-analyze is not installed: the units were not verified by systemd", file=sys.stderr)
     return component, problems
 
 
@@ -97,7 +105,7 @@ def _sdk(args) -> int:
             print(f"{args.dir}: {component.name} {component.version} is fine ({len(component.units)} unit(s))")
             return 0
         t0 = time.monotonic()
-        path, digest = packages.build(args.dir.resolve(), component, args.output)
+        path, digest = packages.build(args.dir.resolve(), component, _output(args.output))
         print(f"{path} {digest} ({path.stat().st_size} bytes, {time.monotonic() - t0:.2f}s)")
         return 0
     if cmd == "inspect":
@@ -117,6 +125,23 @@ def _sdk(args) -> int:
                                                f["path"] + (f" -> {f['target']}" if f["target"] else "")] for f in info["files"]])
         return 0 if info["digest_ok"] else 1
     raise AssertionError(cmd)
+
+
+def _output(text: str) -> Path:
+    """`sdk build -o`: a directory where it names one or ends with "/" (made, with its parents, as
+    `mkdir -p` would), else the package file itself, in a directory that must exist."""
+    out = Path(text)
+    if text.endswith("/") or out.is_dir():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise InvalidInput(f"-o {text}: exists and is not a directory") from None
+        except OSError as exc:
+            raise InvalidInput(f"-o {text}: cannot make the directory: {exc.strerror}") from None
+        return out
+    if not out.parent.is_dir():
+        raise InvalidInput(f"-o {text}: no directory {out.parent}", hint=f"end it with / to have it made: -o {text}/")
+    return out
 
 
 def _component(args, backend_factory, store_factory) -> int:
