@@ -36,6 +36,7 @@ from tupper.model.health import Tracker
 from tupper.progress import Progress
 from tupper.runtime.records import Record
 from tupper.runtime.runtime import OOMCounter, RunFailed, Runtime, UpdateResult
+from tupper.runtime.spawner import Spawner
 from tupper.runtime.status import ComponentHealth, ContainerStatus, UnitStatus, container_state
 from tupper.store.secrets import SecretStore
 from tupper.store.store import Store
@@ -773,23 +774,31 @@ class Daemon:
 async def serve(root: Path | None, admin_group: str | None) -> None:
     store = Store.open(root)
     runtime = Runtime(store)
-    bus = await api.connect_system_bus(admin_group)
-    daemon = Daemon(runtime, bus)
-    await daemon.begin()
-    sweep = asyncio.ensure_future(daemon._oom_sweep())
-    checks = asyncio.ensure_future(daemon._health_scheduler())
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        daemon.loop.add_signal_handler(sig, stop.set)
-    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
-    waiter = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([disconnected, waiter], return_when=asyncio.FIRST_COMPLETED)
-    sweep.cancel()
-    checks.cancel()
-    if daemon.kmsg is not None:
-        daemon.kmsg.close()
-    # Containers keep running: their monitors are not our children, and the next tupperd adopts them.
-    log.info("tupperd exiting; %d container(s) left running", sum(1 for w in daemon.watched.values() if w.pidfd is not None))
+    try:
+        runtime.spawner = Spawner()  # forks the monitors: a small process, where tupperd is a big one
+    except (OSError, TupperError) as exc:
+        log.warning("cannot start the monitor spawner (%s): tupperd forks monitors itself", exc)
+    try:
+        bus = await api.connect_system_bus(admin_group)
+        daemon = Daemon(runtime, bus)
+        await daemon.begin()
+        sweep = asyncio.ensure_future(daemon._oom_sweep())
+        checks = asyncio.ensure_future(daemon._health_scheduler())
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            daemon.loop.add_signal_handler(sig, stop.set)
+        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+        waiter = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([disconnected, waiter], return_when=asyncio.FIRST_COMPLETED)
+        sweep.cancel()
+        checks.cancel()
+        if daemon.kmsg is not None:
+            daemon.kmsg.close()
+        # Containers keep running: their monitors are not our children, and the next tupperd adopts them.
+        log.info("tupperd exiting; %d container(s) left running", sum(1 for w in daemon.watched.values() if w.pidfd is not None))
+    finally:
+        if runtime.spawner is not None:
+            runtime.spawner.close()
 
 
 def main(argv: list[str] | None = None) -> int:

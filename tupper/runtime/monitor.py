@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tupper import proc
 from tupper.container import cgroups, nspawn
-from tupper.errors import Failed, TupperError
+from tupper.errors import Failed, NotFound, TupperError
 from tupper.runtime import records
 
 GATE_TIMEOUT = 120.0  # seconds nspawn may wait at a gate (Gate) before the start is called off
@@ -89,17 +89,41 @@ def spawn(name: str, cdir: Path, argv: list[str], console: Path, cgroup: str | N
             os.close(r)
             os.setsid()
             if os.fork() == 0:
-                _monitor(name, cdir, argv, w, console, cgroup, on_exit, gate)
+                run_monitor(name, cdir, argv, w, console, cgroup, on_exit, gate)
             os._exit(0)
         except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
             os._exit(1)
     os.close(w)
     os.waitpid(pid, 0)
     with os.fdopen(r) as f:
-        reply = f.read().split()
+        return parse_reply(f.read())
+
+
+def parse_reply(text: str) -> tuple[int, int]:
+    """The monitor's reply: "MONITOR_PID NSPAWN_PID", or why nspawn could not be started."""
+    reply = text.split()
     if len(reply) != 2 or not all(x.isdigit() for x in reply):
         raise Failed(f"could not start systemd-nspawn: {' '.join(reply) or 'the monitor died'}")
     return int(reply[0]), int(reply[1])
+
+
+def after_exit(store_root: str, cdir: Path) -> None:
+    """The monitor's last step when nspawn exited: where no tupper process is stopping or removing
+    the container (it ended by itself: poweroff inside, a crash), its network goes now."""
+    try:
+        rec = records.Record.load(cdir)
+    except (NotFound, ValueError, KeyError, TypeError):
+        rec = None
+    if rec is not None and rec.phase in ("stopping", "removing", "starting", "creating") and rec.owner_alive():
+        return  # that process releases it
+    if rec is not None and rec.network.mode == "private":
+        import sys
+
+        # A fresh process (see tupper.runtime.network.main), bounded in time, not waited for: the
+        # monitor ends now, so that whoever waits for it (a recovering tupperd holding the store's
+        # lock) is not kept waiting by a sync that needs that lock.
+        proc.popen(["timeout", "60", sys.executable, "-m", "tupper.runtime.network", "--root", store_root, "sync"],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def find_leader(nspawn_pid: int, alive: Callable[[], bool], console: Path, timeout: float = 10.0) -> int:
@@ -282,7 +306,7 @@ def _wait(p: subprocess.Popen, placer: Placer | None) -> int:
     return p.wait()
 
 
-def _monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None,
+def run_monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None,
              on_exit: Callable[[Path], None] | None, gate: int | None = None) -> None:
     """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
     code = 1

@@ -255,17 +255,21 @@ class Plumbing:
         raise InvalidInput("no free host port found", hint="give `host` in [[network.ports]]")
 
     def prepare(self, rec: Record) -> Joining | None:
-        """Before nspawn: the container's address (in the record, saved by the caller) and its network
-        namespace, open, for nspawn to join by path; None where nspawn needs none of tupper's (host
-        mode; none mode: nspawn's own --private-network). The namespace is still empty: `Joining.wire`
-        makes its veth pair and /etc/hosts, and must be done before nspawn starts, which it may do
-        while the caller makes ready to start nspawn (see Runtime.start). The network's rules are in
-        place before that; the container's own port rules and the other containers' /etc/hosts follow
-        in `publish`, while it boots."""
-        spec = rec.network
-        if spec.mode != "private":
+        """Before nspawn: the container's network namespace, new and empty, open for nspawn to join by
+        path; None where nspawn needs none of tupper's (host mode; none mode: nspawn's own
+        --private-network). `Joining.wire` does the rest and must be done before nspawn starts, which
+        it may do while the caller makes ready to start nspawn (see Runtime.start): the address (in
+        the record, saved by the caller), the bridge and its rules, the veth pair and /etc/hosts. The
+        container's own port rules and the other containers' /etc/hosts follow in `publish`, while it
+        boots."""
+        if rec.network.mode != "private":
             self._write_names(rec, "127.0.1.1", [], None)
             return None
+        fd = netns.new()
+        return Joining(fd, lambda: self._wire(rec, fd))
+
+    def _wire(self, rec: Record, fd: int) -> None:
+        spec = rec.network
         where = f"{rec.spec_file}: network"
         with self.lock():
             ports = self.check_ports(rec.name, spec.ports, f"{where}.ports")
@@ -282,17 +286,11 @@ class Plumbing:
                 if made or not firewall.covers(self.table, net.bridge):  # a network's first use (or a table lost)
                     with self.lock():
                         self._sync_locked()
-            fd = netns.new()
+                netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
+            self._write_names(rec, str(address), peers, net.name)
         except BaseException:
             self.release(rec)
             raise
-
-        def wire() -> None:
-            with _clear_errors(f"container {rec.name!r}: its network"):
-                netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
-            self._write_names(rec, str(address), peers, net.name)
-
-        return Joining(fd, wire)
 
     def publish(self, rec: Record) -> None:
         """Once nspawn runs: the container's published ports and its name in the other containers'

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from tupper.runtime import monitor, records
 from tupper.runtime.live import LiveChanges
 from tupper.runtime.network import Plumbing
 from tupper.runtime.records import ComponentEntry, Record
+from tupper.runtime.spawner import Spawner, SpawnerGone
 from tupper.runtime.stats import ContainerStats, Pressure, Usage
 from tupper.runtime.status import ComponentHealth, ContainerStatus
 from tupper.store.images import ImageDef, Images, find_definition
@@ -145,6 +147,8 @@ class Runtime:
     serves_secrets: bool = False
     # How the runtime reaches a container's systemd (a fake in tests/unit/test_runtime.py).
     connect_bus: Connect = ContainerBus.connect
+    # tupperd's monitor spawner (tupper.runtime.spawner); elsewhere the monitor is forked from this process.
+    spawner: Spawner | None = None
 
     # ---- containers on disk -------------------------------------------------------------------
 
@@ -465,33 +469,24 @@ class Runtime:
             progress.note(f"{rec.name}: {note}")
 
     def _start(self, rec: Record, argv: list[str], gate: int | None = None) -> None:
-        """Fork the monitor that owns nspawn (see tupper.monitor); record the processes and PID 1."""
+        """Fork the monitor that owns nspawn (see tupper.runtime.monitor), from tupperd's spawner where it
+        has one (tupper.runtime.spawner); record the processes and PID 1."""
         cgroup = None if self.host.systemd else self.store.cgroup_parent
-        rec.monitor_pid, rec.nspawn_pid = monitor.spawn(rec.name, rec.dir, argv, rec.dir / "console.log", cgroup,
-                                                        on_exit=self._ended_by_itself, gate=gate)
+        console, root = rec.dir / "console.log", str(self.store.root)
+        spawned = None
+        if self.spawner is not None:
+            try:
+                spawned = self.spawner.spawn(rec.name, rec.dir, argv, console, cgroup, root, gate)
+            except SpawnerGone as exc:
+                log.warning("the monitor spawner is gone (%s): tupperd forks monitors itself from now on", exc)
+                self.spawner = None
+        if spawned is None:
+            spawned = monitor.spawn(rec.name, rec.dir, argv, console, cgroup, on_exit=functools.partial(monitor.after_exit, root), gate=gate)
+        rec.monitor_pid, rec.nspawn_pid = spawned
         rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
         rec.started_at = time.time()
         rec.leader_pid = monitor.find_leader(rec.nspawn_pid, rec.alive, rec.dir / "console.log")
         rec.save()
-
-    def _ended_by_itself(self, cdir: Path) -> None:
-        """The monitor's last step when nspawn exited: where no tupper process is stopping or removing
-        the container (it ended by itself: poweroff inside, a crash), its network goes now."""
-        try:
-            rec = Record.load(cdir)
-        except (NotFound, ValueError, KeyError, TypeError):
-            rec = None
-        if rec is not None and rec.phase in ("stopping", "removing", "starting", "creating") and rec.owner_alive():
-            return  # that process releases it
-        if rec is not None and rec.network.mode == "private":
-            import subprocess
-            import sys
-
-            # A fresh process (see tupper.runtime.network.main), bounded in time, not waited for: the
-            # monitor ends now, so that whoever waits for it (a recovering tupperd holding the store's
-            # lock) is not kept waiting by a sync that needs that lock.
-            proc.popen(["timeout", "60", sys.executable, "-m", "tupper.runtime.network", "--root", str(self.store.root), "sync"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_units(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress):
         deadline = time.monotonic() + timeout
