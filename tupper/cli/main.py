@@ -73,6 +73,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=_RawDescriptionFormatter,
     )
+    from tupper import __version__
+
+    p.add_argument("--version", action="version", version=f"tupper {__version__}")
     p.add_argument("--root", type=_path, help="store root (default: $TUPPER_ROOT or /var/lib/tupper)")
     p.add_argument("--debug", action="store_true", help="log every command tupper runs; show tracebacks")
     p.add_argument("--direct", action="store_true", default=os.environ.get("TUPPER_DIRECT") == "1",
@@ -82,6 +85,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is None or name == only:
             add(sub)
     return p
+
+
+def _examples(*lines: str) -> dict:
+    """add_parser keywords for an epilog of examples, kept as written."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": _RawDescriptionFormatter}
 
 
 def _add_run(sub) -> None:
@@ -95,7 +103,8 @@ def _add_run(sub) -> None:
 
 
 def _add_ps(sub) -> None:
-    ps = sub.add_parser("ps", help="list containers", description="List every container in the store with its state.")
+    ps = sub.add_parser("ps", aliases=ALIASES_OF["ps"], help="list containers", description="List every container in the store with its state.",
+                        **_examples("tupper ps", "tupper ps --json | jq '.[].name'"))
     ps.add_argument("--json", action="store_true", help="JSON list of {name, state, image, leader_pid, ...}")
 
 
@@ -109,20 +118,30 @@ def _add_status(sub) -> None:
 def _add_stop(sub) -> None:
     from tupper.cli.backends import finite_seconds
 
-    sp = sub.add_parser("stop", help="power a container off", description="PowerOff over the container's D-Bus; SIGKILL when it is not down after the timeout.")
-    sp.add_argument("name")
+    sp = sub.add_parser("stop", aliases=ALIASES_OF["stop"], help="power containers off",
+                        description="PowerOff over each container's D-Bus; SIGKILL when it is not down after the timeout. "
+                                    "Stopping a stopped container does nothing and succeeds, as starting a running one does.",
+                        **_examples("tupper stop web", "tupper stop web db --timeout 5", "tupper stop web --json"))
+    sp.add_argument("names", nargs="+", metavar="NAME")
     sp.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
+    sp.add_argument("--json", action="store_true", help="JSON list of {name, state}")
 
 
 def _add_start(sub) -> None:
-    sa = sub.add_parser("start", help="boot a stopped container again", description="Boot an existing (stopped, failed or crash-looping) container and wait for its units.")
-    sa.add_argument("name")
+    sa = sub.add_parser("start", aliases=ALIASES_OF["start"], help="boot stopped containers again",
+                        description="Boot existing (stopped, failed or crash-looping) containers and wait for their units. "
+                                    "Starting a running container does nothing and succeeds, as stopping a stopped one does.",
+                        **_examples("tupper start web", "tupper start web db", "tupper start web --json"))
+    sa.add_argument("names", nargs="+", metavar="NAME")
+    sa.add_argument("--json", action="store_true", help="JSON list of {name, state}")
 
 
 def _add_kill(sub) -> None:
-    k = sub.add_parser("kill", help="send a signal to a container's PID 1 (default SIGKILL: stop it now)")
-    k.add_argument("name")
+    k = sub.add_parser("kill", aliases=ALIASES_OF["kill"], help="send a signal to containers' PID 1 (default SIGKILL: stop them now)",
+                       **_examples("tupper kill web", "tupper kill web --signal HUP", "tupper kill web db -s 9 --json"))
+    k.add_argument("names", nargs="+", metavar="NAME")
     k.add_argument("--signal", "-s", default="KILL", help="signal name or number (default KILL)")
+    k.add_argument("--json", action="store_true", help="JSON list of {name, state}")
 
 
 def _add_stats(sub) -> None:
@@ -200,8 +219,9 @@ def _add_port(sub) -> None:
 
 
 def _add_shutdown(sub) -> None:
-    sh = sub.add_parser("shutdown", help="stop containers, the last started first")
+    sh = sub.add_parser("shutdown", help="stop containers, the last started first", **_examples("tupper shutdown --all"))
     sh.add_argument("--all", action="store_true", required=True, help="every running container")
+    sh.add_argument("--json", action="store_true", help="JSON list of {name, state}")
 
 
 def _add_events(sub) -> None:
@@ -232,9 +252,11 @@ def _add_secret(sub) -> None:
 
 
 def _add_rm(sub) -> None:
-    rm = sub.add_parser("rm", help="remove a stopped container (its snapshot and record)")
-    rm.add_argument("name")
-    rm.add_argument("--force", "-f", action="store_true", help="kill it first if it runs")
+    rm = sub.add_parser("rm", aliases=ALIASES_OF["rm"], help="remove stopped containers (snapshot and record)",
+                        **_examples("tupper rm web", "tupper rm -f web db", "tupper rm web --json"))
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("--force", "-f", action="store_true", help="kill them first if they run")
+    rm.add_argument("--json", action="store_true", help="JSON list of {name, state}")
 
 
 def _add_exec(sub) -> None:
@@ -290,6 +312,36 @@ _COMMANDS = {
 }
 
 
+# Other names users bring from podman and machinectl; args.command is always the first name.
+ALIASES_OF = {"ps": ["ls", "list"], "stop": ["poweroff"], "start": [], "kill": ["terminate"], "rm": ["remove"]}
+CANONICAL = {alias: name for name, aliases in ALIASES_OF.items() for alias in aliases}
+
+
+def _first_word(argv: list[str]) -> str | None:
+    """The first argument that is not one of the global options: the command, if argv names one."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--debug", "--direct") or arg.startswith("--root="):
+            i += 1
+        elif arg == "--root":
+            i += 2
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
+def _unknown_command(word: str) -> InvalidInput:
+    import difflib
+
+    known = sorted([*_COMMANDS, *CANONICAL])
+    close = difflib.get_close_matches(word, known, n=2, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "`tupper --help` lists the commands"
+    return InvalidInput(f"unknown command {word!r}", hint=hint)
+
+
 def _command_in(argv: list[str]) -> str | None:
     """The command argv names, when that is certain without parsing; None means: build the whole parser."""
     i = 0
@@ -302,6 +354,7 @@ def _command_in(argv: list[str]) -> str | None:
         elif arg.startswith("-"):
             return None  # -h, an abbreviation (--dir), a typo: argparse's full treatment
         else:
+            arg = CANONICAL.get(arg, arg)
             return arg if arg in _COMMANDS else None
     return None
 
@@ -311,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     program = argv is None
     if argv is None:
         argv = sys.argv[1:]
+    word = _first_word(argv)
+    if word is not None and word not in _COMMANDS and word not in CANONICAL:
+        exc = _unknown_command(word)
+        print(f"tupper: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
     args = build_parser(_command_in(argv)).parse_args(argv)
+    args.command = CANONICAL.get(args.command, args.command)
     client = not (args.debug or args.direct or args.command not in DAEMON_COMMANDS)
     if not client:
         # Library code logs (--debug traces every command it runs); a client of tupperd runs none of it.
@@ -463,24 +522,48 @@ def dispatch(args) -> int:
         return cmd_network(args, backend)
     if cmd == "port":
         return cmd_port(args, backend)
-    t0 = time.monotonic()
-    if cmd == "stop":
-        state = backend.stop(args.name, args.timeout)
-        print(f"{args.name}: {state} ({time.monotonic() - t0:.2f}s)")
-    elif cmd == "start":
-        state = backend.start(args.name)
-        print(f"{args.name}: {state} ({time.monotonic() - t0:.2f}s)")
-    elif cmd == "kill":
-        print(f"{args.name}: {backend.kill(args.name, _signal_number(args.signal))}")
-    elif cmd == "rm":
-        backend.remove(args.name, args.force)
-        print(f"{args.name}: removed")
-    elif cmd == "shutdown":
-        for name in backend.shutdown_all():
-            print(f"{name}: stopped")
-    else:
-        raise AssertionError(cmd)
-    return 0
+    if cmd == "shutdown":
+        stopped = backend.shutdown_all()
+        _report(args, [{"name": name, "state": "stopped"} for name in stopped])
+        return 0
+    if cmd == "kill":
+        signal_number = _signal_number(args.signal)
+    verbs = {
+        "stop": lambda name: backend.stop(name, args.timeout),
+        "start": lambda name: backend.start(name),
+        "kill": lambda name: backend.kill(name, signal_number),
+        "rm": lambda name: (backend.remove(name, args.force), "removed")[1],
+    }
+    return _each(args, verbs[cmd])
+
+
+def _each(args, verb) -> int:
+    """A lifecycle verb on each named container in turn: a line (or a JSON entry) for each, an error
+    line for each that failed, and the worst exit code of them all."""
+    results, code = [], 0
+    for name in dict.fromkeys(args.names):  # each once, in the order given
+        t0 = time.monotonic()
+        try:
+            state = verb(name)
+        except TupperError as exc:
+            print(f"tupper: {exc.message}", file=sys.stderr)
+            if exc.hint:
+                print(f"hint: {exc.hint}", file=sys.stderr)
+            code = max(code, exc.exit_code)
+            continue
+        results.append({"name": name, "state": state, "seconds": round(time.monotonic() - t0, 3)})
+    _report(args, results)
+    return code
+
+
+def _report(args, results: list[dict]) -> None:
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        print(f"{r['name']}: {r['state']}" + (f" ({r['seconds']:.2f}s)" if args.command in ("stop", "start") else ""))
 
 
 def cmd_network(args, backend) -> int:

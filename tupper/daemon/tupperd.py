@@ -602,6 +602,8 @@ class Daemon:
 
     async def start(self, name: str) -> str:
         w = self._watched(name)
+        if self.runtime.record(name).alive():
+            return self.state_of(name)  # running already: nothing to do (as a stop of a stopped one)
         async with w.lock:
             if w.restart_task:
                 w.restart_task.cancel()

@@ -362,7 +362,7 @@ class Runtime:
         stopped (or kept running in state `failed`) and RunFailed is raised. `first`: the boot of
         `run`, which keeps the phase `creating` (an interrupted run is undone, not just stopped)."""
         if rec.alive():
-            raise Busy(f"container {rec.name!r} is already {rec.state()}")
+            return []  # starting a running container does nothing, as stopping a stopped one does
         if rec.interrupted() or rec.phase == "removing":
             raise Busy(f"container {rec.name!r} is left half-done by an interrupted {rec.phase}",
                        hint=f"`tupper store check --repair` finishes it, or `tupper rm {rec.name}`")
