@@ -36,3 +36,23 @@ def test_lifecycle_verbs_take_several_names_other_names_and_json(tupper, names):
     assert p.stdout.splitlines() == [f"{a}: removed", f"{b}: removed"]
     assert "no container 'no-such-container'" in p.stderr
     assert not {a, b} & {r["name"] for r in tupper.json("ps")}
+
+
+def test_exec_with_variables_a_user_and_a_working_directory(tupper, names):
+    name = names()
+    tupper("run", REPO / "examples/hello.toml", "--name", name, check=True)
+    p = tupper("exec", name, "-e", "GREETING=hi there", "-e", "EMPTY=", "-u", "nobody", "-w", "/tmp", "--",
+               "sh", "-c", 'echo "$GREETING|$EMPTY|$(pwd)|$(id -un)"')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "hi there||/tmp|nobody"
+    for args, message in ((["-u", "no-such-user"], "-u no-such-user: no such user in container"),
+                          (["-w", "/no/such/dir"], "-w /no/such/dir: no such directory in container"),
+                          (["-w", "relative"], "-w relative: not an absolute path"),
+                          (["-e", "1BAD=x"], "-e 1BAD=…: not a variable name"),
+                          (["-e", "NOEQUALS"], "-e NOEQUALS: expected KEY=VALUE")):
+        p = tupper("exec", name, *args, "--", "true")
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
+    # failed commands leave no failed unit behind: the container's systemd stays `running`, not `degraded`
+    for _ in range(3):
+        assert tupper("exec", name, "--", "false").returncode == 1
+    assert tupper("exec", name, "--", "systemctl", "is-system-running").stdout.strip() == "running"

@@ -124,8 +124,10 @@ class DirectBackend:
         self._not_served()
         self.runtime.remove_network(name)
 
-    def exec(self, name: str, argv: builtins.list[str]) -> int:
-        return self.runtime.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno())
+    def exec(self, name: str, argv: builtins.list[str], *, env: dict[str, str] | None = None, user: str | None = None,
+             workdir: str | None = None) -> int:
+        return self.runtime.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno(), env=env, user=user,
+                                     workdir=workdir)
 
     def close(self) -> None:
         pass

@@ -206,7 +206,10 @@ class Client:
     def network_remove(self, name: str) -> None:
         self.call("RemoveNetwork", "s", [name])
 
-    def exec(self, name: str, argv: builtins.list[str], fds: tuple[int, int, int] = (0, 1, 2)) -> int:
+    def exec(self, name: str, argv: builtins.list[str], fds: tuple[int, int, int] = (0, 1, 2), *, env: dict[str, str] | None = None,
+             user: str | None = None, workdir: str | None = None) -> int:
+        if env or user or workdir:
+            return self.call("ExecWith", "sasa{ss}sshhh", [name, argv, env or {}, user or "", workdir or "", 0, 1, 2], unix_fds=list(fds))[0]
         return self.call("Exec", "sashhh", [name, argv, 0, 1, 2], unix_fds=list(fds))[0]
 
 

@@ -262,9 +262,14 @@ def _add_rm(sub) -> None:
 def _add_exec(sub) -> None:
     ex = sub.add_parser("exec", help="run a command inside a running container",
                         description="Run CMD as a transient systemd service inside the container (no shell is spawned by tupper), "
-                                    "stream its output, and exit with its exit code.")
+                                    "stream its output, and exit with its exit code.",
+                        **_examples("tupper exec web -- ls /opt", "tupper exec web -e LANG=C -u nobody -w /tmp -- id",
+                                    "tupper exec web -- sh -c 'journalctl -u web.service -n 5'"))
     ex.add_argument("name")
-    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    ex.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="set a variable (again for more)")
+    ex.add_argument("-u", "--user", help="run as this user of the container (name or uid; default root)")
+    ex.add_argument("-w", "--workdir", metavar="DIR", help="run in this directory of the container (default /)")
+    ex.add_argument("cmd", nargs="*", help="-- CMD [ARGS...] (everything after -- is the command)")
 
 
 def _add_logs(sub) -> None:
@@ -369,8 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         exc = _unknown_command(word)
         print(f"tupper: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
-    args = build_parser(_command_in(argv)).parse_args(argv)
+    command = _command_in(argv)
+    after: list[str] | None = None
+    if command == "exec" and "--" in argv:  # exec's own options come before --, the command after it
+        cut = argv.index("--")
+        argv, after = argv[:cut], argv[cut + 1:]
+    args = build_parser(command).parse_args(argv)
     args.command = CANONICAL.get(args.command, args.command)
+    if after is not None:
+        args.cmd = [*args.cmd, *after]
     client = not (args.debug or args.direct or args.command not in DAEMON_COMMANDS)
     if not client:
         # Library code logs (--debug traces every command it runs); a client of tupperd runs none of it.
@@ -494,11 +506,17 @@ def dispatch(args) -> int:
         sys.stdout.flush()
         os.execvp(argv[0], argv)
     if cmd == "exec":
-        command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        command = args.cmd
         if not command:
             raise InvalidInput("exec: no command given (tupper exec NAME -- CMD [ARGS...])")
+        env = {}
+        for item in args.env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise InvalidInput(f"exec: -e {item}: expected KEY=VALUE")
+            env[key] = value
         sys.stdout.flush()
-        return _backend(args).exec(args.name, command)
+        return _backend(args).exec(args.name, command, env=env or None, user=args.user, workdir=args.workdir)
     if cmd == "events":
         return cmd_events(args)
     if cmd == "run" and args.direct:

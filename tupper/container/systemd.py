@@ -182,19 +182,22 @@ class ContainerBus:
 
 
 def exec_properties(argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None,
-                    description: str = "tupper exec", timeout: float | None = None) -> dict[bytes, object]:
+                    description: str = "tupper exec", timeout: float | None = None, user: str | None = None,
+                    workdir: str = "/") -> dict[bytes, object]:
     """The transient service that runs argv with the caller's fds (what `systemd-run --pipe --wait` sends);
-    `timeout`: systemd kills it after that many seconds (RuntimeMaxSec)."""
+    `timeout`: systemd kills it after that many seconds (RuntimeMaxSec); `user`: run as that user."""
     # systemd expands $VAR in ExecStart; "$$" is its escape for a literal "$".
     words = [a.replace("$", "$$").encode() for a in argv]
     props: dict[bytes, object] = {
         b"Description": description.encode(),
         b"ExecStart": [(words[0], words, False)],
         b"RemainAfterExit": True,  # keeps ExecMainCode/Status readable once the command is done
-        b"WorkingDirectory": b"/",
+        b"WorkingDirectory": workdir.encode(),
         b"StandardOutputFileDescriptor": stdout,
         b"StandardErrorFileDescriptor": stderr,
     }
+    if user is not None:
+        props[b"User"] = user.encode()
     if stdin is not None:
         props[b"StandardInputFileDescriptor"] = stdin
     if env:
@@ -205,7 +208,8 @@ def exec_properties(argv: list[str], *, stdin: int | None, stdout: int, stderr: 
 
 
 def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None,
-                description: str = "tupper exec", timeout: float | None = None, prefix: str = "tupper-exec") -> int:
+                description: str = "tupper exec", timeout: float | None = None, prefix: str = "tupper-exec",
+                user: str | None = None, workdir: str = "/") -> int:
     """Run argv as a transient service in the container with our fds; return its exit code (128 +
     the signal if it was killed: by systemd after `timeout` seconds, for one).
 
@@ -214,13 +218,13 @@ def run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int,
     """
     try:
         return _run_command(leader, argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, description=description,
-                            timeout=timeout, prefix=prefix)
+                            timeout=timeout, prefix=prefix, user=user, workdir=workdir)
     except DBusBaseError as exc:  # the container's bus went away (it stopped), or systemd refused the unit
         raise Failed(f"cannot run {argv[0]} in the container: {_why(exc)}") from None
 
 
 def _run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None,
-                 description: str, timeout: float | None, prefix: str) -> int:
+                 description: str, timeout: float | None, prefix: str, user: str | None = None, workdir: str = "/") -> int:
     unit = f"{prefix}-{os.urandom(6).hex()}.service"
     path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
     bus = DBusAddress(f"unix:path={bus_socket(leader)}".encode())
@@ -231,7 +235,7 @@ def _run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int
         bus.match_signal(SD, path, PROPERTIES, b"PropertiesChanged", _ignore)
         args = apply_signature(b"ss", [unit.encode(), b"fail"])
         args += signature_array(exec_properties(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
-                                                description=description, timeout=timeout))
+                                                description=description, timeout=timeout, user=user, workdir=workdir))
         args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]
         bus.call_method(SD, SD_PATH, MANAGER, b"StartTransientUnit", args)
         try:

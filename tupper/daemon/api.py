@@ -233,6 +233,13 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @privileged
+    async def ExecWith(self, name: "s", argv: "as", env: "a{ss}", user: "s", workdir: "s", stdin: "h", stdout: "h", stderr: "h") -> "i":
+        """Exec with environment variables, as `user` ("" root) in `workdir` ("" /)."""
+        return await self._guard(self.daemon.exec(name, argv, stdin, stdout, stderr, env=dict(env) or None, user=user or None,
+                                                  workdir=workdir or None))
+
+    @method()
+    @privileged
     async def Upgrade(self, name: "s", component: "s", version: "s") -> "s":
         """Swap a component of a running container for another installed version, live; rolls back
         by itself if the new units do not become active (then the call fails). Returns JSON."""

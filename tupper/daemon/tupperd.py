@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import builtins
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -667,10 +668,12 @@ class Daemon:
             await self.stop(rec.name, None)
         return [r.name for r in order]
 
-    async def exec(self, name: str, argv: builtins.list[str], stdin: int, stdout: int, stderr: int) -> int:
+    async def exec(self, name: str, argv: builtins.list[str], stdin: int, stdout: int, stderr: int, *,
+                   env: dict[str, str] | None = None, user: str | None = None, workdir: str | None = None) -> int:
         """The descriptors belong to the call: the bus closes them when the reply goes out (api.TupperBus)."""
         self._watched(name)
-        return await asyncio.to_thread(self.runtime.exec_fds, name, argv, stdin, stdout, stderr)
+        return await asyncio.to_thread(functools.partial(self.runtime.exec_fds, name, argv, stdin, stdout, stderr,
+                                                         env=env, user=user, workdir=workdir))
 
     # ---- secrets ------------------------------------------------------------------------------
 

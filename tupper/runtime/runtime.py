@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -41,6 +42,7 @@ from tupper.store.store import FREE_FOR_CONTAINER, Store
 log = logging.getLogger("tupper")
 
 INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # `tupper exec -e KEY=VALUE`
 INOTIFY_WANTED = 8192
 
 
@@ -886,13 +888,33 @@ class Runtime:
     def rotate_secret(self, secret: str) -> list[str]:
         return self.live.rotate_secret(secret)
 
-    def exec_fds(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
-        """exec with the caller's file descriptors (the daemon receives them over D-Bus)."""
+    def exec_fds(self, name: str, argv: list[str], stdin: int, stdout: int, stderr: int, *, env: dict[str, str] | None = None,
+                 user: str | None = None, workdir: str | None = None) -> int:
+        """exec with the caller's file descriptors (the daemon receives them over D-Bus); `env`, `user`
+        and `workdir` as `tupper exec -e/-u/-w` give them, each checked against the container first."""
         rec = self.running(name)
-        path = find_command(f"/proc/{rec.leader_pid}/root", argv[0]) if argv else None
+        root = f"/proc/{rec.leader_pid}/root"
+        for key in env or {}:
+            if not ENV_KEY.fullmatch(key):
+                raise InvalidInput(f"exec: -e {key}=…: not a variable name (a letter or '_', then letters, digits, '_')")
+        if user is not None and not user.isdigit():
+            with Root(root) as r:
+                passwd = r.read_text("etc/passwd") or ""
+            if user not in {line.split(":", 1)[0] for line in passwd.splitlines() if line and not line.startswith("#")}:
+                raise InvalidInput(f"exec: -u {user}: no such user in container {name!r} (its /etc/passwd)")
+        if workdir is not None:
+            if not workdir.startswith("/"):
+                raise InvalidInput(f"exec: -w {workdir}: not an absolute path")
+            try:
+                with Root(root) as r:
+                    os.close(r.open_dir(workdir))
+            except OSError:
+                raise InvalidInput(f"exec: -w {workdir}: no such directory in container {name!r}") from None
+        path = find_command(root, argv[0]) if argv else None
         if path is None:
             raise InvalidInput(f"{argv[0] if argv else '(empty)'}: command not found in container {name!r}")
-        return run_command(rec.leader_pid, [path, *argv[1:]], stdin=stdin, stdout=stdout, stderr=stderr)
+        return run_command(rec.leader_pid, [path, *argv[1:]], stdin=stdin, stdout=stdout, stderr=stderr, env=env, user=user,
+                           workdir=workdir or "/")
 
     def logs_argv(self, rec: Record, *, unit: str | None, lines: int | None, follow: bool) -> list[str]:
         """journalctl on the host, reading the container's journal files (no process inside)."""
