@@ -10,9 +10,14 @@ from typing import Any
 
 from tupper.progress import Progress
 
+SLOW_STEP = 2.0  # seconds: a step still running then gets a line of its own where there is no terminal
+STEP_HEARTBEAT = 10.0  # ... and another, with its latest update, this often while it runs
+
 
 class TerminalProgress(Progress):
-    """A spinner with the current step on a terminal; one line per finished step otherwise."""
+    """A spinner with the current step on a terminal. Elsewhere (a log, a CI job) one line per finished
+    step, and for a step that takes long, a line when it has run SLOW_STEP seconds and every
+    STEP_HEARTBEAT seconds after, with its latest update: a long image build is never silent."""
 
     def __init__(self, stream=None, quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
@@ -20,6 +25,38 @@ class TerminalProgress(Progress):
         self.tty = self.stream.isatty()
         self._status: Any = None  # rich's Status while a step shows a spinner
         self._text = ""
+        self._latest = ""
+        self._ticker: Any = None  # a threading.Timer while a step runs without a terminal
+        self._lock: Any = None  # threading is imported by the first step without a terminal (not at every start)
+
+    def _tick(self, t0: float, delay: float) -> None:
+        """Say that the step runs, and schedule the next line (a daemon timer thread)."""
+        import threading
+
+        if self._lock is None:
+            self._lock = threading.Lock()
+
+        def say() -> None:
+            with self._lock:
+                if self._ticker is None:
+                    return
+                latest = f": {self._latest}" if self._latest else ""
+                print(f"… {self._text}{latest} ({time.monotonic() - t0:.0f}s)", file=self.stream, flush=True)
+                self._ticker = None
+            self._tick(t0, STEP_HEARTBEAT)
+
+        with self._lock:
+            self._ticker = threading.Timer(delay, say)
+            self._ticker.daemon = True
+            self._ticker.start()
+
+    def _stop_ticking(self) -> None:
+        if self._lock is None:
+            return
+        with self._lock:
+            if self._ticker is not None:
+                self._ticker.cancel()
+                self._ticker = None
 
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:
@@ -40,16 +77,21 @@ class TerminalProgress(Progress):
                     self._status = None
             ok = sys.exc_info()[0] is None
         else:
+            self._latest = ""
+            self._tick(t0, SLOW_STEP)
             try:
                 yield
             except BaseException:
+                self._stop_ticking()
                 self._line(f"✗ {text}")
                 raise
+            self._stop_ticking()
             ok = True
         if ok:
             self._line(f"✓ {text} ({time.monotonic() - t0:.2f}s)")
 
     def update(self, text: str) -> None:
+        self._latest = text
         if self._status is not None:
             self._status.update(f"{self._text}: {text}")
 
