@@ -29,6 +29,7 @@ setup: $(STAMP_PIP) bus
 
 # tupperd's D-Bus policy and activation file, and a system bus where none runs (hosts without systemd).
 bus: $(STAMP_PIP)
+	@getent group tupper >/dev/null || { groupadd --system tupper && echo "made the admin group tupper (its members may call tupperd's mutating methods)"; }
 	@install -D -m 644 dbus/org.tupper1.conf $(DBUS_POLICY)
 	@sed 's|@TUPPERD@|$(TUPPERD)|' dbus/org.tupper1.service.in > $(DBUS_SERVICE).tmp && mv $(DBUS_SERVICE).tmp $(DBUS_SERVICE)
 	@if [ -d /run/systemd/system ]; then \

@@ -56,3 +56,17 @@ def test_exec_with_variables_a_user_and_a_working_directory(tupper, names):
     for _ in range(3):
         assert tupper("exec", name, "--", "false").returncode == 1
     assert tupper("exec", name, "--", "systemctl", "is-system-running").stdout.strip() == "running"
+
+
+def test_a_read_the_user_may_not_make_says_so_never_an_empty_table(store_root):
+    """As an unprivileged user: one line and exit 1, never an empty table with exit 0 or an internal error."""
+    import subprocess
+    import sys
+
+    for args, says in ((["image", "ls"], "cannot read the store's images"), (["component", "ls"], "cannot read the store's components"),
+                       (["secret", "ls"], "Operation not permitted"), (["logs", "no-such-container"], "Permission denied")):
+        p = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "tupper",
+                            "--root", str(store_root), *args], capture_output=True, text=True, timeout=60, cwd="/")
+        assert p.returncode == 1, (args, p.returncode, p.stdout, p.stderr)
+        assert p.stdout == "" and p.stderr.startswith("tupper: ") and says in p.stderr.splitlines()[0], (args, p.stderr)
+        assert "hint: " in p.stderr and "internal error" not in p.stderr and "Traceback" not in p.stderr

@@ -421,6 +421,8 @@ def _main(args) -> int:
         if exc.errno == errno.ENOSPC:
             print("hint: the store is full: see `tupper store info`; remove containers or images you no longer need "
                   "(stop and rm keep working on a full store), or grow the pool", file=sys.stderr)
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            print("hint: this needs root (tupperd answers container verbs for the admin group; see docs/api.md)", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - the edge: one line, traceback only with --debug
         if args.debug:

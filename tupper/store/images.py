@@ -170,7 +170,7 @@ class Images:
 
     def list(self) -> builtins.list[Image]:
         out = []
-        for meta in sorted(self.store.images_dir.glob("*.json")):
+        for meta in sorted(self.store.listable(self.store.images_dir, "images").glob("*.json")):
             try:
                 out.append(self.get(meta.stem))
             except (NotFound, ValueError, KeyError):

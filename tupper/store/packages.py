@@ -343,7 +343,7 @@ class Installer:
 
     def list(self) -> builtins.list[Installed]:
         out = []
-        for meta in sorted(self.dir.glob("*/*.json")):
+        for meta in sorted(self.store.listable(self.dir, "components").glob("*/*.json")):
             try:
                 out.append(self.get(meta.parent.name, meta.stem))
             except (NotFound, ValueError, KeyError):

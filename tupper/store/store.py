@@ -125,6 +125,14 @@ class Store:
     def images_dir(self) -> Path:
         return self.root / "images"
 
+    def listable(self, directory: Path, what: str) -> Path:
+        """`directory`, after making sure this process may list it: a listing it may not read would
+        look empty (pathlib's glob says nothing), and an empty table with exit 0 is a lie."""
+        if directory.is_dir() and not os.access(directory, os.R_OK | os.X_OK):
+            raise Failed(f"cannot read the store's {what} ({directory}): permission denied",
+                         hint="run it as root (tupperd answers container verbs for the admin group; see docs/api.md)")
+        return directory
+
     @property
     def containers_dir(self) -> Path:
         return self.root / "containers"
