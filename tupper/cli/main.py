@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     word = _first_word(argv)
     if word is not None and word not in _COMMANDS and word not in CANONICAL:
         exc = _unknown_command(word)
-        print(f"tupper: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        usage = build_parser("run").format_usage()  # the top level's: "usage: tupper [-h] ... COMMAND ..."
+        print(f"{usage.rstrip()}\ntupper: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
     command = _command_in(argv)
     after: list[str] | None = None
