@@ -71,3 +71,39 @@ def test_a_read_the_user_may_not_make_says_so_never_an_empty_table(store_root):
         assert p.returncode == 1, (args, p.returncode, p.stdout, p.stderr)
         assert p.stdout == "" and p.stderr.startswith("tupper: ") and says in p.stderr.splitlines()[0], (args, p.stderr)
         assert "hint: " in p.stderr and "internal error" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_restart_boots_the_container_again_and_starts_a_stopped_one(tupper, names):
+    name = names()
+    tupper("run", REPO / "examples/hello.toml", "--name", name, check=True)
+    before = tupper.json("status", name)["leader_pid"]
+    [r] = tupper.json("restart", name)
+    assert (r["name"], r["state"]) == (name, "running")
+    after = tupper.json("status", name)
+    assert after["state"] == "running" and after["leader_pid"] != before
+    assert [u["active_state"] for u in after["units"]] == ["active"]
+    tupper("stop", name, check=True)
+    assert tupper("reboot", name).returncode == 0  # machinectl's name; a stopped container is just started
+    assert tupper.json("status", name)["state"] == "running"
+
+
+def test_ps_filters_by_label_name_and_state(tupper, names, tmp_path):
+    a, b = names("a"), names("b")
+    for name, team in ((a, "payments"), (b, "search")):
+        spec = tmp_path / f"{name}.toml"
+        spec.write_text((REPO / "examples/hello.toml").read_text().replace("../services", str(REPO / "services"))
+                        + f'\n[labels]\nteam = "{team}"\ntier = "web"\n')
+        tupper("run", spec, "--name", name, check=True)
+    tupper("stop", b, check=True)
+    mine = {a, b}
+
+    def listed(*filters: str) -> set[str]:
+        return {r["name"] for r in tupper.json("ps", *[x for f in filters for x in ("--filter", f)])} & mine
+
+    assert listed("label=tier") == mine
+    assert listed("label=team=payments") == {a}
+    assert listed("label=tier=web", "state=stopped") == {b}
+    assert listed(f"name={b[-6:]}") == {b}
+    assert tupper.json("status", a)["labels"] == {"team": "payments", "tier": "web"}
+    p = tupper("ps", "--filter", "colour=red")
+    assert p.returncode == 2 and "--filter colour=red: expected one of label=…" in p.stderr

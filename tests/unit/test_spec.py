@@ -347,3 +347,14 @@ def test_component_error_inside_manifest_names_the_manifest_file(tmp_path):
 
 def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def test_labels_are_kept_in_order_and_bad_keys_and_values_name_the_key(tmp_path):
+    component(tmp_path, "hello")
+    s = specmod.load(spec_file(tmp_path, 'name = "w"\n[labels]\nteam = "payments"\n"app.kubernetes.io/part-of" = "shop"\n'
+                                         '[[components]]\npath = "hello"\n'))
+    assert s.labels == (("team", "payments"), ("app.kubernetes.io/part-of", "shop"))
+    for body, key in (('Team = "x"', "labels.Team"), ('"-x" = "y"', "labels.-x"), ('team = 3', "labels.team"),
+                      ('team = "a\\nb"', "labels.team")):
+        message = load_error(spec_file(tmp_path, f'name = "w"\n[labels]\n{body}\n[[components]]\npath = "hello"\n'))
+        assert f"spec.toml: {key}:" in message, message

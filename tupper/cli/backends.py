@@ -86,6 +86,10 @@ class DirectBackend:
         self._not_served()
         return self.runtime.stop(name, timeout).state()
 
+    def restart(self, name: str, timeout: float | None) -> str:
+        self._not_served()
+        return self.runtime.restart(name, timeout).state()
+
     def kill(self, name: str, signal_number: int) -> str:
         self._not_served()
         self.runtime.kill(name, signal_number)

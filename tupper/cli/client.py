@@ -172,6 +172,9 @@ class Client:
     def stop(self, name: str, timeout: float | None) -> str:
         return self.call("Stop", "sd", [name, -1.0 if timeout is None else float(timeout)])[0]
 
+    def restart(self, name: str, timeout: float | None) -> str:
+        return self.call("Restart", "sd", [name, -1.0 if timeout is None else float(timeout)])[0]
+
     def kill(self, name: str, signal_number: int) -> str:
         return self.call("Kill", "si", [name, signal_number])[0]
 

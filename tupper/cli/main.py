@@ -20,7 +20,7 @@ tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it
 
 
 # Container verbs: served by tupperd unless --direct. Everything else runs in this process.
-DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "kill", "shutdown", "rm", "exec", "events", "update", "stats",
+DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "restart", "kill", "shutdown", "rm", "exec", "events", "update", "stats",
                              "network", "port"})
 
 
@@ -104,8 +104,11 @@ def _add_run(sub) -> None:
 
 def _add_ps(sub) -> None:
     ps = sub.add_parser("ps", aliases=ALIASES_OF["ps"], help="list containers", description="List every container in the store with its state.",
-                        **_examples("tupper ps", "tupper ps --json | jq '.[].name'"))
+                        **_examples("tupper ps", "tupper ps --filter label=team=payments --filter state=running",
+                                    "tupper ps --json | jq '.[].name'"))
     ps.add_argument("--json", action="store_true", help="JSON list of {name, state, image, leader_pid, ...}")
+    ps.add_argument("--filter", "-f", action="append", default=[], metavar="KEY=VALUE",
+                    help="only containers that match: label=K or label=K=V, name=PART, state=STATE, image=NAME (again: all must match)")
 
 
 def _add_status(sub) -> None:
@@ -134,6 +137,18 @@ def _add_start(sub) -> None:
                         **_examples("tupper start web", "tupper start web db", "tupper start web --json"))
     sa.add_argument("names", nargs="+", metavar="NAME")
     sa.add_argument("--json", action="store_true", help="JSON list of {name, state}")
+
+
+def _add_restart(sub) -> None:
+    from tupper.cli.backends import finite_seconds
+
+    rs = sub.add_parser("restart", aliases=ALIASES_OF["restart"], help="stop containers, then start them again",
+                        description="Stop (PowerOff; SIGKILL after the timeout) and start each container again, waiting for its "
+                                    "units, as `systemctl restart` does to a unit. A stopped container is just started.",
+                        **_examples("tupper restart web", "tupper restart web db --timeout 5 --json"))
+    rs.add_argument("names", nargs="+", metavar="NAME")
+    rs.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
+    rs.add_argument("--json", action="store_true", help="JSON list of {name, state}")
 
 
 def _add_kill(sub) -> None:
@@ -310,7 +325,7 @@ def _add_store(sub) -> None:
 
 # In the order `tupper --help` lists them.
 _COMMANDS = {
-    "run": _add_run, "ps": _add_ps, "status": _add_status, "stats": _add_stats, "stop": _add_stop, "start": _add_start,
+    "run": _add_run, "ps": _add_ps, "status": _add_status, "stats": _add_stats, "stop": _add_stop, "start": _add_start, "restart": _add_restart,
     "kill": _add_kill, "update": _add_update, "port": _add_port, "network": _add_network, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret,
@@ -318,7 +333,7 @@ _COMMANDS = {
 
 
 # Other names users bring from podman and machinectl; args.command is always the first name.
-ALIASES_OF = {"ps": ["ls", "list"], "stop": ["poweroff"], "start": [], "kill": ["terminate"], "rm": ["remove"]}
+ALIASES_OF = {"ps": ["ls", "list"], "stop": ["poweroff"], "start": [], "restart": ["reboot"], "kill": ["terminate"], "rm": ["remove"]}
 CANONICAL = {alias: name for name, aliases in ALIASES_OF.items() for alias in aliases}
 
 
@@ -552,6 +567,7 @@ def dispatch(args) -> int:
     verbs = {
         "stop": lambda name: backend.stop(name, args.timeout),
         "start": lambda name: backend.start(name),
+        "restart": lambda name: backend.restart(name, args.timeout),
         "kill": lambda name: backend.kill(name, signal_number),
         "rm": lambda name: (backend.remove(name, args.force), "removed")[1],
     }
@@ -584,7 +600,7 @@ def _report(args, results: list[dict]) -> None:
         print(json.dumps(results, indent=2))
         return
     for r in results:
-        print(f"{r['name']}: {r['state']}" + (f" ({r['seconds']:.2f}s)" if args.command in ("stop", "start") else ""))
+        print(f"{r['name']}: {r['state']}" + (f" ({r['seconds']:.2f}s)" if args.command in ("stop", "start", "restart") else ""))
 
 
 def cmd_network(args, backend) -> int:
@@ -739,7 +755,7 @@ def cmd_ps(args, backend) -> int:
 
     from tupper.cli.ui import ago, table
 
-    recs = backend.list()
+    recs = [r for r in backend.list() if all(_matches(r, f) for f in _filters(args.filter))]
     if args.json:
         print(json.dumps(recs, indent=2))
         return 0
@@ -749,6 +765,31 @@ def cmd_ps(args, backend) -> int:
           address_summary(r), ",".join(r.get("ports", ())) or "-", ",".join(c["name"] for c in r["components"]) or "-"] for r in recs],
     )
     return 0
+
+
+FILTER_KEYS = ("label", "name", "state", "image")
+
+
+def _filters(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in FILTER_KEYS or not value:
+            raise InvalidInput(f"--filter {item}: expected one of {', '.join(k + '=…' for k in FILTER_KEYS)}",
+                               hint="e.g. --filter label=team=payments, --filter state=running")
+        out.append((key, value))
+    return out
+
+
+def _matches(rec: dict, f: tuple[str, str]) -> bool:
+    key, value = f
+    if key == "label":
+        label, sep, wanted = value.partition("=")
+        labels = rec.get("labels") or {}
+        return label in labels and (not sep or labels[label] == wanted)
+    if key == "name":
+        return value in rec["name"]
+    return rec.get(key) == value
 
 
 def address_summary(rec: dict) -> str:

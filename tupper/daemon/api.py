@@ -210,6 +210,12 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @privileged
+    async def Restart(self, name: "s", timeout: "d") -> "s":
+        """Stop (SIGKILL after timeout seconds; < 0: the spec's) then start again; returns the state."""
+        return await self._guard(self.daemon.restart(name, None if timeout < 0 else timeout))
+
+    @method()
+    @privileged
     async def Kill(self, name: "s", signal_number: "i") -> "s":
         """Send a signal to the container's PID 1 (9 = SIGKILL: stop it now); returns the state."""
         return await self._guard(self.daemon.kill(name, signal_number))
@@ -407,6 +413,11 @@ class ContainerInterface(ServiceInterface):
         return [[p.host, p.container, p.protocol, p.address] for p in self._rec().network.ports]
 
     @dbus_property(access=PropertyAccess.READ)
+    def Labels(self) -> "a{ss}":
+        """The spec's [labels] (constant for the container's life)."""
+        return dict(self._rec().labels)
+
+    @dbus_property(access=PropertyAccess.READ)
     def Secrets(self) -> "a{ss}":
         """Credential ID -> secret name granted to this container (names only, never values)."""
         return dict(self._rec().grants)
@@ -415,6 +426,11 @@ class ContainerInterface(ServiceInterface):
     @privileged
     async def Stop(self, timeout: "d") -> "s":
         return await self._guard(self.daemon.stop(self.container, None if timeout < 0 else timeout))
+
+    @method()
+    @privileged
+    async def Restart(self, timeout: "d") -> "s":
+        return await self._guard(self.daemon.restart(self.container, None if timeout < 0 else timeout))
 
     @method()
     @privileged

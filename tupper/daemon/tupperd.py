@@ -622,6 +622,11 @@ class Daemon:
         await self._attach(w, self.runtime.record(w.name), started=True)
         self._set_state(w)
 
+    async def restart(self, name: str, timeout: float | None) -> str:
+        """stop, then start (a stopped container is just started): what `systemctl restart` is to a unit."""
+        await self.stop(name, timeout)
+        return await self.start(name)
+
     async def stop(self, name: str, timeout: float | None) -> str:
         w = self._watched(name)
         w.deliberate = True

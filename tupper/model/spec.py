@@ -24,6 +24,7 @@ ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_IMAGE = "debian-bookworm"
 RESTART_POLICIES = ("no", "on-failure", "always")
 SECRET_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+LABEL_KEY_RE = re.compile(r"[a-z0-9](?:[a-z0-9._/-]{0,61}[a-z0-9])?")
 MAX_TIMEOUT = 86400  # a day: larger is a typo, and inf or nan would make waits never end
 
 
@@ -49,6 +50,7 @@ class Spec:
     grants: tuple[tuple[str, str], ...] = ()  # (credential ID, secret name) from the [secrets] table
     resources: res.Resources = res.Resources()  # [resources]: limits for the whole container
     network: net.NetworkSpec = net.NetworkSpec()  # [network]: private (default), host or none
+    labels: tuple[tuple[str, str], ...] = ()  # [labels]: key -> value, for people and `ps --filter label=`
     file: str = "<spec>"
     base_dir: Path = Path(".")
 
@@ -127,6 +129,16 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         grants.append((cred, secret))
     resources = _resources(t)
     network = net.parse(t.table("network"))
+    labels_table = t.table("labels")
+    labels = []
+    for key in labels_table.data:
+        value = labels_table.get(key, str)
+        if not LABEL_KEY_RE.fullmatch(key):
+            raise labels_table.error(key, "invalid label key: lowercase letters, digits, '.', '-', '_' and '/', at most 63, "
+                                          "starting and ending with a letter or digit")
+        if len(value) > 256 or any(ord(ch) < 32 for ch in value):
+            raise labels_table.error(key, "invalid label value: at most 256 characters, no control characters")
+        labels.append((key, value))
     t.check_unknown()
 
     final_name = name if name is not None else file_name
@@ -178,6 +190,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
     return Spec(
         name=final_name,
         image=image,
+        labels=tuple(labels),
         components=tuple(uses),
         stop_timeout=stop_timeout,
         start_timeout=start_timeout,

@@ -94,6 +94,7 @@ class Record:
     restart_delay: float = 1.0
     restart_limit: int = 5
     grants: dict = attrs.Factory(dict)  # credential ID -> secret name (names only, never values)
+    labels: dict = attrs.Factory(dict)  # the spec's [labels]
     components: list[ComponentEntry] = attrs.Factory(list)
     resources: Resources = Resources()  # limits of the whole container (the spec's, then `tupper update`'s)
     network: NetworkSpec = NetworkSpec()  # its [network]; records from before networks: the host's
@@ -109,7 +110,7 @@ class Record:
     leader_pid: int = 0
     started_at: float = 0.0
 
-    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "components", "resources", "network", "address", "address6", "phase",
+    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "labels", "components", "resources", "network", "address", "address6", "phase",
               "owner_pid", "owner_starttime", "upgrade", "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
 
     @property
@@ -220,6 +221,7 @@ class Record:
             "resources": self.resources.to_json(),
             "restart_policy": self.restart_policy,
             "secrets": dict(self.grants),
+            "labels": dict(self.labels),
             "network": {"mode": self.network.mode, "name": self.network.network if self.network.mode == "private" else None,
                         "address": (self.address or None) if running else None,
                         "address6": (self.address6 or None) if running else None,

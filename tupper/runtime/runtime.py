@@ -289,6 +289,7 @@ class Runtime:
                 restart_delay=spec.restart_delay,
                 restart_limit=spec.restart_limit,
                 grants=dict(spec.grants),
+                labels=dict(spec.labels),
                 components=[
                     records.ComponentEntry(name=u.component.name, version=u.component.version, mount=u.component.mount,
                                            units=u.component.units, source=str(u.component.root), env=u.env,
@@ -579,6 +580,12 @@ class Runtime:
         self.store.remove_tree(trash)
 
     # ---- stop / kill / rm ---------------------------------------------------------------------
+
+    def restart(self, name: str, timeout: float | None = None, progress: Progress = SILENT) -> Record:
+        """stop (PowerOff, SIGKILL after the timeout), then start; a stopped container is just started."""
+        self.stop(name, timeout)
+        self.start(self.record(name), progress=progress)
+        return self.record(name)
 
     def stop(self, name: str, timeout: float | None = None) -> Record:
         rec = self.record(name)
