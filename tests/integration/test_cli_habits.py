@@ -107,3 +107,25 @@ def test_ps_filters_by_label_name_and_state(tupper, names, tmp_path):
     assert tupper.json("status", a)["labels"] == {"team": "payments", "tier": "web"}
     p = tupper("ps", "--filter", "colour=red")
     assert p.returncode == 2 and "--filter colour=red: expected one of label=…" in p.stderr
+
+
+def test_inspect_tells_everything_about_a_container(tupper, names, store_root):
+    from pathlib import Path
+
+    name = names()
+    tupper("run", REPO / "examples/hello.toml", "--name", name, check=True)
+    info = tupper.json("inspect", name)
+    assert info["name"] == name and info["state"] == "running" and info["machine"] == name
+    assert Path(info["rootfs"]).is_dir() and str(store_root) in info["rootfs"]
+    assert info["cgroups"] and all(Path(d).is_dir() for d in info["cgroups"].values())
+    assert {m["target"] for m in info["mounts"]} == {"/opt/hello"} and all(m["read_only"] for m in info["mounts"])
+    [hello] = info["components"]
+    assert hello["name"] == "hello" and hello["units"] == ["hello.service"] and hello["installed"] is False
+    assert info["image_os_release"]["ID"] == "debian" and info["image_os_release"]["VERSION_ID"] == "12"
+    text = tupper("inspect", name, check=True).stdout
+    assert any(line.split() == ["machine:", name] for line in text.splitlines())
+    assert "Debian GNU/Linux 12" in text and "/opt/hello" in text
+    tupper("stop", name, check=True)
+    assert tupper.json("inspect", name)["last_exit"]["returncode"] == 0
+    p = tupper("inspect", "no-such-container")
+    assert p.returncode == 2 and "no container 'no-such-container'" in p.stderr

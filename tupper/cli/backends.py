@@ -77,6 +77,9 @@ class DirectBackend:
     def status(self, name: str) -> dict:
         return self.runtime.status(name).to_json()
 
+    def inspect(self, name: str) -> dict:
+        return self.runtime.inspect(name)
+
     def start(self, name: str) -> str:
         self._not_served()
         self.runtime.start(self.runtime.record(name))

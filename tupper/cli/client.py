@@ -172,6 +172,9 @@ class Client:
     def stop(self, name: str, timeout: float | None) -> str:
         return self.call("Stop", "sd", [name, -1.0 if timeout is None else float(timeout)])[0]
 
+    def inspect(self, name: str) -> dict:
+        return _json(self.call("InspectJSON", "s", [name])[0])
+
     def restart(self, name: str, timeout: float | None) -> str:
         return self.call("Restart", "sd", [name, -1.0 if timeout is None else float(timeout)])[0]
 

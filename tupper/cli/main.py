@@ -20,7 +20,7 @@ tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it
 
 
 # Container verbs: served by tupperd unless --direct. Everything else runs in this process.
-DAEMON_COMMANDS = frozenset({"run", "ps", "status", "stop", "start", "restart", "kill", "shutdown", "rm", "exec", "events", "update", "stats",
+DAEMON_COMMANDS = frozenset({"run", "ps", "status", "inspect", "stop", "start", "restart", "kill", "shutdown", "rm", "exec", "events", "update", "stats",
                              "network", "port"})
 
 
@@ -116,6 +116,16 @@ def _add_status(sub) -> None:
                         description="State, leader PID, image, start time, and each component unit's state read from systemd over D-Bus.")
     st.add_argument("name")
     st.add_argument("--json", action="store_true", help="JSON object with name, state, leader_pid and units")
+
+
+def _add_inspect(sub) -> None:
+    ins = sub.add_parser("inspect", help="everything about one container",
+                         description="The container's record, where it lives on the host (root, machine name, cgroups), what "
+                                     "is bound into it, its components with their installed digests, its last exit, and the "
+                                     "os-release of its image.",
+                         **_examples("tupper inspect web", "tupper inspect web --json | jq .cgroups"))
+    ins.add_argument("name")
+    ins.add_argument("--json", action="store_true", help="the whole document as JSON")
 
 
 def _add_stop(sub) -> None:
@@ -325,7 +335,7 @@ def _add_store(sub) -> None:
 
 # In the order `tupper --help` lists them.
 _COMMANDS = {
-    "run": _add_run, "ps": _add_ps, "status": _add_status, "stats": _add_stats, "stop": _add_stop, "start": _add_start, "restart": _add_restart,
+    "run": _add_run, "ps": _add_ps, "status": _add_status, "inspect": _add_inspect, "stats": _add_stats, "stop": _add_stop, "start": _add_start, "restart": _add_restart,
     "kill": _add_kill, "update": _add_update, "port": _add_port, "network": _add_network, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret,
@@ -550,6 +560,8 @@ def dispatch(args) -> int:
         return cmd_ps(args, backend)
     if cmd == "status":
         return cmd_status(args, backend)
+    if cmd == "inspect":
+        return cmd_inspect(args, backend)
     if cmd == "update":
         return cmd_update(args, backend)
     if cmd == "stats":
@@ -810,6 +822,36 @@ def health_summary(rec: dict) -> str:
     if bad:
         return f"unhealthy ({','.join(bad)})"
     return "starting" if "starting" in states.values() else "healthy"
+
+
+def cmd_inspect(args, backend) -> int:
+    import json
+
+    info = backend.inspect(args.name)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    release = info.get("image_os_release") or {}
+    rows = [
+        ("name", info["name"]), ("state", info["state"]), ("machine", info["machine"]), ("image", f"{info['image']} ({release.get('PRETTY_NAME', '?')})"),
+        ("spec", info["spec"]), ("rootfs", info["rootfs"]), ("leader", info["leader_pid"] or "-"),
+        ("network", f"{info['network']['mode']}" + (f" {info['network']['name']} {info['network']['address'] or ''}".rstrip() if info["network"]["name"] else "")),
+        ("labels", ", ".join(f"{k}={v}" for k, v in info["labels"].items()) or "-"),
+        ("last exit", json.dumps(info["last_exit"]) if info["last_exit"] else "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key + ':':{width + 1}} {value}")
+    print("cgroups:")
+    for hierarchy, path in info["cgroups"].items():
+        print(f"  {hierarchy:10} {path}")
+    print("mounts:")
+    for m in info["mounts"]:
+        print(f"  {m['target']:20} <- {m['source']} ({'ro' if m['read_only'] else 'rw'})")
+    print("components:")
+    for c in info["components"]:
+        print(f"  {c['name']} {c['version']}: {', '.join(c['units'])}; " + (c["digest"] if c["digest"] else "a directory (not installed)"))
+    return 0
 
 
 def cmd_status(args, backend) -> int:

@@ -197,6 +197,12 @@ class ManagerInterface(ServiceInterface):
         return json.dumps((await self._guard(self.daemon.status(name))).to_json())
 
     @method()
+    async def InspectJSON(self, name: "s") -> "s":
+        """Everything about one container as JSON (`tupper inspect --json`): record, root, machine name,
+        cgroups, mounts, components with digests, last exit, the image's os-release."""
+        return json.dumps(await self._guard(self.daemon.inspect(name)))
+
+    @method()
     @privileged
     async def Start(self, name: "s") -> "s":
         """Boot a stopped (or crash-looping) container again; returns its state."""

@@ -554,6 +554,10 @@ class Daemon:
         found = await asyncio.to_thread(self.runtime.stats, names or None)
         return [s.to_json() for s in found if s.name in self.watched]
 
+    async def inspect(self, name: str) -> dict:
+        self.get(name)
+        return await asyncio.to_thread(self.runtime.inspect, name)
+
     async def units(self, name: str) -> builtins.list[UnitStatus]:
         return list((await self.status(name)).units)
 

@@ -799,6 +799,44 @@ class Runtime:
         total, ooms = self.oom_counter(rec).read()
         return ContainerStatus.of(rec, states, system_state, total, ooms, health)
 
+    def inspect(self, name: str) -> dict:
+        """Everything about one container (`tupper inspect`): its record, where it lives on the host (root,
+        machine name, cgroups), what is bound into it, its components with their installed digests, its
+        last exit, and the os-release of its image."""
+        from tupper.store.packages import Installer
+
+        rec = self.record(name)
+        out = rec.to_json()
+        out["rootfs"] = str(rec.rootfs)
+        out["machine"] = nspawn.machine_name(rec.name)
+        out["nspawn_pid"] = rec.nspawn_pid if rec.alive() else None
+        out["monitor_pid"] = rec.monitor_pid if rec.alive() else None
+        out["phase"] = rec.phase
+        out["cgroups"] = {k: str(v) for k, v in cgroups.controller_dirs(rec.name, self.store.cgroup_parent).items()}
+        out["mounts"] = [{"source": c.source, "target": c.mount, "read_only": True, "component": c.name} for c in rec.components]
+        if rec.grants:
+            out["mounts"].append({"source": str(self.store.agent_dir(rec.name)), "target": unitfiles.AGENT_DIR, "read_only": False,
+                                  "component": None})
+        installed = {str(i.path): i for i in Installer(self.store).list()}
+        for entry, c in zip(out["components"], rec.components, strict=True):
+            found = installed.get(c.source)
+            entry["source"] = c.source
+            entry["units"] = list(c.units)
+            entry["installed"] = found is not None
+            entry["digest"] = found.digest if found else None
+        out["last_exit"] = rec.exit_info()
+        image = Images(self.store)
+        release: dict[str, str] = {}
+        if image.exists(rec.image):
+            with Root(image.path(rec.image)) as root:
+                text = root.read_text("etc/os-release") or root.read_text("usr/lib/os-release") or ""
+            for line in text.splitlines():
+                key, sep, value = line.partition("=")
+                if sep and key.strip() and not key.startswith("#"):
+                    release[key.strip()] = value.strip().strip('"')
+        out["image_os_release"] = release
+        return out
+
     def oom_counter(self, rec: Record) -> OOMCounter:
         """Where the container's OOM kills are counted: found once, read as often as wanted (tupperd)."""
         parent = self.store.cgroup_parent
