@@ -122,7 +122,7 @@ def _eof(fd: int) -> bool:
 
 
 READ_ONLY = {
-    ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "SecretHolders", "Stats", "ListNetworks")
+    ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "InspectJSON", "SecretHolders", "Stats", "ListNetworks")
 } | {("org.tupper1.Container", "ListUnits")}
 
 NOBODY_CALLS = """
