@@ -4,8 +4,10 @@ containers (the real host's links are not touched). Traffic stays inside those n
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -18,6 +20,12 @@ def spaces():
     """Three processes, each in a network namespace of its own: host, c1, c2."""
     procs = [subprocess.Popen(["unshare", "--net", "sleep", "300"]) for _ in range(3)]
     try:
+        # Until unshare has run, a process is still in our namespace: work "in" it would be the host's.
+        mine = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + 10
+        while any(os.stat(f"/proc/{p.pid}/ns/net").st_ino == mine for p in procs):
+            assert time.monotonic() < deadline, "unshare --net did not make the namespaces"
+            time.sleep(0.01)
         yield [p.pid for p in procs]
     finally:
         for p in procs:

@@ -11,11 +11,12 @@ forwards, the other containers' /etc/hosts). The namespace lives as long as the 
 processes: when the container ends, the kernel deletes it, and the veth pair with it.
 
 `sync` rebuilds everything that depends on which containers run, from the store's state alone: the
-nftables table (one transaction: the rules of every network of the store, and the port forwards of
-every running container) and each running container's /etc/hosts. It releases addresses of
-containers that no longer run. It is called after every start, stop, kill and removal, by a
-container's monitor when the container ends by itself, and by tupperd when it starts (re-adoption
-after a crash or a SIGKILL is the same rebuild). Bridges, and their rules, live until `network rm`.
+nftables table (one transaction: the rules of every network a container holds an address on, and
+the port forwards of every running container; no table when no container runs) and each running
+container's /etc/hosts. It releases addresses of containers that no longer run. It is called after
+every start, stop, kill and removal, by a container's monitor when the container ends by itself, and
+by tupperd when it starts (re-adoption after a crash or a SIGKILL is the same rebuild). Bridges live
+until `network rm`.
 """
 
 from __future__ import annotations
@@ -171,10 +172,7 @@ class Plumbing:
         where = f"tupper network create {name}"
         net = netmodel.make(name, subnet or self._free_subnet(), subnet6, where, self.tag)
         self._check_routes(net, where)
-        with self.lock():
-            made = self.networks.create(net)
-            self._sync_locked()  # its rules, before a container is on it
-        return made
+        return self.networks.create(net)
 
     def _free_subnet(self) -> str:
         """A /24 for a network made without --subnet: the first 10.X.0.0/24 from 10.89 on that neither
@@ -339,7 +337,7 @@ class Plumbing:
             endpoints.append(firewall.Endpoint(container, network, address, netmodel.address6(nets[network], address),
                                                rec.network.ports))
             by_network.setdefault(network, []).append((container, str(address)))
-        used = [nets[n] for n in sorted(nets)]  # every network's rules, used or not: see `prepare`
+        used = [nets[n] for n in sorted(by_network)]  # the rules of networks a container holds an address on
         owner = firewall.table_owner(self.table)
         if owner not in (None, str(self.store.root)):
             raise Failed(f"the nftables table inet {self.table} belongs to the store {owner or '(unknown)'}, not {self.store.root}: "
@@ -387,8 +385,8 @@ class Plumbing:
         keep = {host_interface(self.tag, c) for c in holders}
         out += [(f"link {link}", "a veth pair of no running container") for link in sorted(present)
                 if link.startswith(f"tv{self.tag}-") and link not in keep and "p" + link[1:] in present]
-        if not self.networks.list() and firewall.table_exists(self.table):
-            out.append((f"nftables table inet {self.table}", "the store has no network"))
+        if not holders and firewall.table_exists(self.table):
+            out.append((f"nftables table inet {self.table}", "no container runs on a network"))
         return out
 
 
