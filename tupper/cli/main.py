@@ -13,9 +13,19 @@ from tupper.errors import InvalidInput, NotFound, TupperError
 # the commands that go to tupperd (the common case) need little besides argparse and a socket.
 
 EPILOG = """\
+examples:
+  tupper run examples/web.toml
+  tupper ps
+  tupper exec demo -- systemctl status
+  tupper logs demo -f
+  tupper stop demo && tupper rm demo
+  tupper COMMAND --help (each command has examples of its own)
+
 exit codes: 0 success, 1 runtime failure, 2 invalid input or usage.
-The store lives at /var/lib/tupper (TUPPER_ROOT or --root to change it); where that is not on btrfs,
-tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it there.
+The store lives at /var/lib/tupper (--root, TUPPER_ROOT or `root` in /etc/tupper/tupper.toml to change it);
+where that is not on btrfs, tupper creates a sparse loopback btrfs pool beside it (<root>.img) and mounts it there.
+Settings: a command-line flag wins over an environment variable, which wins over the config file
+(/etc/tupper/tupper.toml, or $TUPPER_CONFIG), which wins over the built-in default. See `man tupper`.
 """
 
 
@@ -95,7 +105,9 @@ def _examples(*lines: str) -> dict:
 def _add_run(sub) -> None:
     r = sub.add_parser("run", help="boot a container from a spec and start its components",
                        description="Snapshot the spec's image, bind its components, boot systemd with systemd-nspawn, "
-                                   "and wait until every component unit is active. The container keeps running after tupper returns.")
+                                   "and wait until every component unit is active. The container keeps running after tupper returns.",
+                       **_examples("tupper run examples/web.toml", "tupper run examples/hello.toml --name hello2",
+                                   "tupper run spec.toml --keep-failed --json"))
     r.add_argument("spec", help="spec file (TOML), see docs/spec.md")
     r.add_argument("--name", help="container name (default: the spec's `name`, else the file's stem)")
     r.add_argument("--keep-failed", action="store_true", help="when a unit fails, leave the container running for inspection")
@@ -113,7 +125,8 @@ def _add_ps(sub) -> None:
 
 def _add_status(sub) -> None:
     st = sub.add_parser("status", help="show one container and its component units",
-                        description="State, leader PID, image, start time, and each component unit's state read from systemd over D-Bus.")
+                        description="State, leader PID, image, start time, and each component unit's state read from systemd over D-Bus.",
+                        **_examples("tupper status demo", "tupper status demo --json | jq '.units[].active_state'"))
     st.add_argument("name")
     st.add_argument("--json", action="store_true", help="JSON object with name, state, leader_pid and units")
 
@@ -217,7 +230,8 @@ def _add_network(sub) -> None:
     nw = sub.add_parser("network", help="create, list and remove container networks",
                         description="Networks that containers in mode = \"private\" join (docs/network.md): a bridge, "
                                     "an address for each running container, NAT for outbound traffic, names between "
-                                    "containers. The default network, tupper0, is made on first use.")
+                                    "containers. The default network, tupper0, is made on first use.",
+                        **_examples("tupper network create backend", "tupper network ls", "tupper network rm backend"))
     nsub = nw.add_subparsers(dest="network_command", metavar="ACTION", required=True)
     nc = nsub.add_parser("create", help="create a network",
                          epilog="examples:\n  tupper network create backend\n  tupper network create db --subnet 10.90.0.0/24 --ipv6 fd00:90::/64",
@@ -226,10 +240,12 @@ def _add_network(sub) -> None:
     nc.add_argument("--subnet", help="private IPv4 subnet, /16 to /29 (default: a free 10.X.0.0/24)")
     nc.add_argument("--ipv6", metavar="SUBNET", help="a unique local /64 (fd00::/8) for IPv6 too")
     nc.add_argument("--json", action="store_true")
-    nl = nsub.add_parser("ls", help="list networks with their running containers")
+    nl = nsub.add_parser("ls", help="list networks with their running containers", **_examples("tupper network ls", "tupper network ls --json"))
     nl.add_argument("--json", action="store_true")
-    nr = nsub.add_parser("rm", help="remove a network (refused while a container is configured to join it)")
+    nr = nsub.add_parser("rm", help="remove a network (refused while a container is configured to join it)",
+                         **_examples("tupper network rm backend", "tupper network rm backend --json"))
     nr.add_argument("name")
+    nr.add_argument("--json", action="store_true", help="JSON object {name, state}")
 
 
 def _add_port(sub) -> None:
@@ -250,12 +266,20 @@ def _add_shutdown(sub) -> None:
 
 
 def _add_events(sub) -> None:
-    ev = sub.add_parser("events", help="stream container and unit state changes as they happen")
+    ev = sub.add_parser("events", help="stream container and unit state changes as they happen",
+                        description="Container states, unit states, health and OOM kills, as tupperd signals them, until interrupted.",
+                        **_examples("tupper events", "tupper events --filter name=web --filter type=unit",
+                                    "tupper events --filter state=failed --json"))
     ev.add_argument("--json", action="store_true", help="one JSON object per line")
+    ev.add_argument("--filter", "-f", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"only events that match: name=PART, type={'|'.join(EVENT_TYPES)}, state=STATE (a container's state, "
+                         "a unit's active state, a health state), component=NAME (again: all must match)")
 
 
 def _add_daemon(sub) -> None:
-    sub.add_parser("daemon", help="run tupperd in the foreground (usually started by D-Bus activation)")
+    sub.add_parser("daemon", help="run tupperd in the foreground (usually started by D-Bus activation)",
+                   description="tupperd in this process, on the system bus: for debugging, or hosts where D-Bus activation is not set up.",
+                   **_examples("tupper daemon", "tupper --debug --root /srv/tupper daemon"))
 
 
 def _add_sdk(sub) -> None:
@@ -298,31 +322,58 @@ def _add_exec(sub) -> None:
 
 
 def _add_logs(sub) -> None:
-    lg = sub.add_parser("logs", help="show a container's journal")
+    from tupper.model import journal
+
+    lg = sub.add_parser("logs", help="show a container's journal",
+                        description="The container's journal, read by journalctl on the host (nothing runs inside the container). "
+                                    "TIME is journalctl's: '2024-05-01 10:00', 'today', 'yesterday', '1 hour ago', -1h (write "
+                                    "--since=-1h, as it starts with a dash), @EPOCH.",
+                        **_examples("tupper logs demo", "tupper logs demo -u nginx.service -n 50 -f",
+                                    "tupper logs demo --component web --since '1 hour ago' -p warning",
+                                    "tupper logs demo --since today -o json | jq -r .MESSAGE"))
     lg.add_argument("name")
-    lg.add_argument("-u", "--unit", help="only this unit")
+    which = lg.add_mutually_exclusive_group()
+    which.add_argument("-u", "--unit", help="only this unit")
+    which.add_argument("--component", metavar="NAME", help="only the units of this component of the container")
     lg.add_argument("-n", "--lines", type=int, help="last N lines")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+    lg.add_argument("-S", "--since", metavar="TIME", help="entries from this time on")
+    lg.add_argument("-U", "--until", metavar="TIME", help="entries up to this time")
+    lg.add_argument("-p", "--priority", metavar="PRIORITY",
+                    help=f"this priority or more important: {', '.join(journal.PRIORITIES)} or 0-7, or a range FROM..TO")
+    lg.add_argument("-o", "--output", metavar="MODE", default="short-precise", choices=journal.OUTPUTS,
+                    help=f"journalctl's output mode: {', '.join(journal.OUTPUTS)} (default short-precise)")
 
 
 def _add_image(sub) -> None:
-    im = sub.add_parser("image", help="build, list and remove images")
+    im = sub.add_parser("image", help="build, list and remove images",
+                        description="Images are read-only btrfs subvolumes that containers are snapshots of (docs/images.md).",
+                        **_examples("tupper image build images/debian-bookworm.toml", "tupper image ls", "tupper image rm debian-bookworm"))
     isub = im.add_subparsers(dest="image_command", metavar="ACTION", required=True)
-    ib = isub.add_parser("build", help="build an image from its definition (debootstrap into a read-only subvolume)")
+    ib = isub.add_parser("build", help="build an image from its definition (debootstrap into a read-only subvolume)",
+                         description="Build the image a definition describes; an image that exists is kept as it is (--force rebuilds it).",
+                         **_examples("tupper image build images/debian-bookworm.toml", "tupper image build images/debian-bookworm.toml --force --json"))
     ib.add_argument("definition", type=_path, help="image definition, e.g. images/debian-bookworm.toml")
     ib.add_argument("--force", action="store_true", help="rebuild even if it exists")
-    il = isub.add_parser("ls", help="list images")
+    ib.add_argument("--json", action="store_true", help="JSON object {name, path, built_at, definition, suite}")
+    il = isub.add_parser("ls", help="list images", **_examples("tupper image ls", "tupper image ls --json | jq '.[].name'"))
     il.add_argument("--json", action="store_true")
-    ir = isub.add_parser("rm", help="remove an image (refused while a container uses it)")
+    ir = isub.add_parser("rm", help="remove an image (refused while a container uses it)",
+                         **_examples("tupper image rm debian-bookworm", "tupper image rm debian-bookworm --json"))
     ir.add_argument("name")
+    ir.add_argument("--json", action="store_true", help="JSON object {name, state}")
 
 
 def _add_store(sub) -> None:
-    so = sub.add_parser("store", help="the btrfs store")
+    so = sub.add_parser("store", help="the btrfs store",
+                        description="The btrfs filesystem holding images, containers, components and records.",
+                        **_examples("tupper store info", "tupper store check", "tupper --root /srv/tupper store unmount"))
     ssub = so.add_subparsers(dest="store_command", metavar="ACTION", required=True)
-    si = ssub.add_parser("info", help="path, backing, size and free space")
+    si = ssub.add_parser("info", help="path, backing, size and free space", **_examples("tupper store info", "tupper store info --json | jq .free"))
     si.add_argument("--json", action="store_true")
-    ssub.add_parser("unmount", help="unmount the loopback pool (refused while containers run)")
+    su = ssub.add_parser("unmount", help="unmount the loopback pool (refused while containers run)",
+                         **_examples("tupper store unmount", "tupper --root /var/lib/tupper-test store unmount --json"))
+    su.add_argument("--json", action="store_true", help="JSON object {root, state}")
     sc = ssub.add_parser("check", help="find what a crash or a manual change left inconsistent; --repair fixes it",
                          formatter_class=_RawDescriptionFormatter,
                          description="Orphan roots, records without roots, operations interrupted by a crash, scratch space of dead "
@@ -530,7 +581,8 @@ def dispatch(args) -> int:
         return cmd_store(args)
     if cmd == "logs":
         rt = _runtime(args)
-        argv = rt.logs_argv(rt.record(args.name), unit=args.unit, lines=args.lines, follow=args.follow)
+        argv = rt.logs_argv(rt.record(args.name), unit=args.unit, lines=args.lines, follow=args.follow, component=args.component,
+                            since=args.since, until=args.until, priority=args.priority, output=args.output)
         sys.stdout.flush()
         os.execvp(argv[0], argv)
     if cmd == "exec":
@@ -546,7 +598,7 @@ def dispatch(args) -> int:
         sys.stdout.flush()
         return _backend(args).exec(args.name, command, env=env or None, user=args.user, workdir=args.workdir)
     if cmd == "events":
-        return cmd_events(args)
+        return cmd_events(args, _filters(args.filter, EVENT_FILTER_KEYS))
     if cmd == "run" and args.direct:
         from pathlib import Path
 
@@ -605,6 +657,16 @@ def _each(args, verb) -> int:
     return code
 
 
+def _done(args, result: dict, line: str) -> None:
+    """What a verb that did one thing says: `result` as JSON on stdout with --json, else `line`."""
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps(result, indent=2))
+    else:
+        print(line)
+
+
 def _report(args, results: list[dict]) -> None:
     if getattr(args, "json", False):
         import json
@@ -638,7 +700,7 @@ def cmd_network(args, backend) -> int:
         return 0
     if args.network_command == "rm":
         backend.network_remove(args.name)
-        print(f"network {args.name}: removed")
+        _done(args, {"name": args.name, "state": "removed"}, f"network {args.name}: removed")
         return 0
     raise AssertionError(args.network_command)
 
@@ -780,17 +842,30 @@ def cmd_ps(args, backend) -> int:
 
 
 FILTER_KEYS = ("label", "name", "state", "image")
+EVENT_FILTER_KEYS = ("name", "type", "state", "component")
+EVENT_TYPES = ("container", "unit", "health", "oom")
 
 
-def _filters(items: list[str]) -> list[tuple[str, str]]:
+def _filters(items: list[str], keys: tuple[str, ...] = FILTER_KEYS) -> list[tuple[str, str]]:
+    """`--filter KEY=VALUE` options of ps (and, with their keys, of events), checked."""
     out = []
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in FILTER_KEYS or not value:
-            raise InvalidInput(f"--filter {item}: expected one of {', '.join(k + '=…' for k in FILTER_KEYS)}",
-                               hint="e.g. --filter label=team=payments, --filter state=running")
+        if not sep or key not in keys or not value:
+            raise InvalidInput(f"--filter {item}: expected one of {', '.join(k + '=…' for k in keys)}",
+                               hint="e.g. --filter name=web, --filter state=running")
         out.append((key, value))
     return out
+
+
+def _event_matches(event: dict, f: tuple[str, str]) -> bool:
+    """events --filter: name= is part of the container's name (as in ps), state= any state the event reports."""
+    key, value = f
+    if key == "name":
+        return value in event["name"]
+    if key == "state":
+        return value in (event.get("state"), event.get("active_state"), event.get("sub_state"), event.get("health"), event.get("event"))
+    return event.get(key) == value
 
 
 def _matches(rec: dict, f: tuple[str, str]) -> bool:
@@ -893,10 +968,14 @@ def cmd_status(args, backend) -> int:
     return 0
 
 
-def cmd_events(args) -> int:
+def cmd_events(args, filters: list[tuple[str, str]]) -> int:
     import json
 
     from tupper.cli.client import Client
+
+    for key, value in filters:
+        if key == "type" and value not in EVENT_TYPES:
+            raise InvalidInput(f"--filter type={value}: expected one of {', '.join(EVENT_TYPES)}")
 
     client = Client()
 
@@ -916,6 +995,8 @@ def cmd_events(args) -> int:
             name = container_name(msg.path)
             event = {"type": "unit", "name": name, "unit": msg.body[0], "active_state": msg.body[1], "sub_state": msg.body[2]}
         else:
+            return
+        if not all(_event_matches(event, f) for f in filters):
             return
         event["time"] = round(time.time(), 3)
         if args.json:
@@ -949,7 +1030,10 @@ def cmd_image(args) -> int:
         definition = ImageDef.from_file(args.definition)
         store = _store(args)
         image = Images(store).build(definition, force=args.force, progress=_progress(args))
-        print(f"image {image.name}: {image.path}")
+        if args.json:
+            print(json.dumps(image.to_json(), indent=2))
+        else:
+            print(f"image {image.name}: {image.path}")
         return 0
     runtime = _runtime(args)
     if args.image_command == "ls":
@@ -961,7 +1045,7 @@ def cmd_image(args) -> int:
         return 0
     if args.image_command == "rm":
         runtime.remove_image(args.name)
-        print(f"image {args.name}: removed")
+        _done(args, {"name": args.name, "state": "removed"}, f"image {args.name}: removed")
         return 0
     raise AssertionError(args.image_command)
 
@@ -990,7 +1074,7 @@ def cmd_store(args) -> int:
         from tupper.runtime.runtime import Runtime
 
         Runtime(store).unmount_store()
-        print(f"unmounted {store.root}")
+        _done(args, {"root": str(store.root), "state": "unmounted"}, f"unmounted {store.root}")
         return 0
     raise AssertionError(args.store_command)
 

@@ -11,42 +11,65 @@ from pathlib import Path
 from tupper.errors import InvalidInput
 
 
+def _examples(*lines: str) -> dict:
+    """add_parser keywords for an epilog of examples, kept as written (as tupper.cli.main._examples)."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def add_sdk(sub) -> None:
     sdk = sub.add_parser("sdk", help="package a service directory as a component",
-                         description="Scaffold, check and build component packages (NAME-VERSION.tupper).")
+                         description="Scaffold, check and build component packages (NAME-VERSION.tupper).",
+                         **_examples("tupper sdk init hello", "tupper sdk check hello", "tupper sdk build hello -o dist/",
+                                     "tupper component install dist/hello-0.1.0.tupper"))
     s = sdk.add_subparsers(dest="sdk_command", metavar="ACTION", required=True)
-    init = s.add_parser("init", help="scaffold a working component: manifest, one unit, a program, a README")
+    init = s.add_parser("init", help="scaffold a working component: manifest, one unit, a program, a README",
+                        **_examples("tupper sdk init hello", "tupper sdk init api --dir services/api"))
     init.add_argument("name")
     init.add_argument("--dir", type=Path, help="where (default: ./NAME)")
-    check = s.add_parser("check", help="validate a component; report every problem; exit 2 if any")
+    check = s.add_parser("check", help="validate a component; report every problem; exit 2 if any",
+                         description="Check the manifest, the units (also with systemd-analyze verify) and, where the image is "
+                                     "built, the programs and unit names against it. Every problem is reported, not only the first.",
+                         **_examples("tupper sdk check hello", "tupper sdk check services/web --image debian-bookworm --json"))
     check.add_argument("dir", type=Path)
     check.add_argument("--image", default="debian-bookworm", help="image to check programs and unit names against (when built)")
-    build = s.add_parser("build", help="check, then write NAME-VERSION.tupper (reproducible, with a sha256 digest)")
+    check.add_argument("--json", action="store_true", help="JSON object {dir, ok, name, version, units, problems: [{where, message}]}")
+    build = s.add_parser("build", help="check, then write NAME-VERSION.tupper (reproducible, with a sha256 digest)",
+                         **_examples("tupper sdk build hello", "tupper sdk build hello -o dist/", "tupper sdk build hello -o dist/ --json"))
     build.add_argument("dir", type=Path)
     build.add_argument("-o", "--output", default=".", help="a directory (made if missing where it ends with /) or a file (default: .)")
     build.add_argument("--image", default="debian-bookworm", help=argparse.SUPPRESS)
-    inspect = s.add_parser("inspect", help="show a package's manifest, units, files and digest (verified)")
+    build.add_argument("--json", action="store_true", help="JSON object {path, digest, size, seconds} (problems as sdk check --json)")
+    inspect = s.add_parser("inspect", help="show a package's manifest, units, files and digest (verified)",
+                           **_examples("tupper sdk inspect dist/hello-0.1.0.tupper", "tupper sdk inspect dist/hello-0.1.0.tupper --json | jq .digest_ok"))
     inspect.add_argument("package", type=Path)
     inspect.add_argument("--json", action="store_true")
 
 
 def add_component(sub) -> None:
     component = sub.add_parser("component", help="install, list, remove and upgrade components",
-                               description="Installed components live in the store as read-only subvolumes, keyed by name and version.")
+                               description="Installed components live in the store as read-only subvolumes, keyed by name and version.",
+                               **_examples("tupper component install dist/hello-0.1.0.tupper", "tupper component ls",
+                                           "tupper component upgrade demo hello 0.2.0", "tupper component rm hello 0.1.0"))
     c = component.add_subparsers(dest="component_command", metavar="ACTION", required=True)
-    install = c.add_parser("install", help="verify a package's digest and install it")
+    install = c.add_parser("install", help="verify a package's digest and install it",
+                           **_examples("tupper component install dist/hello-0.1.0.tupper", "tupper component install dist/hello-0.1.0.tupper --json"))
     install.add_argument("package", type=Path)
-    ls = c.add_parser("ls", help="list installed components")
+    install.add_argument("--json", action="store_true", help="JSON object {name, version, path, digest, installed_at}")
+    ls = c.add_parser("ls", help="list installed components", **_examples("tupper component ls", "tupper component ls --json | jq '.[].name'"))
     ls.add_argument("--json", action="store_true")
-    rm = c.add_parser("rm", help="remove an installed version (refused while a container uses it)")
+    rm = c.add_parser("rm", help="remove an installed version (refused while a container uses it)",
+                      **_examples("tupper component rm hello 0.1.0", "tupper component rm hello 0.1.0 --json"))
     rm.add_argument("name")
     rm.add_argument("version")
+    rm.add_argument("--json", action="store_true", help="JSON object {name, version, state}")
     up = c.add_parser("upgrade", help="swap a component of a running container for another installed version",
                       description="Replace the component's bind mount inside the running container, write its units, reload "
-                                  "systemd, restart only its units and wait until they are active; roll back by itself if not.")
+                                  "systemd, restart only its units and wait until they are active; roll back by itself if not.",
+                      **_examples("tupper component upgrade demo hello 0.2.0", "tupper component upgrade demo hello 0.1.0 --json"))
     up.add_argument("container")
     up.add_argument("name")
     up.add_argument("version")
+    up.add_argument("--json", action="store_true", help="JSON object with the container, component, version and seconds")
 
 
 def _image_root(args) -> Path | None:
@@ -100,13 +123,23 @@ def _sdk(args) -> int:
             print(f"{p}", file=sys.stderr)
         if problems:
             print(f"tupper: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+        if args.json and (problems or cmd == "check"):
+            print(json.dumps({"dir": str(args.dir), "ok": not problems, "name": component.name if component else None,
+                              "version": component.version if component else None, "units": list(component.units) if component else [],
+                              "problems": [{"where": p.where, "message": p.message} for p in problems]}, indent=2))
+        if problems:
             return 2
         if cmd == "check":
-            print(f"{args.dir}: {component.name} {component.version} is fine ({len(component.units)} unit(s))")
+            if not args.json:
+                print(f"{args.dir}: {component.name} {component.version} is fine ({len(component.units)} unit(s))")
             return 0
         t0 = time.monotonic()
         path, digest = packages.build(args.dir.resolve(), component, _output(args.output))
-        print(f"{path} {digest} ({path.stat().st_size} bytes, {time.monotonic() - t0:.2f}s)")
+        built = {"path": str(path), "digest": digest, "size": path.stat().st_size, "seconds": round(time.monotonic() - t0, 3)}
+        if args.json:
+            print(json.dumps(built, indent=2))
+        else:
+            print(f"{path} {digest} ({built['size']} bytes, {built['seconds']:.2f}s)")
         return 0
     if cmd == "inspect":
         info = packages.inspect(args.package)
@@ -150,13 +183,19 @@ def _component(args, backend_factory, store_factory) -> int:
     cmd = args.component_command
     if cmd == "upgrade":
         result = backend_factory().upgrade(args.container, args.name, args.version)
-        print(f"{args.container}: {args.name} is now {result['version']} ({result['seconds']:.2f}s)")
+        if args.json:
+            print(json.dumps({"container": args.container, "component": args.name, **result}, indent=2))
+        else:
+            print(f"{args.container}: {args.name} is now {result['version']} ({result['seconds']:.2f}s)")
         return 0
     store = store_factory()
     installer = Installer(store)
     if cmd == "install":
         installed = installer.install(args.package)
-        print(f"installed {installed.name} {installed.version} ({installed.digest})")
+        if args.json:
+            print(json.dumps(installed.to_json(), indent=2))
+        else:
+            print(f"installed {installed.name} {installed.version} ({installed.digest})")
         return 0
     from tupper.runtime.runtime import Runtime
 
@@ -173,6 +212,9 @@ def _component(args, backend_factory, store_factory) -> int:
         return 0
     if cmd == "rm":
         runtime.remove_component(args.name, args.version)
-        print(f"removed {args.name} {args.version}")
+        if args.json:
+            print(json.dumps({"name": args.name, "version": args.version, "state": "removed"}, indent=2))
+        else:
+            print(f"removed {args.name} {args.version}")
         return 0
     raise InvalidInput(f"unknown component action {cmd}")

@@ -961,12 +961,32 @@ class Runtime:
         return run_command(rec.leader_pid, [path, *argv[1:]], stdin=stdin, stdout=stdout, stderr=stderr, env=env, user=user,
                            workdir=workdir or "/")
 
-    def logs_argv(self, rec: Record, *, unit: str | None, lines: int | None, follow: bool) -> list[str]:
-        """journalctl on the host, reading the container's journal files (no process inside)."""
+    @staticmethod
+    def logs_argv(rec: Record, *, unit: str | None = None, lines: int | None = None, follow: bool = False, component: str | None = None,
+                  since: str | None = None, until: str | None = None, priority: str | None = None,
+                  output: str = "short-precise") -> list[str]:
+        """journalctl on the host, reading the container's journal files (no process inside). Every
+        option is checked first (tupper.model.journal): a bad one is an InvalidInput naming it."""
+        from tupper.model import journal
+
         root = f"/proc/{rec.leader_pid}/root" if rec.alive() and rec.leader_pid else str(rec.rootfs)
-        argv = ["journalctl", f"--root={root}", "--no-pager", "--output=short-precise"]
-        if unit:
-            argv += ["--unit", unit]
+        argv = ["journalctl", f"--root={root}", "--no-pager", f"--output={journal.output(output)}"]
+        units = [unit] if unit else []
+        if component is not None:
+            entry = next((c for c in rec.components if c.name == component), None)
+            if entry is None:
+                known = ", ".join(c.name for c in rec.components) or "none"
+                raise InvalidInput(f"--component {component}: container {rec.name} has no component {component!r}",
+                                   hint=f"its components: {known}")
+            units += entry.units
+        for name in units:
+            argv += ["--unit", name]
+        if since is not None:
+            argv.append(f"--since={journal.timestamp(since, '--since')}")
+        if until is not None:
+            argv.append(f"--until={journal.timestamp(until, '--until')}")
+        if priority is not None:
+            argv.append(f"--priority={journal.priority(priority)}")
         if lines is not None:
             argv += ["--lines", str(lines)]
         if follow:
