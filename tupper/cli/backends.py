@@ -136,6 +136,14 @@ class DirectBackend:
         return self.runtime.exec_fds(name, argv, sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno(), env=env, user=user,
                                      workdir=workdir)
 
+    def open_shell(self, name: str, **options) -> tuple[int, object]:
+        """(the terminal's master, the session: what shell_exit takes), as DaemonBackend gives them."""
+        session = self.runtime.open_shell(name, **options)
+        return session.master, session
+
+    def shell_exit(self, session) -> int:
+        return session.exit.result()
+
     def close(self) -> None:
         pass
 

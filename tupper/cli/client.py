@@ -18,6 +18,7 @@ from tupper import errors
 from tupper.busnames import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, error_from
 
 METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4
+_FD_SPACE = _socket.CMSG_SPACE(16 * 4)  # room for the descriptors of one read (the bus sends at most a few)
 
 
 def bus_address() -> str:
@@ -27,9 +28,10 @@ def bus_address() -> str:
 class Message:
     """A received message: the parts callers look at (as dbus-next names them)."""
 
-    __slots__ = ("message_type", "serial", "reply_serial", "path", "interface", "member", "error_name", "sender", "signature", "body")
+    __slots__ = ("message_type", "serial", "reply_serial", "path", "interface", "member", "error_name", "sender", "signature", "body",
+                 "unix_fds")
 
-    def __init__(self, message_type: int, serial: int, fields: dict, body: list) -> None:
+    def __init__(self, message_type: int, serial: int, fields: dict, body: list, unix_fds: list[int] | None = None) -> None:
         self.message_type = message_type
         self.serial = serial
         self.path = fields.get(1)
@@ -40,6 +42,7 @@ class Message:
         self.sender = fields.get(7)
         self.signature = fields.get(8, "")
         self.body = body
+        self.unix_fds = unix_fds or []  # received descriptors; an "h" in the body is an index into these
 
 
 class Client:
@@ -48,6 +51,7 @@ class Client:
         self.serial = 0
         self.handlers: list = []
         self._buf = bytearray()
+        self._fds: list[int] = []  # descriptors received and not yet claimed by a message
         try:
             self.sock = _connect(address)
             self._authenticate()
@@ -74,12 +78,18 @@ class Client:
         return line
 
     def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
+        chunk, ancillary, _flags, _address = self.sock.recvmsg(65536, _FD_SPACE, _socket.MSG_CMSG_CLOEXEC)
+        for level, kind, data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                self._fds += struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
         if not chunk:
             raise ConnectionError("the bus closed the connection")
         self._buf += chunk
 
     def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
         self.sock.close()
 
     # ---- messages ---------------------------------------------------------------------------
@@ -119,7 +129,9 @@ class Client:
         fields = {code: value for code, (_sig, value) in raw_fields}
         signature = fields.get(8, "")
         body = _unmarshal(data[header_len:], 0, signature, e)[0] if signature else []
-        return Message(mtype, serial, fields, body)
+        count = fields.get(9, 0)  # the descriptors came with the message's first bytes
+        fds, self._fds = self._fds[:count], self._fds[count:]
+        return Message(mtype, serial, fields, body, fds)
 
     def _reply(self, serial: int) -> Message:
         """Wait for the reply to `serial`; signals that come first go to the handlers."""
@@ -127,16 +139,26 @@ class Client:
             msg = self._receive()
             if msg.message_type in (METHOD_RETURN, ERROR) and msg.reply_serial == serial:
                 return msg
+            for fd in msg.unix_fds:  # nobody asked for these
+                os.close(fd)
             if msg.message_type == SIGNAL:
                 for handler in self.handlers:
                     handler(msg)
 
     def call(self, member: str, signature: str = "", body: list | None = None, *, path: str = MANAGER_PATH,
              interface: str = MANAGER_IFACE, unix_fds: list[int] | None = None, destination: str = BUS_NAME) -> list:
+        return self.call_fds(member, signature, body, path=path, interface=interface, unix_fds=unix_fds, destination=destination)[0]
+
+    def call_fds(self, member: str, signature: str = "", body: list | None = None, *, path: str = MANAGER_PATH,
+                 interface: str = MANAGER_IFACE, unix_fds: list[int] | None = None,
+                 destination: str = BUS_NAME) -> tuple[list, list[int]]:
+        """call, and the descriptors the reply carries (the caller's to close)."""
         reply = self._reply(self._send(destination, path, interface, member, signature, body, unix_fds))
         if reply.message_type == ERROR:
+            for fd in reply.unix_fds:
+                os.close(fd)
             raise _error(reply)
-        return reply.body
+        return reply.body, reply.unix_fds
 
     def subscribe(self, rule: str, handler) -> None:
         """Receive signals matching `rule` (a D-Bus match rule) while calls run."""
@@ -211,6 +233,18 @@ class Client:
 
     def network_remove(self, name: str) -> None:
         self.call("RemoveNetwork", "s", [name])
+
+    def open_shell(self, name: str, *, user: str | None, argv: builtins.list[str] | None, env: dict[str, str] | None,
+                   workdir: str | None, term: str, rows: int, cols: int) -> tuple[int, str]:
+        """(the terminal's master, the session's id)."""
+        body, fds = self.call_fds("OpenShell", "ssasa{ss}ssqq", [name, user or "", argv or [], env or {}, workdir or "", term, rows, cols])
+        master = fds.pop(body[0])
+        for fd in fds:
+            os.close(fd)
+        return master, body[1]
+
+    def shell_exit(self, session: str) -> int:
+        return self.call("ShellExit", "s", [session])[0]
 
     def exec(self, name: str, argv: builtins.list[str], fds: tuple[int, int, int] = (0, 1, 2), *, env: dict[str, str] | None = None,
              user: str | None = None, workdir: str | None = None) -> int:

@@ -31,7 +31,7 @@ Settings: a command-line flag wins over an environment variable, which wins over
 
 # Container verbs: served by tupperd unless --direct. Everything else runs in this process.
 DAEMON_COMMANDS = frozenset({"run", "ps", "status", "inspect", "stop", "start", "restart", "kill", "shutdown", "rm", "exec", "events", "update", "stats",
-                             "network", "port"})
+                             "network", "port", "shell"})
 
 
 def _path(text: str):
@@ -318,7 +318,24 @@ def _add_exec(sub) -> None:
     ex.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="set a variable (again for more)")
     ex.add_argument("-u", "--user", help="run as this user of the container (name or uid; default root)")
     ex.add_argument("-w", "--workdir", metavar="DIR", help="run in this directory of the container (default /)")
+    ex.add_argument("-t", "--tty", action="store_true",
+                    help="on a new terminal inside the container, relayed to yours (interactive programs; as tupper shell)")
+    ex.add_argument("-i", "--interactive", action="store_true", help="accepted for podman's -it: stdin is always passed on")
     ex.add_argument("cmd", nargs="*", help="-- CMD [ARGS...] (everything after -- is the command)")
+
+
+def _add_shell(sub) -> None:
+    sh = sub.add_parser("shell", help="an interactive login shell inside a running container",
+                        description="Open a login shell (or CMD) on a new pseudo-terminal inside the container, as machinectl shell "
+                                    "does: the container's systemd runs it as a transient unit on that terminal; tupper relays it "
+                                    "to yours, follows your window size, and exits with the shell's exit code.",
+                        **_examples("tupper shell web", "tupper shell web nobody", "tupper shell admin@web",
+                                    "tupper shell web -- /usr/bin/top", "tupper shell web -e LANG=C.UTF-8 -w /var/log"))
+    sh.add_argument("name", metavar="[USER@]NAME")
+    sh.add_argument("user", nargs="?", help="log in as this user of the container (default root)")
+    sh.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="set a variable (again for more)")
+    sh.add_argument("-w", "--workdir", metavar="DIR", help="start in this directory (default: the user's home)")
+    sh.add_argument("cmd", nargs="*", help="-- CMD [ARGS...] to run in place of the login shell")
 
 
 def _add_logs(sub) -> None:
@@ -387,7 +404,7 @@ def _add_store(sub) -> None:
 # In the order `tupper --help` lists them.
 _COMMANDS = {
     "run": _add_run, "ps": _add_ps, "status": _add_status, "inspect": _add_inspect, "stats": _add_stats, "stop": _add_stop, "start": _add_start, "restart": _add_restart,
-    "kill": _add_kill, "update": _add_update, "port": _add_port, "network": _add_network, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec,
+    "kill": _add_kill, "update": _add_update, "port": _add_port, "network": _add_network, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec, "shell": _add_shell,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret,
 }
@@ -453,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     command = _command_in(argv)
     after: list[str] | None = None
-    if command == "exec" and "--" in argv:  # exec's own options come before --, the command after it
+    if command in ("exec", "shell") and "--" in argv:  # their own options come before --, the command after it
         cut = argv.index("--")
         argv, after = argv[:cut], argv[cut + 1:]
     args = build_parser(command).parse_args(argv)
@@ -589,14 +606,17 @@ def dispatch(args) -> int:
         command = args.cmd
         if not command:
             raise InvalidInput("exec: no command given (tupper exec NAME -- CMD [ARGS...])")
-        env = {}
-        for item in args.env:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise InvalidInput(f"exec: -e {item}: expected KEY=VALUE")
-            env[key] = value
+        env = _env_options("exec", args.env)
         sys.stdout.flush()
+        if args.tty:
+            return _session(args, args.name, user=args.user, argv=command, env=env, workdir=args.workdir or "/")
         return _backend(args).exec(args.name, command, env=env or None, user=args.user, workdir=args.workdir)
+    if cmd == "shell":
+        user, _, name = args.name.rpartition("@")
+        if user and args.user and user != args.user:
+            raise InvalidInput(f"shell: two users given ({user}@{name} and {args.user})")
+        return _session(args, name, user=args.user or user or None, argv=args.cmd or None, env=_env_options("shell", args.env),
+                        workdir=args.workdir)
     if cmd == "events":
         return cmd_events(args, _filters(args.filter, EVENT_FILTER_KEYS))
     if cmd == "run" and args.direct:
@@ -636,6 +656,28 @@ def dispatch(args) -> int:
         "rm": lambda name: (backend.remove(name, args.force), "removed")[1],
     }
     return _each(args, verbs[cmd])
+
+
+def _env_options(verb: str, items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{verb}: -e {item}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _session(args, name: str, *, user: str | None, argv: list[str] | None, env: dict[str, str], workdir: str | None) -> int:
+    """`tupper shell` and `exec -t`: a session on a terminal inside the container, relayed to ours."""
+    from tupper.cli import terminal
+
+    rows, cols = terminal.size_of_user_terminal()
+    backend = _backend(args)
+    master, session = backend.open_shell(name, user=user, argv=argv, env=env or None, workdir=workdir,
+                                         term=os.environ.get("TERM", ""), rows=rows, cols=cols)
+    terminal.relay(master)
+    return backend.shell_exit(session)
 
 
 def _each(args, verb) -> int:

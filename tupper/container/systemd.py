@@ -191,8 +191,10 @@ def exec_properties(argv: list[str], *, stdin: int | None, stdout: int, stderr: 
     props: dict[bytes, object] = {
         b"Description": description.encode(),
         b"ExecStart": [(words[0], words, False)],
-        b"RemainAfterExit": True,  # keeps ExecMainCode/Status readable once the command is done
         b"WorkingDirectory": workdir.encode(),
+        # Collected once it has ended and our connection is gone (AddRef, in _start_transient, keeps it
+        # loaded while we read its exit code): nothing is left behind, not even if the caller dies.
+        b"CollectMode": b"inactive-or-failed",
         b"StandardOutputFileDescriptor": stdout,
         b"StandardErrorFileDescriptor": stderr,
     }
@@ -230,31 +232,94 @@ def _run_command(leader: int, argv: list[str], *, stdin: int | None, stdout: int
     bus = DBusAddress(f"unix:path={bus_socket(leader)}".encode())
     bus.open()
     try:
-        # Subscribe + a match: systemd then sends the unit's PropertiesChanged, which wakes the wait below.
-        bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
-        bus.match_signal(SD, path, PROPERTIES, b"PropertiesChanged", _ignore)
-        args = apply_signature(b"ss", [unit.encode(), b"fail"])
-        args += signature_array(exec_properties(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
-                                                description=description, timeout=timeout, user=user, workdir=workdir))
-        args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]
-        bus.call_method(SD, SD_PATH, MANAGER, b"StartTransientUnit", args)
+        _start_transient(bus, unit, exec_properties(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, description=description,
+                                                    timeout=timeout, user=user, workdir=workdir))
         try:
-            while True:
-                job = bus.get_property(SD, path, UNIT, b"Job", b"(uo)")
-                sub = _s(bus.get_property(SD, path, UNIT, b"SubState", b"s"))
-                if not (job and job[0]) and sub in _FINISHED:
-                    break
-                bus.wait(500_000)  # µs; a signal or any message ends it early
-                while not bus.process().is_empty():
-                    pass
-            code = int(bus.get_property(SD, path, SERVICE, b"ExecMainCode", b"i"))
-            status = int(bus.get_property(SD, path, SERVICE, b"ExecMainStatus", b"i"))
+            return _wait_exit(bus, path)
         finally:
             _unload(bus, unit, path)
     finally:
         bus.close()
+
+
+def _start_transient(bus: DBusAddress, unit: str, props: dict[bytes, object]) -> None:
+    """StartTransientUnit, subscribed first: systemd then sends the unit's PropertiesChanged, which wakes
+    _wait_exit (a quick command can end before the reply comes back)."""
+    path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
+    bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
+    bus.match_signal(SD, path, PROPERTIES, b"PropertiesChanged", _ignore)
+    args = apply_signature(b"ss", [unit.encode(), b"fail"])
+    # AddRef (what `systemd-run --wait` sends; pystemd's table lacks it): this connection holds the unit
+    # until it closes, so an ended unit is not collected before its exit code is read.
+    args += signature_array(props)[:-1] + [(ord(b"r"), b"sv"), (ord(b"s"), b"AddRef"), (ord(b"v"), b"b"), (ord(b"b"), True),
+                                           (-1, None), (-1, None), (-1, None)]
+    args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]
+    bus.call_method(SD, SD_PATH, MANAGER, b"StartTransientUnit", args)
+
+
+def _wait_exit(bus: DBusAddress, path: bytes) -> int:
+    """Wait until the unit's process has ended; its exit code (128 + the signal if it was killed)."""
+    while True:
+        job = bus.get_property(SD, path, UNIT, b"Job", b"(uo)")
+        sub = _s(bus.get_property(SD, path, UNIT, b"SubState", b"s"))
+        if not (job and job[0]) and sub in _FINISHED:
+            break
+        bus.wait(500_000)  # µs; a signal or any message ends it early
+        while not bus.process().is_empty():
+            pass
+    code = int(bus.get_property(SD, path, SERVICE, b"ExecMainCode", b"i"))
+    status = int(bus.get_property(SD, path, SERVICE, b"ExecMainStatus", b"i"))
     # ExecMainCode is a CLD_* value: 1 exited (status = exit code), 2 killed / 3 dumped (status = signal).
     return status if code == 1 else 128 + status
+
+
+def shell_properties(path: str, argv: list[str], *, tty: str, term: str, env: dict[str, str] | None = None, user: str = "root",
+                     workdir: str | None = None) -> dict[bytes, object]:
+    """The transient service of an interactive login on the container's pseudo-terminal `tty` (what
+    machined's OpenMachineShell starts): the terminal is its stdin, stdout and stderr and its controlling
+    terminal; it gets SIGHUP when the terminal hangs up (the user's side went away). User= makes systemd
+    set HOME, USER, LOGNAME and SHELL; the working directory is the user's home unless `workdir`."""
+    words = [a.replace("$", "$$").encode() for a in argv]
+    variables = {"TERM": term or "vt220", **(env or {})}
+    return {
+        b"Description": f"tupper shell on {tty}".encode(),
+        b"ExecStart": [(path.encode(), words, False)],  # argv[0] may differ from the path: "-bash" is a login shell
+        b"CollectMode": b"inactive-or-failed",
+        b"User": user.encode(),
+        b"WorkingDirectory": (workdir or "-~").encode(),  # "-": where the home does not exist (nobody's), "/"
+        b"TTYPath": tty.encode(),
+        b"StandardInput": b"tty",
+        b"StandardOutput": b"tty",
+        b"StandardError": b"tty",
+        b"SendSIGHUP": True,
+        b"IgnoreSIGPIPE": False,
+        b"Environment": [f"{k}={v}".encode() for k, v in variables.items()],
+    }
+
+
+def run_shell(leader: int, unit: str, props: dict[bytes, object], started: Callable[[Exception | None], None]) -> int:
+    """Start the shell's transient unit (see shell_properties), call `started` (None, or why it could
+    not start), then wait for it to end and return its exit code. One connection throughout: it holds
+    the unit (AddRef) until the exit code is read; if this process dies, systemd collects the unit."""
+    path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
+    bus = DBusAddress(f"unix:path={bus_socket(leader)}".encode())
+    try:
+        bus.open()
+        _start_transient(bus, unit, props)
+    except DBusBaseError as exc:
+        bus.close()
+        started(Failed(f"the container's systemd refused the shell: {_why(exc)}"))
+        raise Failed(f"the container's systemd refused the shell: {_why(exc)}") from None
+    started(None)
+    try:
+        try:
+            return _wait_exit(bus, path)
+        finally:
+            _unload(bus, unit, path)
+    except DBusBaseError as exc:  # the container stopped under the shell
+        raise Failed(f"lost the shell's unit {unit}: {_why(exc)}") from None
+    finally:
+        bus.close()
 
 
 def _ignore(*_args, **_kwargs) -> None:

@@ -117,6 +117,15 @@ class TupperBus(MessageBus):
         send_reply.__class__ = ClosingSendReply
         return send_reply
 
+    def send(self, msg):
+        """Send `msg`; the descriptors a reply carries (OpenShell's terminal) are the bus's too: closed once
+        the message is written, or failed to be (dbus-next only copies their numbers into its queue)."""
+        future = super().send(msg)
+        if msg.unix_fds and msg.message_type == MessageType.METHOD_RETURN:
+            fds = list(msg.unix_fds)
+            future.add_done_callback(lambda _fut: close_fds(fds))
+        return future
+
     def _make_method_handler(self, interface, method_):
         inner = super()._make_method_handler(interface, method_)
         if not getattr(method_.fn, "__tupper_privileged__", False):
@@ -249,6 +258,24 @@ class ManagerInterface(ServiceInterface):
         """Exec with environment variables, as `user` ("" root) in `workdir` ("" /)."""
         return await self._guard(self.daemon.exec(name, argv, stdin, stdout, stderr, env=dict(env) or None, user=user or None,
                                                   workdir=workdir or None))
+
+    @method()
+    @privileged
+    async def OpenShell(self, name: "s", user: "s", argv: "as", env: "a{ss}", workdir: "s", term: "s", rows: "q",
+                        cols: "q") -> "hs":
+        """An interactive session on a new pseudo-terminal inside the container (as machined's
+        OpenMachineShell): a login shell of `user` ("" root), or `argv` where not empty, in `workdir` ("" the
+        user's home), with TERM=`term` and the terminal sized rows x cols (0: leave it). Returns the
+        terminal's master (relay it; closing it hangs the session up) and the session's id for ShellExit."""
+        session = await self._guard(self.daemon.open_shell(name, user=user or None, argv=list(argv) or None, env=dict(env) or None,
+                                                           workdir=workdir or None, term=term, rows=rows, cols=cols))
+        return [session.master, session.unit]
+
+    @method()
+    @privileged
+    async def ShellExit(self, session: "s") -> "i":
+        """Wait for the session OpenShell returned to end; its exit code (128 + the signal that killed it)."""
+        return await self._guard(self.daemon.shell_exit(session))
 
     @method()
     @privileged

@@ -35,6 +35,7 @@ from tupper.errors import Failed, InvalidInput, NotFound, TupperError
 from tupper.model import spec as specmod
 from tupper.model.health import Tracker
 from tupper.progress import Progress
+from tupper.runtime import shells
 from tupper.runtime.records import Record
 from tupper.runtime.runtime import OOMCounter, RunFailed, Runtime, UpdateResult
 from tupper.runtime.spawner import Spawner
@@ -54,6 +55,7 @@ OOM_SWEEP = 2.0
 # Checks of healthy components fall due on multiples of this (s), so those of many containers go out together.
 HEALTH_TICK = 0.25
 OOM_RECORDS = 100  # kernel OOM records kept for containers that have not looked yet
+SESSION_KEPT = 60.0  # seconds an ended shell session's exit code waits for ShellExit
 
 
 
@@ -124,6 +126,7 @@ class Daemon:
         self.tasks: set[asyncio.Task] = set()  # background work that must not be collected half-way
         self.secrets = SecretStore(runtime.store)
         self.agents: dict[str, Agent] = {}
+        self.sessions: dict[str, shells.Session] = {}  # shell sessions by id (their unit's name)
         runtime.serves_secrets = True
         self.health_queue: builtins.list[tuple[float, int, Watched, int, str, float]] = []  # (due, seq, …): a heap
         self.health_seq = 0
@@ -683,6 +686,30 @@ class Daemon:
         self._watched(name)
         return await asyncio.to_thread(functools.partial(self.runtime.exec_fds, name, argv, stdin, stdout, stderr,
                                                          env=env, user=user, workdir=workdir))
+
+    async def open_shell(self, name: str, **options) -> shells.Session:
+        """runtime.open_shell; the session's exit code is kept for ShellExit until it is read, or for a
+        minute after the session ends (a caller that went away does not leave it here for ever)."""
+        self._watched(name)
+        session = await asyncio.to_thread(functools.partial(self.runtime.open_shell, name, **options))
+        self.sessions[session.unit] = session
+
+        def forget() -> None:
+            self.sessions.pop(session.unit, None)
+
+        def ended(_fut) -> None:  # in the session's thread
+            self.loop.call_soon_threadsafe(lambda: self.loop.call_later(SESSION_KEPT, forget))
+
+        session.exit.add_done_callback(ended)
+        return session
+
+    async def shell_exit(self, session_id: str) -> int:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no shell session {session_id!r} (it ended more than {SESSION_KEPT:.0f}s ago, or never was)")
+        code = await asyncio.wrap_future(session.exit)
+        self.sessions.pop(session_id, None)
+        return code
 
     # ---- secrets ------------------------------------------------------------------------------
 

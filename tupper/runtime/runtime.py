@@ -11,7 +11,6 @@ import errno
 import functools
 import logging
 import os
-import re
 import signal
 import time
 import uuid
@@ -21,7 +20,7 @@ import attrs
 
 from tupper import durable, proc
 from tupper.container import cgroups, kmsg, nspawn, probe, unitfiles
-from tupper.container.inroot import Root, find_command
+from tupper.container.inroot import Root
 from tupper.container.systemd import Connect, ContainerBus, SystemdBus, UnitState, run_command
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound
 from tupper.model import health
@@ -29,7 +28,7 @@ from tupper.model.network import NetworkSpec
 from tupper.model.resources import Resources
 from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
-from tupper.runtime import monitor, records
+from tupper.runtime import monitor, records, shells
 from tupper.runtime.live import LiveChanges
 from tupper.runtime.network import Plumbing
 from tupper.runtime.records import ComponentEntry, Record
@@ -42,7 +41,6 @@ from tupper.store.store import FREE_FOR_CONTAINER, Store
 log = logging.getLogger("tupper")
 
 INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # `tupper exec -e KEY=VALUE`
 INOTIFY_WANTED = 8192
 
 
@@ -939,27 +937,19 @@ class Runtime:
         and `workdir` as `tupper exec -e/-u/-w` give them, each checked against the container first."""
         rec = self.running(name)
         root = f"/proc/{rec.leader_pid}/root"
-        for key in env or {}:
-            if not ENV_KEY.fullmatch(key):
-                raise InvalidInput(f"exec: -e {key}=…: not a variable name (a letter or '_', then letters, digits, '_')")
-        if user is not None and not user.isdigit():
-            with Root(root) as r:
-                passwd = r.read_text("etc/passwd") or ""
-            if user not in {line.split(":", 1)[0] for line in passwd.splitlines() if line and not line.startswith("#")}:
-                raise InvalidInput(f"exec: -u {user}: no such user in container {name!r} (its /etc/passwd)")
-        if workdir is not None:
-            if not workdir.startswith("/"):
-                raise InvalidInput(f"exec: -w {workdir}: not an absolute path")
-            try:
-                with Root(root) as r:
-                    os.close(r.open_dir(workdir))
-            except OSError:
-                raise InvalidInput(f"exec: -w {workdir}: no such directory in container {name!r}") from None
-        path = find_command(root, argv[0]) if argv else None
-        if path is None:
-            raise InvalidInput(f"{argv[0] if argv else '(empty)'}: command not found in container {name!r}")
+        shells.check_options(root, name, "exec", env=env, user=user, workdir=workdir)
+        path = shells.command_path(root, name, argv[0] if argv else "")
         return run_command(rec.leader_pid, [path, *argv[1:]], stdin=stdin, stdout=stdout, stderr=stderr, env=env, user=user,
                            workdir=workdir or "/")
+
+    def open_shell(self, name: str, *, user: str | None = None, argv: list[str] | None = None, env: dict[str, str] | None = None,
+                   workdir: str | None = None, term: str = "", rows: int = 0, cols: int = 0) -> shells.Session:
+        """`tupper shell` and `exec -it`: a login shell of `user` (default root), or `argv`, on a new
+        pseudo-terminal inside the container; the caller relays the session's master and closes it, then
+        reads the exit code from `session.exit` (see runtime/shells.py)."""
+        rec = self.running(name)
+        return shells.open_session(rec.leader_pid, name, argv=argv, user=user, env=env, workdir=workdir, term=term,
+                                   rows=rows, cols=cols)
 
     @staticmethod
     def logs_argv(rec: Record, *, unit: str | None = None, lines: int | None = None, follow: bool = False, component: str | None = None,
