@@ -86,7 +86,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from tupper import __version__
 
     p.add_argument("--version", action="version", version=f"tupper {__version__}")
-    p.add_argument("--root", type=_path, help="store root (default: $TUPPER_ROOT or /var/lib/tupper)")
+    p.add_argument("--root", type=_path, help="store root (default: $TUPPER_ROOT, `root` in /etc/tupper/tupper.toml, or /var/lib/tupper)")
     p.add_argument("--debug", action="store_true", help="log every command tupper runs; show tracebacks")
     p.add_argument("--direct", action="store_true", default=os.environ.get("TUPPER_DIRECT") == "1",
                    help="run container verbs in this process instead of through tupperd (hosts without a system bus; $TUPPER_DIRECT=1)")

@@ -844,15 +844,18 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tupperd", description="tupper's daemon: the org.tupper1 D-Bus API and the supervisor of containers.")
-    p.add_argument("--root", type=Path, help="store root (default: $TUPPER_ROOT or /var/lib/tupper)")
-    p.add_argument("--admin-group", default=os.environ.get("TUPPER_ADMIN_GROUP", "tupper"),
-                   help="members of this group may call the mutating methods besides root (default: tupper)")
+    p.add_argument("--root", type=Path, help="store root (default: $TUPPER_ROOT, `root` in /etc/tupper/tupper.toml, or /var/lib/tupper)")
+    p.add_argument("--admin-group",
+                   help="members of this group may call the mutating methods besides root "
+                        "(default: $TUPPER_ADMIN_GROUP, `admin_group` in /etc/tupper/tupper.toml, or tupper)")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="tupperd: %(message)s", stream=sys.stderr)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # --debug traces tupper, not each netlink message
     try:
-        asyncio.run(serve(args.root, args.admin_group))
+        from tupper import config
+
+        asyncio.run(serve(args.root, args.admin_group or config.admin_group()))
     except TupperError as exc:
         log.error("%s", exc.message)
         return exc.exit_code

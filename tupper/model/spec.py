@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 
 import attrs
 
-from tupper import tomlfile
+from tupper import config, tomlfile
 from tupper.errors import InvalidInput
 from tupper.model import components as comp
 from tupper.model import network as net
@@ -87,16 +87,18 @@ def load(path: Path, name: str | None = None, resolve: Resolver = _no_store) -> 
     """Parse and validate the spec at `path`. `name` (from --name) overrides the file's; `resolve`
     finds components given by name and version."""
     doc, display = tomlfile.load(path, "spec file")
-    return from_document(doc, display, path.resolve().parent, default_name=path.stem, name=name, resolve=resolve)
+    return from_document(doc, display, path.resolve().parent, default_name=path.stem, name=name, resolve=resolve,
+                         defaults=config.current().defaults)
 
 
 def from_text(text: str, base_dir: Path, display: str = "<spec>", name: str | None = None, resolve: Resolver = _no_store) -> Spec:
     doc = tomlfile.parse(text, display)
-    return from_document(doc, display, base_dir, default_name=None, name=name, resolve=resolve)
+    return from_document(doc, display, base_dir, default_name=None, name=name, resolve=resolve, defaults=config.current().defaults)
 
 
 def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str | None, name: str | None,
-                  resolve: Resolver = _no_store) -> Spec:
+                  resolve: Resolver = _no_store, defaults: config.Defaults = config.BUILTIN) -> Spec:
+    """The spec a parsed document describes; `defaults` (the config file's [defaults]) fill in what it leaves out."""
     t = tomlfile.Table(doc, display)
     file_name = t.get("name", str, default_name)
     image = t.get("image", str, DEFAULT_IMAGE)
@@ -106,10 +108,10 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
     uses: list[ComponentUse] = []
     entries = t.tables("components")
     stop = t.table("stop")
-    stop_timeout = _positive(stop, "timeout", 10.0)
+    stop_timeout = _positive(stop, "timeout", defaults.stop_timeout)
     stop.check_unknown()
     start = t.table("start")
-    start_timeout = _positive(start, "timeout", 60.0)
+    start_timeout = _positive(start, "timeout", defaults.start_timeout)
     start.check_unknown()
     restart = t.table("restart")
     restart_policy = restart.get("policy", str, "no")

@@ -22,7 +22,6 @@ from tupper.errors import Busy, Failed, InvalidInput
 from tupper.progress import SILENT, Progress
 
 DEFAULT_ROOT = Path("/var/lib/tupper")
-DEFAULT_POOL_SIZE = "20G"
 # Room a new container needs at least (its journal, the services' state) and a new image (debootstrap).
 FREE_FOR_CONTAINER = 64 << 20
 FREE_FOR_IMAGE = 512 << 20
@@ -30,7 +29,10 @@ BTRFS_MAGIC_NAME = "btrfs"
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("TUPPER_ROOT") or DEFAULT_ROOT)
+    """--root's default: $TUPPER_ROOT, the config file's `root`, /var/lib/tupper (tupper.config)."""
+    from tupper import config
+
+    return config.root()
 
 
 def mount_of(path: Path) -> tuple[str, str, str]:
@@ -97,7 +99,9 @@ class Store:
                 )
             fresh = os.fstat(fd).st_size == 0
             if fresh:
-                size = os.environ.get("TUPPER_POOL_SIZE", DEFAULT_POOL_SIZE)
+                from tupper import config
+
+                size = config.pool_size()
                 with progress.step(f"Creating loopback btrfs pool {pool} ({size}, sparse)"):
                     proc.run(["truncate", "-s", size, str(pool)])
                     proc.run(["mkfs.btrfs", "-q", "-L", "tupper", str(pool)])
