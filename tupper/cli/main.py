@@ -31,7 +31,7 @@ Settings: a command-line flag wins over an environment variable, which wins over
 
 # Container verbs: served by tupperd unless --direct. Everything else runs in this process.
 DAEMON_COMMANDS = frozenset({"run", "ps", "status", "inspect", "stop", "start", "restart", "kill", "shutdown", "rm", "exec", "events", "update", "stats",
-                             "network", "port", "shell"})
+                             "network", "port", "shell", "prune"})
 
 
 def _path(text: str):
@@ -406,8 +406,15 @@ _COMMANDS = {
     "run": _add_run, "ps": _add_ps, "status": _add_status, "inspect": _add_inspect, "stats": _add_stats, "stop": _add_stop, "start": _add_start, "restart": _add_restart,
     "kill": _add_kill, "update": _add_update, "port": _add_port, "network": _add_network, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec, "shell": _add_shell,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
-    "secret": _add_secret,
+    "secret": _add_secret, "volume": lambda sub: _volumes().add_volume(sub), "cp": lambda sub: _volumes().add_cp(sub),
+    "prune": lambda sub: _volumes().add_prune(sub),
 }
+
+
+def _volumes():
+    from tupper.cli import volumes
+
+    return volumes
 
 
 # Other names users bring from podman and machinectl; args.command is always the first name.
@@ -592,6 +599,12 @@ def dispatch(args) -> int:
         from tupper.daemon.tupperd import main as daemon_main
 
         return daemon_main(["--root", str(args.root)] if args.root else [])
+    if cmd == "volume":
+        return _volumes().cmd_volume(args, lambda: _runtime(args))
+    if cmd == "cp":
+        return _volumes().cmd_cp(args, lambda: _runtime(args))
+    if cmd == "prune":
+        return _volumes().cmd_prune(args, lambda: _backend(args))
     if cmd == "image":
         return cmd_image(args)
     if cmd == "store":

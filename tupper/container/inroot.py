@@ -126,6 +126,13 @@ class Root:
                 os.fchmod(fd, mode)
                 f.write(text)
 
+    def touch(self, rel: str, mode: int = 0o644) -> None:
+        """Regular file `rel`, made empty where missing (parents made as needed), its content kept where it
+        exists: a mount point for a file. A symlink or a directory in its place is an error (ELOOP, EISDIR)."""
+        parent, name = self._split(rel)
+        with _fd(self.makedirs(parent)) as dfd:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dfd))
+
     def read_text(self, rel: str) -> str | None:
         """The content of regular file `rel`; None where it is absent or not a regular file."""
         parent, name = self._split(rel)

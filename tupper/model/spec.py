@@ -13,6 +13,7 @@ from tupper.errors import InvalidInput
 from tupper.model import components as comp
 from tupper.model import network as net
 from tupper.model import resources as res
+from tupper.model import volumes as vol
 
 # The container name is also nspawn's machine name, which must be a valid hostname (systemd's
 # hostname_is_valid()): dot-separated labels of letters, digits and '-', no label starting or ending
@@ -51,6 +52,7 @@ class Spec:
     resources: res.Resources = res.Resources()  # [resources]: limits for the whole container
     network: net.NetworkSpec = net.NetworkSpec()  # [network]: private (default), host or none
     labels: tuple[tuple[str, str], ...] = ()  # [labels]: key -> value, for people and `ps --filter label=`
+    volumes: tuple[vol.VolumeUse, ...] = ()  # [[volumes]]: named volumes and host paths bound into the container
     file: str = "<spec>"
     base_dir: Path = Path(".")
 
@@ -141,6 +143,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         if len(value) > 256 or any(ord(ch) < 32 for ch in value):
             raise labels_table.error(key, "invalid label value: at most 256 characters, no control characters")
         labels.append((key, value))
+    volumes = vol.parse(t.tables("volumes"))
     t.check_unknown()
 
     final_name = name if name is not None else file_name
@@ -188,11 +191,13 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
         uses.append(ComponentUse(component=component, env=tuple(env), resources=limits))
 
     _check_components(uses, display)
+    vol.check_against_components(volumes, {u.component.mount: u.component.name for u in uses}, display)
     _check_grants(uses, dict(grants), display)
     return Spec(
         name=final_name,
         image=image,
         labels=tuple(labels),
+        volumes=volumes,
         components=tuple(uses),
         stop_timeout=stop_timeout,
         start_timeout=start_timeout,

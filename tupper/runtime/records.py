@@ -31,6 +31,8 @@ EXIT = "exit.json"
 
 # Phases an operation passes through; a record left in one of them by a dead owner was interrupted.
 TRANSITIONAL = frozenset({"creating", "starting", "stopping", "removing"})
+# States `tupper prune` removes, in containers that do not run (a `failed` one kept running by --keep-failed does).
+PRUNABLE = frozenset({"stopped", "failed", "exited", "crash-loop"})
 
 
 def _strs(value) -> tuple[str, ...]:
@@ -69,6 +71,25 @@ class ComponentEntry:
 
 
 @attrs.frozen
+class VolumeEntry:
+    """One bind of the spec's [[volumes]], as the container was made with it: the host path nspawn binds
+    (a named volume's subvolume, or the spec's host path, resolved) and, for a named volume, its name."""
+
+    source: str
+    target: str
+    read_only: bool = False
+    volume: str = ""  # the named volume's name; "" for a host path
+
+    @classmethod
+    def from_json(cls, data: dict) -> VolumeEntry:
+        return cls(source=str(data["source"]), target=str(data["target"]), read_only=bool(data.get("read_only", False)),
+                   volume=str(data.get("volume") or ""))
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "target": self.target, "read_only": self.read_only, "volume": self.volume or None}
+
+
+@attrs.frozen
 class PendingUpgrade:
     """A live upgrade under way: what to roll back to if its process dies half-way."""
 
@@ -96,6 +117,7 @@ class Record:
     grants: dict = attrs.Factory(dict)  # credential ID -> secret name (names only, never values)
     labels: dict = attrs.Factory(dict)  # the spec's [labels]
     components: list[ComponentEntry] = attrs.Factory(list)
+    volumes: list[VolumeEntry] = attrs.Factory(list)  # the spec's [[volumes]]
     resources: Resources = Resources()  # limits of the whole container (the spec's, then `tupper update`'s)
     network: NetworkSpec = NetworkSpec()  # its [network]; records from before networks: the host's
     address: str = ""  # its IPv4 address on its network while it runs (private mode), else ""
@@ -110,7 +132,7 @@ class Record:
     leader_pid: int = 0
     started_at: float = 0.0
 
-    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "labels", "components", "resources", "network", "address", "address6", "phase",
+    FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "labels", "components", "volumes", "resources", "network", "address", "address6", "phase",
               "owner_pid", "owner_starttime", "upgrade", "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
 
     @property
@@ -140,6 +162,7 @@ class Record:
     def to_disk(self) -> dict:
         out = {f: getattr(self, f) for f in self.FIELDS}
         out["components"] = [c.to_json() for c in self.components]
+        out["volumes"] = [v.to_json() for v in self.volumes]
         out["resources"] = self.resources.to_json()
         out["network"] = self.network.to_json()
         out["upgrade"] = self.upgrade.to_json() if self.upgrade else None
@@ -173,6 +196,7 @@ class Record:
             raise NotFound(f"no container {directory.name!r}", hint="see `tupper ps`") from None
         fields = {f: data[f] for f in cls.FIELDS if f in data}
         fields["components"] = [ComponentEntry.from_json(c) for c in data.get("components", [])]
+        fields["volumes"] = [VolumeEntry.from_json(v) for v in data.get("volumes", [])]
         fields["resources"] = Resources.from_json(data.get("resources"), "record: resources")
         fields["network"] = NetworkSpec.from_json(data.get("network"))
         fields["upgrade"] = PendingUpgrade(**data["upgrade"]) if data.get("upgrade") else None
@@ -222,6 +246,7 @@ class Record:
             "restart_policy": self.restart_policy,
             "secrets": dict(self.grants),
             "labels": dict(self.labels),
+            "volumes": [v.to_json() for v in self.volumes],
             "network": {"mode": self.network.mode, "name": self.network.network if self.network.mode == "private" else None,
                         "address": (self.address or None) if running else None,
                         "address6": (self.address6 or None) if running else None,
@@ -233,6 +258,12 @@ class Record:
         if self.interrupted():
             out["interrupted"] = self.phase if self.phase in TRANSITIONAL else "upgrading"
         return out
+
+
+def prunable(container: dict) -> bool:
+    """Whether `tupper prune` removes this container (its JSON, as `ps --json` gives it): in one of the
+    PRUNABLE states, and not running (no leader PID)."""
+    return container.get("state") in PRUNABLE and not container.get("leader_pid")
 
 
 def mark_exit(directory: Path, returncode: int | None, note: str = "") -> None:

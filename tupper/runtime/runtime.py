@@ -12,14 +12,15 @@ import functools
 import logging
 import os
 import signal
+import stat
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import attrs
 
 from tupper import durable, proc
-from tupper.container import cgroups, kmsg, nspawn, probe, unitfiles
+from tupper.container import cgroups, kmsg, nspawn, probe, rootcopy, unitfiles
 from tupper.container.inroot import Root
 from tupper.container.systemd import Connect, ContainerBus, SystemdBus, UnitState, run_command
 from tupper.errors import Busy, Exists, Failed, InvalidInput, NotFound
@@ -31,12 +32,13 @@ from tupper.progress import SILENT, Progress
 from tupper.runtime import monitor, records, shells
 from tupper.runtime.live import LiveChanges
 from tupper.runtime.network import Plumbing
-from tupper.runtime.records import ComponentEntry, Record
+from tupper.runtime.records import ComponentEntry, Record, VolumeEntry
 from tupper.runtime.spawner import Spawner, SpawnerGone
 from tupper.runtime.stats import ContainerStats, Pressure, Usage
 from tupper.runtime.status import ComponentHealth, ContainerStatus
 from tupper.store.images import ImageDef, Images, find_definition
 from tupper.store.store import FREE_FOR_CONTAINER, Store
+from tupper.store.volumes import Volumes
 
 log = logging.getLogger("tupper")
 
@@ -244,17 +246,24 @@ class Runtime:
         """create + start; a failed run leaves nothing behind unless `keep_failed`. A run whose process
         dies half-way is undone by `recover` (the record says `creating` with a dead owner)."""
         t0 = time.monotonic()
-        rec = self.create(spec, progress)
+        new_volumes = [v.source for v in spec.volumes if v.named and not Volumes(self.store).exists(v.source)]
+        try:
+            rec = self.create(spec, progress)
+        except BaseException:
+            self._drop_volumes(new_volumes)
+            raise
         try:
             states = self.start(rec, keep_failed=keep_failed, progress=progress, first=True)
         except RunFailed as exc:
             if not exc.kept:
                 with self.store.lock():
                     self._discard(rec.dir, rec.name)
+                self._drop_volumes(new_volumes)
             raise
         except BaseException:
             with self.store.lock():
                 self._discard(rec.dir, rec.name)
+            self._drop_volumes(new_volumes)
             raise
         return RunResult(rec.to_json(), states, time.monotonic() - t0)
 
@@ -271,6 +280,7 @@ class Runtime:
         self._check_units_do_not_shadow_the_image(spec, image_path)
         self._check_secrets(spec)
         network = self._check_network(spec)
+        volumes = self._check_volumes(spec)
         staging = self.store.scratch("new", spec.name)
         staging.mkdir(mode=0o700)
         with contextlib.ExitStack() as undo:
@@ -288,6 +298,7 @@ class Runtime:
                 restart_limit=spec.restart_limit,
                 grants=dict(spec.grants),
                 labels=dict(spec.labels),
+                volumes=volumes,
                 components=[
                     records.ComponentEntry(name=u.component.name, version=u.component.version, mount=u.component.mount,
                                            units=u.component.units, source=str(u.component.root), env=u.env,
@@ -302,6 +313,9 @@ class Runtime:
             rec.save()
             with self.store.lock():
                 self._check_name_free(spec)
+                for v in spec.volumes:  # under the lock that `volume rm` takes: the record names it before anyone can remove it
+                    if v.named:
+                        Volumes(self.store).create(v.source, exist_ok=True)
                 os.rename(staging, cdir)
                 durable.fsync_dir(cdir.parent)
             undo.pop_all()
@@ -340,6 +354,60 @@ class Runtime:
                 raise InvalidInput(f"{spec.file}: secrets.{cred}: no secret {secret!r} in the store",
                                    hint=f"set it first: tupper secret set {secret} < FILE")
 
+    def _check_volumes(self, spec: Spec) -> list[VolumeEntry]:
+        """The binds of the spec's [[volumes]]. A named volume is its subvolume in the store; a host path may
+        neither lie in the store nor contain it (nor tupper's run directory, with the secrets agents'
+        sockets): nothing of the store is bound into a container but a named volume."""
+        private = [os.path.realpath(p) for p in (self.store.root, self.store.pool_file, Path("/run/tupper")) if p is not None]
+        out = []
+        for i, v in enumerate(spec.volumes):
+            if v.named:
+                out.append(VolumeEntry(str(Volumes(self.store).path(v.source)), v.target, v.read_only, volume=v.source))
+                continue
+            for mine in private:
+                if v.source == mine or v.source.startswith(mine.rstrip("/") + "/"):
+                    raise InvalidInput(f"{spec.file}: volumes[{i}].source: {v.source} is inside tupper's store ({mine})",
+                                       hint="keep data in a named volume instead: source = \"NAME\" (see `tupper volume create`)")
+                if mine.startswith(v.source.rstrip("/") + "/"):
+                    raise InvalidInput(f"{spec.file}: volumes[{i}].source: {v.source} contains tupper's store ({mine})",
+                                       hint="bind a directory that holds only what the container needs")
+            out.append(VolumeEntry(v.source, v.target, v.read_only))
+        return out
+
+    def _volume_binds(self, rec: Record) -> list[nspawn.Bind]:
+        """The volumes' binds, each source checked again (a host path may have gone since the run) and its
+        mount point made inside the root: a directory, or an empty file for a file."""
+        binds = []
+        with Root(rec.rootfs) as root:
+            for v in rec.volumes:
+                try:
+                    is_dir = stat.S_ISDIR(os.stat(v.source).st_mode)
+                except OSError as exc:
+                    what = f"volume {v.volume!r} ({v.source})" if v.volume else f"host path {v.source}"
+                    raise Failed(f"container {rec.name!r}: {what}, bound at {v.target}, is not there: {exc.strerror}",
+                                 hint=f"`tupper volume create {v.volume}`" if v.volume else "restore it, or `tupper rm` the container") from None
+                try:
+                    if is_dir:
+                        os.close(root.makedirs(v.target))
+                    else:
+                        root.touch(v.target)
+                except OSError as exc:
+                    raise Failed(f"container {rec.name!r}: cannot make the mount point {v.target} of a volume in its root: {exc.strerror}",
+                                 hint=f"the container has something else at {v.target}: a {'file' if is_dir else 'directory or symlink'}") from None
+                binds.append(nspawn.Bind(Path(v.source), v.target, v.read_only))
+        return binds
+
+    def _drop_volumes(self, names: list[str]) -> None:
+        """Remove the named volumes a failed run made, unless a container uses them meanwhile."""
+        if not names:
+            return
+        volumes = Volumes(self.store)
+        with self.store.lock():
+            used = self.volumes_in_use()
+            for name in names:
+                if volumes.exists(name) and not used.get(name):
+                    volumes.remove(name, [])
+
     def _check_network(self, spec: Spec) -> NetworkSpec:
         """Exit 2 before anything is made: a network that does not exist, a host port taken. Host ports
         the spec leaves to tupper are picked here, and kept for the container's life."""
@@ -376,6 +444,7 @@ class Runtime:
             (rec.dir / records.EXIT).unlink(missing_ok=True)
             binds = [nspawn.Bind(Path(c.source), c.mount) for c in rec.components]
             self._make_mount_points(rec, [b.target for b in binds])
+            binds += self._volume_binds(rec)
             if rec.grants:
                 if not self.serves_secrets:
                     raise Failed(f"container {rec.name!r} has secrets, which tupperd's agent delivers: start it through tupperd")
@@ -771,6 +840,107 @@ class Runtime:
         return None
 
 
+    # ---- named volumes -------------------------------------------------------------------------
+
+    def volumes_in_use(self) -> dict[str, list[str]]:
+        """Named volume -> the containers (running or not) whose record names it."""
+        used: dict[str, list[str]] = {}
+        for rec in self.records():
+            for v in rec.volumes:
+                if v.volume:
+                    used.setdefault(v.volume, []).append(rec.name)
+        return used
+
+    def create_volume(self, name: str) -> dict:
+        with self.store.lock():
+            Volumes(self.store).create(name)
+        return self.inspect_volume(name, size=False)
+
+    def list_volumes(self) -> list[dict]:
+        """Every named volume with the containers that use it (no size: that takes a walk of each)."""
+        volumes, used = Volumes(self.store), self.volumes_in_use()
+        return [volumes.get(name, used.get(name, ())).to_json() for name in volumes.names()]
+
+    def inspect_volume(self, name: str, *, size: bool = True) -> dict:
+        volumes = Volumes(self.store)
+        out = volumes.get(name, self.volumes_in_use().get(name, ())).to_json()
+        out["size"] = volumes.size(volumes.path(name)) if size else None
+        return out
+
+    def remove_volume(self, name: str) -> None:
+        """Delete a named volume and its data; refused while any container record names it."""
+        volumes = Volumes(self.store)
+        volumes.get(name)
+        with self.store.lock():
+            volumes.remove(name, self.volumes_in_use().get(name, []))
+
+    def prune_volumes(self) -> list[str]:
+        """Remove every named volume no container record names."""
+        volumes, removed = Volumes(self.store), []
+        with self.store.lock():
+            used = self.volumes_in_use()
+            for name in volumes.names():
+                if not used.get(name):
+                    volumes.remove(name, [])
+                    removed.append(name)
+        return removed
+
+    # ---- cp ------------------------------------------------------------------------------------
+
+    def copy_from(self, name: str, path: str, dest: str) -> rootcopy.CopyResult:
+        """`tupper cp NAME:PATH DEST`: PATH resolved inside the container's root (tupper.container.rootcopy)."""
+        where = f"{name}:{path}"
+        rootcopy.container_path(path, where)
+        rec = self.record(name)
+        with self._copy_root(rec, path, where, write=False) as (root, inner):
+            return rootcopy.copy_out(root, inner, dest, where, root_name=PurePosixPath(path).name or rec.name)
+
+    def copy_to(self, name: str, src: str, path: str) -> rootcopy.CopyResult:
+        """`tupper cp SRC NAME:PATH`: written inside the container's root, never through a symlink out of it."""
+        where = f"{name}:{path}"
+        rootcopy.container_path(path, where)
+        rec = self.record(name)
+        with self._copy_root(rec, path, where, write=True) as (root, inner):
+            try:
+                return rootcopy.copy_in(src, root, inner, where)
+            except OSError as exc:
+                if exc.errno == errno.EROFS:
+                    raise Failed(f"{where}: read-only in the container (a read-only volume or a component's mount)") from None
+                raise
+
+    @contextlib.contextmanager
+    def _copy_root(self, rec: Record, path: str, where: str, *, write: bool):
+        """(the root to copy in, the path in it). A running container: its root as its processes see it,
+        mounts included (/proc/LEADER/root). A stopped one: its snapshot, or the volume or component whose
+        mount point holds `path` (nothing is mounted in the snapshot)."""
+        pure = PurePosixPath("/" + rootcopy.container_path(path, where))
+        for v in rec.volumes:
+            if v.read_only and write and (pure == PurePosixPath(v.target) or PurePosixPath(v.target) in pure.parents):
+                raise InvalidInput(f"{where}: {v.target} is a read-only volume of the container")
+        for c in rec.components:
+            if write and (pure == PurePosixPath(c.mount) or PurePosixPath(c.mount) in pure.parents):
+                raise InvalidInput(f"{where}: {c.mount} is component {c.name}'s read-only mount")
+        base, inner = str(rec.rootfs), path
+        if rec.alive() and rec.leader_pid:
+            base = f"/proc/{rec.leader_pid}/root"
+        else:
+            for target, source in [(v.target, v.source) for v in rec.volumes] + [(c.mount, c.source) for c in rec.components]:
+                t = PurePosixPath(target)
+                if pure == t or t in pure.parents:
+                    if os.path.isdir(source):
+                        base, inner = source, "/" + str(pure.relative_to(t)).lstrip(".") + ("/" if path.endswith("/") else "")
+                    else:  # a file volume: its directory on the host, and its name there
+                        base, inner = os.path.dirname(source), "/" + os.path.basename(source)
+                    break
+        try:
+            root = Root(base)
+        except OSError as exc:
+            raise Failed(f"{where}: cannot open the container's root {base}: {exc.strerror}") from None
+        with root:
+            if base.startswith("/proc/") and not rec.alive():  # it stopped, and the pid may be another process's now
+                raise Failed(f"{where}: container {rec.name!r} stopped during the copy; try again")
+            yield root, inner
+
     # ---- inside the container -----------------------------------------------------------------
 
     def running(self, name: str) -> Record:
@@ -812,6 +982,8 @@ class Runtime:
         out["phase"] = rec.phase
         out["cgroups"] = {k: str(v) for k, v in cgroups.controller_dirs(rec.name, self.store.cgroup_parent).items()}
         out["mounts"] = [{"source": c.source, "target": c.mount, "read_only": True, "component": c.name} for c in rec.components]
+        out["mounts"] += [{"source": v.source, "target": v.target, "read_only": v.read_only, "component": None, "volume": v.volume or None}
+                          for v in rec.volumes]
         if rec.grants:
             out["mounts"].append({"source": str(self.store.agent_dir(rec.name)), "target": unitfiles.AGENT_DIR, "read_only": False,
                                   "component": None})
@@ -942,6 +1114,25 @@ class Runtime:
         return run_command(rec.leader_pid, [path, *argv[1:]], stdin=stdin, stdout=stdout, stderr=stderr, env=env, user=user,
                            workdir=workdir or "/")
 
+    def container_of_pid(self, pid: int) -> str:
+        """The container a host process is part of: its own nspawn, or a descendant of it (every process
+        of a container descends from its nspawn; orphans go to the container's PID 1), as machined's
+        GetMachineByPID answers."""
+        if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+            raise NotFound(f"no process {pid}")
+        owners = {}
+        for rec in self.records():
+            if rec.alive():
+                owners[rec.nspawn_pid] = rec.name
+                owners[rec.leader_pid] = rec.name
+        seen, current = set(), pid
+        while current > 1 and current not in seen:
+            if current in owners:
+                return owners[current]
+            seen.add(current)
+            current = _parent_pid(current)
+        raise NotFound(f"process {pid} is not part of any container")
+
     def open_shell(self, name: str, *, user: str | None = None, argv: list[str] | None = None, env: dict[str, str] | None = None,
                    workdir: str | None = None, term: str = "", rows: int = 0, cols: int = 0) -> shells.Session:
         """`tupper shell` and `exec -it`: a login shell of `user` (default root), or `argv`, on a new
@@ -982,6 +1173,18 @@ class Runtime:
         if follow:
             argv.append("--follow")
         return argv
+
+
+def _parent_pid(pid: int) -> int:
+    """PPid of a process (0 where it does not exist, or is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return 0
 
 
 def _pressure(figures: dict[str, tuple[float | None, float | None]]) -> tuple[tuple[str, Pressure], ...]:

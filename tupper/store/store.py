@@ -268,6 +268,10 @@ class Store:
         except btrfsutil.BtrfsUtilError:
             return False
 
+    def subvolume_created(self, path: Path) -> float:
+        """When the subvolume at `path` was made (its otime), as a Unix time."""
+        return float(self._call(btrfsutil.subvolume_info, path).otime)
+
     def delete_subvolume(self, path: Path) -> None:
         """Delete `path` and any subvolumes nested in it (systemd-tmpfiles makes some inside containers)."""
         if not path.exists():
