@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TUPPER := $(VENV)/bin/tupper
-APT_PACKAGES := systemd-container btrfs-progs libbtrfsutil-dev libsystemd-dev pkg-config debootstrap dbus python3-venv gcc nftables python3-nftables apache2-utils
+APT_PACKAGES := systemd-container btrfs-progs libbtrfsutil-dev libsystemd-dev pkg-config debootstrap dbus python3-venv gcc nftables python3-nftables apache2-utils bash-completion
 STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
 SPEC ?= examples/web.toml
@@ -12,11 +12,12 @@ DBUS_POLICY := /etc/dbus-1/system.d/org.tupper1.conf
 DBUS_SERVICE := /usr/share/dbus-1/system-services/org.tupper1.service
 TUPPERD := $(abspath $(VENV))/bin/tupperd
 
-.PHONY: setup bus test unit lint fuzz run bench image clean help
+.PHONY: setup bus test unit lint fuzz run bench image clean help completion man
 .PHONY: soak
 
 help:
-	@echo "make setup   install Debian packages and the venv (idempotent)"
+	@echo "make setup   install Debian packages and the venv, shell completion and the man page (idempotent)"
+	@echo "make completion / make man   (re)generate and install bash and zsh completion / man tupper from the parser"
 	@echo "make run     set up, build the base image if missing, and boot $(SPEC)"
 	@echo "make test    set up and run the whole test suite (needs root)"
 	@echo "make unit    only the fast unit tests"
@@ -25,7 +26,35 @@ help:
 	@echo "make bench   benchmarks against plain systemd-nspawn; see docs/benchmarks.md"
 	@echo "make soak    200 run/stop/rm cycles, 200 execs, 50 live upgrades through tupperd; fails on any leak"
 
-setup: $(STAMP_PIP) bus
+setup: $(STAMP_PIP) bus completion man
+
+# Shell completion and the man page are generated from the parser at build time (shtab, argparse-manpage:
+# build dependencies in the [test] extra), so tupper pays nothing for them when it runs.
+GEN := build/gen
+CLI_SOURCES := $(wildcard tupper/cli/*.py) tupper/__init__.py
+COMPLETION_BASH := /usr/share/bash-completion/completions/tupper
+COMPLETION_ZSH := /usr/share/zsh/vendor-completions/_tupper
+MANPAGE := /usr/local/share/man/man1/tupper.1
+
+completion: $(GEN)/tupper.bash $(GEN)/_tupper
+	@install -D -m 644 $(GEN)/tupper.bash $(COMPLETION_BASH)
+	@install -D -m 644 $(GEN)/_tupper $(COMPLETION_ZSH)
+
+$(GEN)/tupper.bash $(GEN)/_tupper: $(STAMP_PIP) $(CLI_SOURCES)
+	@mkdir -p $(GEN)
+	$(PY) -m tupper.cli.completion bash > $(GEN)/tupper.bash.tmp && mv $(GEN)/tupper.bash.tmp $(GEN)/tupper.bash
+	$(PY) -m tupper.cli.completion zsh > $(GEN)/_tupper.tmp && mv $(GEN)/_tupper.tmp $(GEN)/_tupper
+
+man: $(GEN)/tupper.1
+	@install -D -m 644 $(GEN)/tupper.1 $(MANPAGE)
+
+$(GEN)/tupper.1: $(STAMP_PIP) $(CLI_SOURCES) docs/tupper.1.include
+	@mkdir -p $(GEN)
+	$(PY) -m tupper.cli.completion man-include docs/tupper.1.include > $(GEN)/tupper.1.include
+	$(VENV)/bin/argparse-manpage --module tupper.cli.main --function build_parser --prog tupper --project-name tupper \
+		--version "$$($(PY) -c 'import tupper; print(tupper.__version__)')" --manual-title "tupper manual" \
+		--description "containers that boot systemd in btrfs snapshots" --include $(GEN)/tupper.1.include --output $@.tmp
+	@mv $@.tmp $@
 
 # tupperd's D-Bus policy and activation file, and a system bus where none runs (hosts without systemd).
 bus: $(STAMP_PIP)

@@ -459,3 +459,28 @@ class Events:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(5)
+
+
+# ---- shell completion ---------------------------------------------------------------------------------
+
+_COMPLETE = r'''
+source "$1"
+read -ra COMP_WORDS <<< "$2"
+[[ $2 == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+COMP_LINE=$2
+COMP_POINT=${#2}
+_shtab_tupper tupper "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+printf '%s\n' "${COMPREPLY[@]}"
+'''
+
+
+def bash_complete(script: Path, line: str, root: Path | None = None, env: dict | None = None) -> list[str]:
+    """What bash offers for `line` (the cursor at its end) from the completion `script`, asked as
+    bash-completion asks it. No config file unless `env` names one; the store is `root` if given."""
+    full_env = {"PATH": os.environ["PATH"], "TUPPER_CONFIG": "/nonexistent-tupper.toml", **(env or {})}
+    if root is not None:
+        full_env["TUPPER_ROOT"] = str(root)
+    p = subprocess.run(["bash", "-c", _COMPLETE, "complete", str(script), line], capture_output=True, text=True, env=full_env, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return [w for w in p.stdout.splitlines() if w]
