@@ -10,6 +10,8 @@ BUS_NAME = "org.tupper1"
 MANAGER_PATH = "/org/tupper1"
 MANAGER_IFACE = "org.tupper1.Manager"
 CONTAINER_IFACE = "org.tupper1.Container"
+JOB_IFACE = "org.tupper1.Job"
+JOB_PREFIX = "/org/tupper1/job"
 CONTAINER_PREFIX = "/org/tupper1/container"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 # What the bus daemon answers when tupperd cannot be reached or started.

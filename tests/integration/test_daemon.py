@@ -21,9 +21,15 @@ def test_busctl_alone_runs_inspects_stops_and_removes_a_container(tupper, bus, n
     assert intro.returncode == 0, intro.stderr
     assert "org.tupper1.Manager" in intro.stdout and ".Run " in intro.stdout and ".ContainerStateChanged" in intro.stdout
 
+    # Run answers at once with the container's path and a job; Job.Wait answers when the boot is done
     run = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "Run", "ssb", str(HELLO), name, "false")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith(f'os "{path}"')
+    assert run.stdout.startswith(f'oo "{path}" "/org/tupper1/job/')
+    job = run.stdout.split()[2].strip('"')
+    waited = busctl(bus, "call", "org.tupper1", job, "org.tupper1.Job", "Wait")
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout.startswith("a{sv} ") and f'"name" s "{name}"' in waited.stdout and '"state" s "running"' in waited.stdout
+    assert busctl(bus, "get-property", "org.tupper1", job, "org.tupper1.Job", "State").stdout.strip() == 's "done"'
 
     state = busctl(bus, "get-property", "org.tupper1", path, "org.tupper1.Container", "State")
     assert state.stdout.strip() == 's "running"'
@@ -38,7 +44,9 @@ def test_busctl_alone_runs_inspects_stops_and_removes_a_container(tupper, bus, n
     assert missing.returncode != 0 and "no container 'no-such-container'" in missing.stderr
 
     stop = busctl(bus, "call", "org.tupper1", path, "org.tupper1.Container", "Stop", "d", "-1")
-    assert stop.stdout.strip() == 's "stopped"'
+    assert stop.stdout.startswith('o "/org/tupper1/job/'), stop.stderr
+    waited = busctl(bus, "call", "org.tupper1", stop.stdout.split()[1].strip('"'), "org.tupper1.Job", "Wait")
+    assert '"state" s "stopped"' in waited.stdout, waited.stderr
     assert not alive(leader)
     rm = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "Remove", "sb", name, "false")
     assert rm.returncode == 0, rm.stderr
@@ -232,6 +240,7 @@ def test_run_text_takes_a_spec_as_text_with_a_base_directory(tupper, bus, names)
     toml = 'image = "debian-bookworm"\n[[components]]\npath = "services/hello"\n'
     p = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "RunText", "sssb", toml, str(REPO), name, "false")
     assert p.returncode == 0, p.stderr
+    assert busctl(bus, "call", "org.tupper1", p.stdout.split()[2].strip('"'), "org.tupper1.Job", "Wait").returncode == 0
     assert tupper.json("status", name)["units"][0]["active_state"] == "active"
     relative = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "RunText", "sssb", toml, "services", name + "x", "false")
     assert relative.returncode != 0 and "must be absolute" in relative.stderr

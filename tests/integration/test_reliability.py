@@ -122,7 +122,9 @@ def _eof(fd: int) -> bool:
 
 
 READ_ONLY = {
-    ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "InspectJSON", "SecretHolders", "Stats", "ListNetworks")
+    ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "InspectJSON", "SecretHolders", "Stats", "ListNetworks",
+                                         "ListContainers", "GetStatus", "Inspect", "GetStats", "ListImages", "ListComponents", "GetStore", "ListVolumes", "InspectVolume",
+                                         "GetContainerByPID")
 } | {("org.tupper1.Container", "ListUnits")}
 
 NOBODY_CALLS = """
@@ -141,8 +143,8 @@ print(json.dumps(out))
 """
 
 
-def _dummy(sig: str, name: str) -> list:
-    values = {"s": name, "b": False, "d": -1.0, "i": 0, "u": 0, "h": 0, "as": [], "o": "/", "a{ss}": {}}
+def _dummy(sig: str, name: str, pid: int = 0) -> list:
+    values = {"s": name, "b": False, "d": -1.0, "i": 0, "u": pid, "q": 0, "h": 0, "as": [], "o": "/", "a{ss}": {}}
     out, i = [], 0
     while i < len(sig):
         t = sig[i:i + 5] if sig.startswith("a{ss}", i) else sig[i:i + 2] if sig[i] == "a" else sig[i]
@@ -164,15 +166,18 @@ def _methods(bus, path: str) -> list[tuple[str, str, str]]:
     return found
 
 
-def test_nobody_is_refused_every_mutating_method_and_answered_every_read_only_one(tupper, bus, names):
+def test_nobody_is_refused_every_mutating_method_and_answered_every_read_only_one(tupper, bus, names, request):
     """Walks the introspection data: a new method that forgets @privileged fails here."""
     name = names()
     tupper("run", HELLO, "--name", name, check=True)
     container_path = "/org/tupper1/container/" + "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in name)
+    leader = tupper.json("status", name)["leader_pid"]  # GetContainerByPID's pid: one of the container's
+    tupper("volume", "create", name, check=True)  # InspectVolume's: the string argument is the container's name
+    request.addfinalizer(lambda: tupper("volume", "rm", name))
     calls, kinds = [], []
     for path in ("/org/tupper1", container_path):
         for iface, member, sig in _methods(bus, path):
-            calls.append([path, iface, member, sig, _dummy(sig, name), [1] * sig.count("h")])
+            calls.append([path, iface, member, sig, _dummy(sig, name, leader), [1] * sig.count("h")])
             kinds.append((iface, member) in READ_ONLY)
     assert len(calls) >= 20 and any(kinds) and not all(kinds)
     p = subprocess.run(as_nobody([sys.executable, "-c", NOBODY_CALLS, json.dumps(calls)]), capture_output=True, text=True,

@@ -25,7 +25,7 @@ class DaemonBackend:
 
         self.client = Client()
 
-    def run(self, spec_path: str, name: str | None, keep_failed: bool, progress: Progress) -> dict:
+    def run(self, spec_path: str, name: str | None, keep_failed: bool, progress: Progress, wait: bool = True) -> dict:
         from tupper.cli.ui import RemoteProgress
 
         target = name or _spec_name(spec_path)
@@ -35,7 +35,7 @@ class DaemonBackend:
             rule += f",arg0='{target}'"
         self.client.subscribe(rule, lambda m: remote.handle(*m.body[1:]) if m.member == "Progress" else None)
         try:
-            return self.client.run(os.path.realpath(spec_path), name, keep_failed)  # tupperd reads and checks it
+            return self.client.run(os.path.realpath(spec_path), name, keep_failed, wait)  # tupperd reads and checks it
         finally:
             remote.close()
 
@@ -62,7 +62,7 @@ class DirectBackend:
             raise Busy(f"tupperd (pid {pid}) serves the store {self.runtime.store.root}: --direct would act behind its back",
                        hint="drop --direct (and --root): the command then goes through tupperd")
 
-    def run(self, spec_path: str, name: str | None, keep_failed: bool, progress: Progress) -> dict:
+    def run(self, spec_path: str, name: str | None, keep_failed: bool, progress: Progress, wait: bool = True) -> dict:
         from pathlib import Path
 
         from tupper.model import spec as specmod
@@ -80,16 +80,16 @@ class DirectBackend:
     def inspect(self, name: str) -> dict:
         return self.runtime.inspect(name)
 
-    def start(self, name: str) -> str:
+    def start(self, name: str, wait: bool = True) -> str:
         self._not_served()
         self.runtime.start(self.runtime.record(name))
         return self.runtime.record(name).state()
 
-    def stop(self, name: str, timeout: float | None) -> str:
+    def stop(self, name: str, timeout: float | None, wait: bool = True) -> str:
         self._not_served()
         return self.runtime.stop(name, timeout).state()
 
-    def restart(self, name: str, timeout: float | None) -> str:
+    def restart(self, name: str, timeout: float | None, wait: bool = True) -> str:
         self._not_served()
         return self.runtime.restart(name, timeout).state()
 

@@ -15,7 +15,7 @@ import os
 import struct
 
 from tupper import errors
-from tupper.busnames import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, error_from
+from tupper.busnames import BUS_NAME, JOB_IFACE, MANAGER_IFACE, MANAGER_PATH, error_from
 
 METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4
 _FD_SPACE = _socket.CMSG_SPACE(16 * 4)  # room for the descriptors of one read (the bus sends at most a few)
@@ -179,8 +179,18 @@ class Client:
 
     # ---- the verbs ----------------------------------------------------------------------------
 
-    def run(self, spec_path: str, name: str | None, keep_failed: bool) -> dict:
-        return _json(self.call("Run", "ssb", [spec_path, name or "", keep_failed])[1])
+    def run(self, spec_path: str, name: str | None, keep_failed: bool, wait: bool = True) -> dict:
+        """Run answers at once with the job; Wait answers when it has ended (with the run's result, or
+        its error). wait=False: only the job, as {name, job}."""
+        container, job = self.call("Run", "ssb", [spec_path, name or "", keep_failed])
+        return self.wait(job) if wait else {"container": container, "job": job}
+
+    def wait(self, job: str) -> dict:
+        return _plain("a{sv}", self.call("Wait", path=job, interface=JOB_IFACE)[0])
+
+    def _job_verb(self, member: str, signature: str, body: list, wait: bool) -> str:
+        job = self.call(member, signature, body)[0]
+        return self.wait(job)["state"] if wait else job
 
     def list(self) -> builtins.list[dict]:
         return _json(self.call("ListJSON")[0])
@@ -188,17 +198,18 @@ class Client:
     def status(self, name: str) -> dict:
         return _json(self.call("GetJSON", "s", [name])[0])
 
-    def start(self, name: str) -> str:
-        return self.call("Start", "s", [name])[0]
+    def start(self, name: str, wait: bool = True) -> str:
+        """The container's state once started (wait=False: the job's object path, at once)."""
+        return self._job_verb("Start", "s", [name], wait)
 
-    def stop(self, name: str, timeout: float | None) -> str:
-        return self.call("Stop", "sd", [name, -1.0 if timeout is None else float(timeout)])[0]
+    def stop(self, name: str, timeout: float | None, wait: bool = True) -> str:
+        return self._job_verb("Stop", "sd", [name, -1.0 if timeout is None else float(timeout)], wait)
 
     def inspect(self, name: str) -> dict:
         return _json(self.call("InspectJSON", "s", [name])[0])
 
-    def restart(self, name: str, timeout: float | None) -> str:
-        return self.call("Restart", "sd", [name, -1.0 if timeout is None else float(timeout)])[0]
+    def restart(self, name: str, timeout: float | None, wait: bool = True) -> str:
+        return self._job_verb("Restart", "sd", [name, -1.0 if timeout is None else float(timeout)], wait)
 
     def kill(self, name: str, signal_number: int) -> str:
         return self.call("Kill", "si", [name, signal_number])[0]
@@ -304,6 +315,18 @@ def _unescape(value: str) -> str:
     from urllib.parse import unquote
 
     return unquote(value)
+
+
+def _plain(signature: str, value):
+    """A received value without its variants: a{sv} becomes a dict of plain values, and so on down."""
+    if signature == "v":
+        return _plain(value[0], value[1])
+    if signature.startswith("a{"):
+        inner = _split(signature[2:-1])[1]
+        return {k: _plain(inner, v) for k, v in value.items()}
+    if signature.startswith("a"):
+        return [_plain(signature[1:], v) for v in value]
+    return value
 
 
 # ---- marshalling (sent little-endian, received in either order; every type but unix fds' payloads) ----

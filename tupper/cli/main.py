@@ -112,6 +112,14 @@ def _add_run(sub) -> None:
     r.add_argument("--name", help="container name (default: the spec's `name`, else the file's stem)")
     r.add_argument("--keep-failed", action="store_true", help="when a unit fails, leave the container running for inspection")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
+    _wait_options(r)
+
+
+def _wait_options(parser) -> None:
+    """--wait (the default) and --no-wait: tupperd answers run/start/stop/restart with a job at once."""
+    parser.add_argument("--no-wait", dest="wait", action="store_false",
+                        help="return as soon as tupperd has taken the job (its object path is printed; D-Bus JobRemoved says when it ends)")
+    parser.add_argument("--wait", dest="wait", action="store_true", default=True, help="wait until it is done (the default)")
 
 
 def _add_ps(sub) -> None:
@@ -151,6 +159,7 @@ def _add_stop(sub) -> None:
     sp.add_argument("names", nargs="+", metavar="NAME")
     sp.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
     sp.add_argument("--json", action="store_true", help="JSON list of {name, state}")
+    _wait_options(sp)
 
 
 def _add_start(sub) -> None:
@@ -160,6 +169,7 @@ def _add_start(sub) -> None:
                         **_examples("tupper start web", "tupper start web db", "tupper start web --json"))
     sa.add_argument("names", nargs="+", metavar="NAME")
     sa.add_argument("--json", action="store_true", help="JSON list of {name, state}")
+    _wait_options(sa)
 
 
 def _add_restart(sub) -> None:
@@ -172,6 +182,7 @@ def _add_restart(sub) -> None:
     rs.add_argument("names", nargs="+", metavar="NAME")
     rs.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
     rs.add_argument("--json", action="store_true", help="JSON list of {name, state}")
+    _wait_options(rs)
 
 
 def _add_kill(sub) -> None:
@@ -661,10 +672,13 @@ def dispatch(args) -> int:
         return 0
     if cmd == "kill":
         signal_number = _signal_number(args.signal)
+    if not getattr(args, "wait", True) and args.direct:
+        raise InvalidInput(f"{cmd} --no-wait: only tupperd takes jobs; --direct does the work in this process (drop one of them)")
+    wait = getattr(args, "wait", True)
     verbs = {
-        "stop": lambda name: backend.stop(name, args.timeout),
-        "start": lambda name: backend.start(name),
-        "restart": lambda name: backend.restart(name, args.timeout),
+        "stop": lambda name: backend.stop(name, args.timeout, wait=wait),
+        "start": lambda name: backend.start(name, wait=wait),
+        "restart": lambda name: backend.restart(name, args.timeout, wait=wait),
         "kill": lambda name: backend.kill(name, signal_number),
         "rm": lambda name: (backend.remove(name, args.force), "removed")[1],
     }
@@ -707,7 +721,10 @@ def _each(args, verb) -> int:
                 print(f"hint: {exc.hint}", file=sys.stderr)
             code = max(code, exc.exit_code)
             continue
-        results.append({"name": name, "state": state, "seconds": round(time.monotonic() - t0, 3)})
+        if getattr(args, "wait", True):
+            results.append({"name": name, "state": state, "seconds": round(time.monotonic() - t0, 3)})
+        else:
+            results.append({"name": name, "job": state})
     _report(args, results)
     return code
 
@@ -729,6 +746,9 @@ def _report(args, results: list[dict]) -> None:
         print(json.dumps(results, indent=2))
         return
     for r in results:
+        if "job" in r:
+            print(f"{r['name']}: job {r['job']}")
+            continue
         print(f"{r['name']}: {r['state']}" + (f" ({r['seconds']:.2f}s)" if args.command in ("stop", "start", "restart") else ""))
 
 
@@ -865,6 +885,12 @@ def cmd_run(args, backend) -> int:
 
     from tupper.cli.ui import table
 
+    if not args.wait:
+        if args.direct:
+            raise InvalidInput("run --no-wait: only tupperd takes jobs; --direct does the work in this process (drop one of them)")
+        taken = backend.run(args.spec, args.name, args.keep_failed, _progress(args), wait=False)
+        print(json.dumps(taken, indent=2) if args.json else f"job {taken['job']} runs {taken['container']}")
+        return 0
     result = backend.run(args.spec, args.name, args.keep_failed, _progress(args))
     if args.json:
         print(json.dumps(result, indent=2))

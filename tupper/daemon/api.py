@@ -1,7 +1,13 @@
 """The D-Bus API of tupperd (bus name org.tupper1), with dbus-next: the one module that exports objects.
 
-/org/tupper1                      org.tupper1.Manager    run, list, get, stop, kill, remove, start, shutdown, exec
-/org/tupper1/container/<label>    org.tupper1.Container  properties, stop/kill, unit control; UnitStateChanged
+/org/tupper1                      org.tupper1.Manager    run, list, get, stop, kill, remove, start, shutdown, exec,
+                                                         images, components, volumes, the store
+/org/tupper1/container/<label>    org.tupper1.Container  properties, start/stop/kill, unit control; UnitStateChanged
+/org/tupper1/job/<id>             org.tupper1.Job        one Run/Start/Stop/Restart under way: State, Wait()
+
+Run, Start, Stop and Restart answer at once with a job (as systemd's StartUnit does): its object, and
+Manager.JobRemoved when it ends; Job.Wait() answers when it has ended, with its result or its error.
+Every property's EmitsChangedSignal annotation says what PropertiesChanged does for it (typed.prop).
 
 Methods that change anything are @privileged: the caller's uid, as the bus daemon reports it, must be
 root or in the admin group; others get org.freedesktop.DBus.Error.AccessDenied.
@@ -18,9 +24,19 @@ import pwd
 from dbus_next import BusType, Message, MessageType
 from dbus_next.aio import MessageBus
 from dbus_next.errors import DBusError
-from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+from dbus_next.service import ServiceInterface, method, signal
 
-from tupper.busnames import ACCESS_DENIED, BUS_NAME, CONTAINER_IFACE, MANAGER_IFACE, MANAGER_PATH, container_path, error_text
+from tupper.busnames import (
+    ACCESS_DENIED,
+    BUS_NAME,
+    CONTAINER_IFACE,
+    JOB_IFACE,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    container_path,
+    error_text,
+)
+from tupper.daemon.typed import prop, variant_map
 from tupper.errors import TupperError
 
 __all__ = ["BUS_NAME", "MANAGER_PATH", "container_path"]  # tupperd's names, from tupper.busnames
@@ -169,18 +185,19 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @privileged
-    async def Run(self, spec_path: "s", name: "s", keep_failed: "b") -> "os":
-        """Run the spec file at spec_path (absolute); name overrides the spec's when not empty.
-        Returns the container's object path and its record as JSON."""
-        rec = await self._guard(self.daemon.run_file(spec_path, name or None, keep_failed))
-        return [container_path(rec["name"]), json.dumps(rec)]
+    async def Run(self, spec_path: "s", name: "s", keep_failed: "b") -> "oo":
+        """Run the spec file at spec_path (absolute); name overrides the spec's when not empty. The spec
+        is checked first (errors come back at once); returns the container's object path and the job
+        booting it (Job.Wait gives the run's result: the record, the units, the seconds taken)."""
+        job = await self._guard(self.daemon.run_file(spec_path, name or None, keep_failed))
+        return [container_path(job.container), job.path]
 
     @method()
     @privileged
-    async def RunText(self, toml: "s", base_dir: "s", name: "s", keep_failed: "b") -> "os":
-        """Run a spec given as TOML text; component paths are relative to base_dir."""
-        rec = await self._guard(self.daemon.run_text(toml, base_dir, name or None, keep_failed))
-        return [container_path(rec["name"]), json.dumps(rec)]
+    async def RunText(self, toml: "s", base_dir: "s", name: "s", keep_failed: "b") -> "oo":
+        """Run a spec given as TOML text; component paths are relative to base_dir. As Run."""
+        job = await self._guard(self.daemon.run_text(toml, base_dir, name or None, keep_failed))
+        return [container_path(job.container), job.path]
 
     @method()
     def List(self) -> "a(ssuso)":
@@ -189,8 +206,18 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     def ListJSON(self) -> "s":
-        """The same as `tupper ps --json`."""
+        """The same as `tupper ps --json` (a convenience; ListContainers is the same, typed)."""
         return json.dumps(self.daemon.list())
+
+    @method()
+    def ListContainers(self) -> "aa{sv}":
+        """Every container as `tupper ps --json` has it, typed: one a{sv} each."""
+        return [variant_map(r) for r in self.daemon.list()]
+
+    @method()
+    async def GetContainerByPID(self, pid: "u") -> "o":
+        """The container a host process belongs to (its cgroup is the container's), as machined's GetMachineByPID."""
+        return container_path(await self._guard(self.daemon.container_of_pid(pid)))
 
     @method()
     def GetContainer(self, name: "s") -> "o":
@@ -202,32 +229,43 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     async def GetJSON(self, name: "s") -> "s":
-        """The same as `tupper status NAME --json` (units read from the container's systemd)."""
+        """The same as `tupper status NAME --json` (a convenience; GetStatus is the same, typed)."""
         return json.dumps((await self._guard(self.daemon.status(name))).to_json())
 
     @method()
+    async def GetStatus(self, name: "s") -> "a{sv}":
+        """`tupper status NAME --json`, typed: the record, the state, the units read from the container's systemd."""
+        return variant_map((await self._guard(self.daemon.status(name))).to_json())
+
+    @method()
     async def InspectJSON(self, name: "s") -> "s":
-        """Everything about one container as JSON (`tupper inspect --json`): record, root, machine name,
-        cgroups, mounts, components with digests, last exit, the image's os-release."""
+        """Everything about one container as JSON (a convenience; Inspect is the same, typed)."""
         return json.dumps(await self._guard(self.daemon.inspect(name)))
 
     @method()
-    @privileged
-    async def Start(self, name: "s") -> "s":
-        """Boot a stopped (or crash-looping) container again; returns its state."""
-        return await self._guard(self.daemon.start(name))
+    async def Inspect(self, name: "s") -> "a{sv}":
+        """Everything about one container (`tupper inspect --json`), typed: record, root, machine name,
+        cgroups, mounts, components with digests, last exit, the image's os-release."""
+        return variant_map(await self._guard(self.daemon.inspect(name)))
 
     @method()
     @privileged
-    async def Stop(self, name: "s", timeout: "d") -> "s":
-        """PowerOff, SIGKILL after timeout seconds (< 0: the spec's [stop] timeout); returns the state."""
-        return await self._guard(self.daemon.stop(name, None if timeout < 0 else timeout))
+    async def Start(self, name: "s") -> "o":
+        """Boot a stopped (or crash-looping) container again; returns the job (a running one: a job
+        that is done at once)."""
+        return (await self._guard(self.daemon.start_job(name))).path
 
     @method()
     @privileged
-    async def Restart(self, name: "s", timeout: "d") -> "s":
-        """Stop (SIGKILL after timeout seconds; < 0: the spec's) then start again; returns the state."""
-        return await self._guard(self.daemon.restart(name, None if timeout < 0 else timeout))
+    async def Stop(self, name: "s", timeout: "d") -> "o":
+        """PowerOff, SIGKILL after timeout seconds (< 0: the spec's [stop] timeout); returns the job."""
+        return (await self._guard(self.daemon.stop_job(name, None if timeout < 0 else timeout))).path
+
+    @method()
+    @privileged
+    async def Restart(self, name: "s", timeout: "d") -> "o":
+        """Stop (SIGKILL after timeout seconds; < 0: the spec's) then start again; returns the job."""
+        return (await self._guard(self.daemon.restart_job(name, None if timeout < 0 else timeout))).path
 
     @method()
     @privileged
@@ -313,9 +351,39 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     async def Stats(self, names: "as") -> "s":
-        """What `tupper stats --no-stream --json NAME…` prints (no names: every running container): CPU,
-        memory, IO, pids and pressure of each container and its components, from their cgroups."""
+        """What `tupper stats --no-stream --json NAME…` prints (a convenience; GetStats is the same, typed)."""
         return json.dumps(await self._guard(self.daemon.stats(list(names))))
+
+    @method()
+    async def GetStats(self, names: "as") -> "aa{sv}":
+        """CPU, memory, IO, pids and pressure of each container (no names: every running one) and its
+        components, from their cgroups, typed."""
+        return [variant_map(s) for s in await self._guard(self.daemon.stats(list(names)))]
+
+    @method()
+    async def ListImages(self) -> "aa{sv}":
+        """The store's images, as `tupper image ls --json` lists them (name, suite, built_at, used_by, …)."""
+        return [variant_map(i) for i in await self._guard(self.daemon.list_images())]
+
+    @method()
+    async def ListComponents(self) -> "aa{sv}":
+        """Installed components, as `tupper component ls --json` lists them (name, version, digest, used_by, …)."""
+        return [variant_map(c) for c in await self._guard(self.daemon.list_components())]
+
+    @method()
+    async def ListVolumes(self) -> "aa{sv}":
+        """Named volumes, as `tupper volume ls --json` lists them (name, path, created_at, used_by)."""
+        return [variant_map(v) for v in await self._guard(self.daemon.list_volumes())]
+
+    @method()
+    async def InspectVolume(self, name: "s") -> "a{sv}":
+        """One named volume with its size (a walk of its files), as `tupper volume inspect --json`."""
+        return variant_map(await self._guard(self.daemon.inspect_volume(name)))
+
+    @method()
+    async def GetStore(self) -> "a{sv}":
+        """The store as `tupper store info --json` shows it: path, backing, size, used, free, pool file."""
+        return variant_map(await self._guard(self.daemon.store_info()))
 
     @method()
     def SecretHolders(self) -> "a(sss)":
@@ -331,15 +399,25 @@ class ManagerInterface(ServiceInterface):
 
     # ---- properties and signals -----------------------------------------------------------------
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def Version(self) -> "s":
         from tupper import __version__
 
         return __version__
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def StoreRoot(self) -> "s":
         return str(self.daemon.runtime.store.root)
+
+    @prop("false")
+    def PoolUsage(self) -> "t":
+        """Bytes used in the store's filesystem (changes with every write: read it, no signal)."""
+        return int(self.daemon.runtime.store.info()["used"])
+
+    @prop("false")
+    def PoolLimit(self) -> "t":
+        """The store filesystem's size in bytes (a loopback pool can be grown: read it, no signal)."""
+        return int(self.daemon.runtime.store.info()["size"])
 
     @signal()
     def ContainerAdded(self, name: str, path: str) -> "so":
@@ -371,12 +449,58 @@ class ManagerInterface(ServiceInterface):
         """Progress of a long operation on container `name`: kind is step, done, failed, update or note."""
         return [name, kind, text]
 
+    @signal()
+    def JobRemoved(self, job_id: "u", path: "o", container: str, verb: str, result: str) -> "uosss":
+        """A job has ended: result is done, failed or canceled (as systemd's JobRemoved)."""
+        return [job_id, path, container, verb, result]
+
+
+class JobInterface(ServiceInterface):
+    """One Run, Start, Stop or Restart under way (or ended less than a minute ago)."""
+
+    def __init__(self, job) -> None:
+        super().__init__(JOB_IFACE)
+        self.job = job
+
+    @prop("const")
+    def Id(self) -> "u":
+        return self.job.id
+
+    @prop("const")
+    def Verb(self) -> "s":
+        """run, start, stop or restart."""
+        return self.job.verb
+
+    @prop("const")
+    def Container(self) -> "s":
+        return self.job.container
+
+    @prop("true")
+    def State(self) -> "s":
+        """running, then done, failed or canceled."""
+        return self.job.state
+
+    @prop("true")
+    def Error(self) -> "s":
+        """Why a failed job failed ("" otherwise): the message Wait's error carries."""
+        return self.job.error
+
+    @method()
+    async def Wait(self) -> "a{sv}":
+        """Answer once the job has ended: its result (run: the record, units and seconds, as `tupper run
+        --json`; the others: name and state), or the error it ended with (org.tupper1.Error.*)."""
+        return variant_map(await guarded(self.job.wait()))
+
+
+_UNSET = object()
+
 
 class ContainerInterface(ServiceInterface):
     def __init__(self, daemon, name: str) -> None:
         super().__init__(CONTAINER_IFACE)
         self.daemon = daemon
         self.container = name  # not `name`: ServiceInterface.name is the interface's name
+        self._published: dict[str, object] = {}  # what PropertiesChanged last said (publish)
 
     def _rec(self):
         return self.daemon.get(self.container)
@@ -384,99 +508,132 @@ class ContainerInterface(ServiceInterface):
     async def _guard(self, coro):
         return await guarded(coro)
 
-    @dbus_property(access=PropertyAccess.READ)
+    def publish(self) -> None:
+        """PropertiesChanged with every property annotated "true" whose value differs from the one last
+        announced (or first read): called after each thing that can change them, so the annotation holds."""
+        from tupper.daemon.typed import emitting
+
+        changed = {}
+        for name, emits in emitting(self).items():
+            if emits != "true":
+                continue
+            try:
+                value = getattr(self, name)
+            except TupperError:  # the record went away under us: nothing to announce
+                return
+            if self._published.get(name, _UNSET) != value:
+                self._published[name] = value
+                changed[name] = value
+        if changed:
+            self.emit_properties_changed(changed)
+
+    @prop("const")
     def Name(self) -> "s":
         return self.container
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("true")
     def State(self) -> "s":
         return self.daemon.state_of(self.container)
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def Image(self) -> "s":
         return self._rec().image
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("true")
     def LeaderPID(self) -> "u":
+        """The host pid of the container's nspawn (0 when not running)."""
         rec = self._rec()
         return rec.leader_pid if rec.alive() else 0
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("true")
     def StartedAt(self) -> "t":
         """Microseconds since the epoch (0: never started)."""
         return int(self._rec().started_at * 1_000_000)
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def Components(self) -> "as":
         return [c.name for c in self._rec().components]
 
-    @dbus_property(access=PropertyAccess.READ)
-    def Units(self) -> "as":
-        return self._rec().units
+    @prop("true")
+    def Versions(self) -> "a{ss}":
+        """Component -> installed version it runs (changes with an upgrade)."""
+        return {c.name: c.version for c in self._rec().components}
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("true")
+    def Units(self) -> "as":
+        """The component units (an upgrade may change them)."""
+        return list(self._rec().units)
+
+    @prop("const")
     def RestartPolicy(self) -> "s":
         return self._rec().restart_policy
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def NetworkMode(self) -> "s":
         """private, host or none."""
         return self._rec().network.mode
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def Network(self) -> "s":
         """The network it joins in private mode ("" in host or none mode)."""
         rec = self._rec()
         return rec.network.network if rec.network.mode == "private" else ""
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("true")
     def Address(self) -> "s":
-        """Its IPv4 address on its network while it runs ("" otherwise); PropertiesChanged announces it."""
+        """Its IPv4 address on its network while it runs ("" otherwise)."""
         rec = self._rec()
         return rec.address if rec.alive() else ""
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("true")
     def Address6(self) -> "s":
         rec = self._rec()
         return rec.address6 if rec.alive() else ""
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def Ports(self) -> "a(qqss)":
         """Published ports: host port, container port, protocol (tcp, udp), host address ("" all)."""
         return [[p.host, p.container, p.protocol, p.address] for p in self._rec().network.ports]
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def Labels(self) -> "a{ss}":
-        """The spec's [labels] (constant for the container's life)."""
+        """The spec's [labels]."""
         return dict(self._rec().labels)
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("const")
     def Secrets(self) -> "a{ss}":
         """Credential ID -> secret name granted to this container (names only, never values)."""
         return dict(self._rec().grants)
 
     @method()
     @privileged
-    async def Stop(self, timeout: "d") -> "s":
-        return await self._guard(self.daemon.stop(self.container, None if timeout < 0 else timeout))
+    async def Start(self) -> "o":
+        """As Manager.Start: returns the job."""
+        return (await self._guard(self.daemon.start_job(self.container))).path
 
     @method()
     @privileged
-    async def Restart(self, timeout: "d") -> "s":
-        return await self._guard(self.daemon.restart(self.container, None if timeout < 0 else timeout))
+    async def Stop(self, timeout: "d") -> "o":
+        """As Manager.Stop: returns the job."""
+        return (await self._guard(self.daemon.stop_job(self.container, None if timeout < 0 else timeout))).path
+
+    @method()
+    @privileged
+    async def Restart(self, timeout: "d") -> "o":
+        """As Manager.Restart: returns the job."""
+        return (await self._guard(self.daemon.restart_job(self.container, None if timeout < 0 else timeout))).path
 
     @method()
     @privileged
     async def Kill(self, signal_number: "i") -> "s":
         return await self._guard(self.daemon.kill(self.container, signal_number))
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("true")
     def Health(self) -> "a{ss}":
-        """Component -> starting, healthy or unhealthy, for the components with a health check
-        (PropertiesChanged announces changes)."""
+        """Component -> starting, healthy or unhealthy, for the components with a health check."""
         return self.daemon.health_of(self.container)
 
-    @dbus_property(access=PropertyAccess.READ)
+    @prop("true")
     def Resources(self) -> "a{ss}":
         """The container's resource limits, as in a spec's [resources] (the set ones only)."""
         return self.resources_of(None)

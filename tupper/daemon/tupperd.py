@@ -27,6 +27,7 @@ import attrs
 from dbus_next.constants import NameFlag, RequestNameReply
 
 from tupper import proc
+from tupper.busnames import JOB_PREFIX, error_text
 from tupper.container.kmsg import KernelLog, OOMKill
 from tupper.container.systemd import UnitWatch
 from tupper.daemon import api
@@ -56,6 +57,7 @@ OOM_SWEEP = 2.0
 HEALTH_TICK = 0.25
 OOM_RECORDS = 100  # kernel OOM records kept for containers that have not looked yet
 SESSION_KEPT = 60.0  # seconds an ended shell session's exit code waits for ShellExit
+JOB_KEPT = 60.0  # seconds an ended job stays on the bus (its State, Error and Wait)
 
 
 
@@ -102,6 +104,7 @@ class Watched:
     state: str = ""
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
     unit_states: dict[str, str] = attrs.Factory(dict)  # component unit -> ActiveState, as its systemd last said
+    transition: str | None = None  # "starting" or "stopping" while tupperd does it (said before the record says it)
     health: dict[str, Tracker] = attrs.Factory(dict)  # component -> its health check's tracker
     health_leader: int = 0  # the PID 1 its checks reach the container through
     health_generation: int = 0  # +1 at every attach and detach: queued checks of an older one are dropped
@@ -110,6 +113,28 @@ class Watched:
 
     def health_view(self) -> tuple[ComponentHealth, ...]:
         return tuple(ComponentHealth(c, t.state, t.check.describe(), t.detail, t.restarts) for c, t in sorted(self.health.items()))
+
+
+@attrs.define(eq=False)
+class Job:
+    """A Run, Start, Stop or Restart under way: an object on the bus (api.JobInterface) from the moment
+    the method answers until JOB_KEPT seconds after it ended."""
+
+    id: int
+    verb: str
+    container: str
+    task: asyncio.Future | None = None
+    iface: api.JobInterface | None = None
+    state: str = "running"  # then done, failed or canceled
+    error: str = ""
+
+    @property
+    def path(self) -> str:
+        return f"{JOB_PREFIX}/{self.id}"
+
+    async def wait(self) -> dict:
+        assert self.task is not None
+        return await asyncio.shield(self.task)
 
 
 Due = tuple["Watched", int, str, Tracker, float]  # a check due: container, its health generation, component, tracker, delay
@@ -127,6 +152,8 @@ class Daemon:
         self.secrets = SecretStore(runtime.store)
         self.agents: dict[str, Agent] = {}
         self.sessions: dict[str, shells.Session] = {}  # shell sessions by id (their unit's name)
+        self.jobs: dict[int, Job] = {}
+        self.job_seq = 0
         runtime.serves_secrets = True
         self.health_queue: builtins.list[tuple[float, int, Watched, int, str, float]] = []  # (due, seq, …): a heap
         self.health_seq = 0
@@ -434,8 +461,7 @@ class Daemon:
         else:
             log.info("%s: %s is %s (%s)", w.name, component, tracker.state, tracker.detail)
         self.manager.HealthChanged(w.name, component, tracker.state, tracker.detail)
-        w.iface.emit_properties_changed({"Health": {c: t.state for c, t in w.health.items()}})
-        self._set_state(w)
+        self._set_state(w)  # publishes Health with the state
 
     # ---- OOM kills ------------------------------------------------------------------------------
 
@@ -510,6 +536,8 @@ class Daemon:
     def _state(self, w: Watched, rec: Record) -> str:
         """The record's state, or `degraded` for a running container with a failed component unit or an
         unhealthy component (what this daemon follows of it)."""
+        if w.transition:
+            return w.transition
         failed = any(state == "failed" for unit, state in w.unit_states.items() if unit in rec.units)
         return container_state(rec.state(), failed, w.health_view())
 
@@ -523,10 +551,20 @@ class Daemon:
         if state != w.state:
             w.state = state
             self.manager.ContainerStateChanged(w.name, state)
-            alive = rec.alive()
-            w.iface.emit_properties_changed({"State": state, "Address": rec.address if alive else "",
-                                             "Address6": rec.address6 if alive else ""})
+        w.iface.publish()  # State, LeaderPID, StartedAt, addresses…: whatever changed with it
         return state
+
+    @contextlib.contextmanager
+    def _transition(self, w: Watched, state: str):
+        """starting or stopping, said at once (ContainerStateChanged, State) and held while tupperd does
+        it; then the state the record has is published, on every path."""
+        w.transition = state
+        self._set_state(w)
+        try:
+            yield
+        finally:
+            w.transition = None
+            self._set_state(w)
 
     def list(self) -> builtins.list[dict]:
         out = []
@@ -564,25 +602,77 @@ class Daemon:
     async def units(self, name: str) -> builtins.list[UnitStatus]:
         return list((await self.status(name)).units)
 
+    # ---- jobs ---------------------------------------------------------------------------------
+
+    def submit(self, verb: str, container: str, coro) -> Job:
+        """Run `coro` as a job: on the bus at once, JobRemoved and its State when it ends."""
+        self.job_seq += 1
+        job = Job(self.job_seq, verb, container)
+        job.iface = api.JobInterface(job)
+        self.bus.export(job.path, job.iface)
+        self.jobs[job.id] = job
+        job.task = asyncio.ensure_future(coro)
+        job.task.add_done_callback(lambda task: self._job_done(job, task))
+        return job
+
+    def _job_done(self, job: Job, task: asyncio.Future) -> None:
+        if task.cancelled():
+            job.state = "canceled"
+        elif (exc := task.exception()) is not None:
+            job.state = "failed"
+            job.error = error_text(exc) if isinstance(exc, TupperError) else f"{type(exc).__name__}: {exc}"
+        else:
+            job.state = "done"
+        assert job.iface is not None
+        job.iface.emit_properties_changed({"State": job.state, "Error": job.error})
+        self.manager.JobRemoved(job.id, job.path, job.container, job.verb, job.state)
+        self.loop.call_later(JOB_KEPT, self._forget_job, job)
+
+    def _forget_job(self, job: Job) -> None:
+        if self.jobs.pop(job.id, None) is not None:
+            self.bus.unexport(job.path, job.iface)
+
+    async def start_job(self, name: str) -> Job:
+        self._watched(name)  # a name that does not exist is refused by the method, not by its job
+        return self.submit("start", name, self._result(name, self.start(name)))
+
+    async def stop_job(self, name: str, timeout: float | None) -> Job:
+        self._watched(name)
+        return self.submit("stop", name, self._result(name, self.stop(name, timeout)))
+
+    async def restart_job(self, name: str, timeout: float | None) -> Job:
+        self._watched(name)
+        return self.submit("restart", name, self._result(name, self.restart(name, timeout)))
+
+    @staticmethod
+    async def _result(name: str, coro) -> dict:
+        return {"name": name, "state": await coro}
+
     # ---- operations ---------------------------------------------------------------------------
 
-    async def run_file(self, spec_path: str, name: str | None, keep_failed: bool) -> dict:
+    async def run_file(self, spec_path: str, name: str | None, keep_failed: bool) -> Job:
+        """The spec is read and checked here (its errors are the method's); the boot is the job's."""
         path = Path(spec_path)
         if not path.is_absolute():
             raise InvalidInput(f"{spec_path}: the daemon needs an absolute spec path")
         spec = await asyncio.to_thread(specmod.load, path, name, self.runtime.resolve_component)
-        return await self._run(spec, keep_failed)
+        return self._run_job(spec, keep_failed)
 
-    async def run_text(self, text: str, base_dir: str, name: str | None, keep_failed: bool) -> dict:
+    async def run_text(self, text: str, base_dir: str, name: str | None, keep_failed: bool) -> Job:
         if not os.path.isabs(base_dir):
             raise InvalidInput(f"{base_dir}: base directory must be absolute")
         spec = await asyncio.to_thread(specmod.from_text, text, Path(base_dir), "<spec>", name, self.runtime.resolve_component)
-        return await self._run(spec, keep_failed)
+        return self._run_job(spec, keep_failed)
 
-    async def _run(self, spec: specmod.Spec, keep_failed: bool) -> dict:
+    def _run_job(self, spec: specmod.Spec, keep_failed: bool) -> Job:
         if spec.name in self.creating or spec.name in self.watched:
             raise self.runtime.name_taken(spec)  # a run of the same name under way here: before its record exists
         self.creating.add(spec.name)
+        return self.submit("run", spec.name, self._run(spec, keep_failed))
+
+    async def _run(self, spec: specmod.Spec, keep_failed: bool) -> dict:
+        """The boot of a new container; spec.name is in self.creating (_run_job put it there)."""
+        self.manager.ContainerStateChanged(spec.name, "starting")
         try:
             progress = SignalProgress(self, spec.name)
             if spec.grants:
@@ -622,10 +712,8 @@ class Daemon:
 
     async def _start(self, w: Watched, progress: Progress) -> None:
         rec = self.runtime.record(w.name)
-        try:
+        with self._transition(w, "starting"):
             await asyncio.to_thread(self.runtime.start, rec, progress=progress)
-        finally:
-            self._set_state(w)
         await self._attach(w, self.runtime.record(w.name), started=True)
         self._set_state(w)
 
@@ -641,8 +729,9 @@ class Daemon:
             w.restart_task.cancel()
             w.restart_task = None
         async with w.lock:
-            rec = await asyncio.to_thread(self.runtime.stop, name, timeout)
-            self._detach(w)
+            with self._transition(w, "stopping"):
+                rec = await asyncio.to_thread(self.runtime.stop, name, timeout)
+                self._detach(w)
             return self._set_state(w, rec)
 
     async def kill(self, name: str, signal_number: int) -> str:
@@ -722,18 +811,43 @@ class Daemon:
     async def upgrade(self, name: str, component: str, version: str) -> dict:
         w = self._watched(name)
         async with w.lock:
-            return await asyncio.to_thread(self.runtime.upgrade, name, component, version, SignalProgress(self, name))
+            try:
+                return await asyncio.to_thread(self.runtime.upgrade, name, component, version, SignalProgress(self, name))
+            finally:
+                w.iface.publish()  # Versions, Units
 
     async def update(self, name: str, component: str | None, changes: dict[str, str]) -> UpdateResult:
         w = self._watched(name)
         async with w.lock:
             result = await asyncio.to_thread(self.runtime.update, name, component, changes)
-        w.iface.emit_properties_changed({"Resources": w.iface.resources_of(component=None)})
+        w.iface.publish()  # Resources
         return result
 
     async def unit_job(self, name: str, unit: str, method: str) -> str:
         self._watched(name)
         return await asyncio.to_thread(self.runtime.unit_job, name, unit, method)
+
+    # ---- the store ----------------------------------------------------------------------------
+
+    async def list_images(self) -> builtins.list[dict]:
+        return await asyncio.to_thread(self.runtime.list_images)
+
+    async def list_components(self) -> builtins.list[dict]:
+        return await asyncio.to_thread(self.runtime.list_components)
+
+    async def list_volumes(self) -> builtins.list[dict]:
+        return await asyncio.to_thread(self.runtime.list_volumes)
+
+    async def inspect_volume(self, name: str) -> dict:
+        return await asyncio.to_thread(self.runtime.inspect_volume, name)
+
+    async def store_info(self) -> dict:
+        return await asyncio.to_thread(self.runtime.store.info)
+
+    async def container_of_pid(self, pid: int) -> str:
+        name = await asyncio.to_thread(self.runtime.container_of_pid, pid)
+        self._watched(name)
+        return name
 
     # ---- networks -----------------------------------------------------------------------------
 
