@@ -52,7 +52,9 @@ def tupper_cmd(root: Path, *args: str, env: dict | None = None, timeout: float =
 
 
 def _clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TUPPER_ROOT", "TUPPER_DIRECT", "DBUS_SYSTEM_BUS_ADDRESS")}
+    # PYTHONDONTWRITEBYTECODE: the CLI and tupperd run as users run them, from their bytecode cache (with it,
+    # every one of the thousands of CLI calls of the suite compiles tupper's modules again)
+    env = {k: v for k, v in os.environ.items() if k not in ("TUPPER_ROOT", "TUPPER_DIRECT", "DBUS_SYSTEM_BUS_ADDRESS", "PYTHONDONTWRITEBYTECODE")}
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env

@@ -6,6 +6,7 @@ methods answer at once with a job whose end is signalled."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,21 +53,26 @@ asyncio.run(main())
 
 class Watcher:
     def __init__(self, env: dict, path: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", WATCH, path], env=env, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", WATCH, path], env=env, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
-        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+        self.fd = self.proc.stdout.fileno()
+        self.buf = b""
         self.seen: list[dict] = []
+        self.read_until(lambda w: {"ready": True} in w.seen, 30)
 
     def read_until(self, done, timeout: float = 60) -> None:
         """Read what was signalled until done(self) holds."""
         import select
 
-        assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while not done(self):
             assert time.monotonic() < deadline, f"not seen in {timeout}s; seen: {self.seen}"
-            if select.select([self.proc.stdout], [], [], 0.5)[0]:
-                self.seen.append(json.loads(self.proc.stdout.readline()))
+            if select.select([self.fd], [], [], 0.5)[0]:  # raw reads: a buffered reader would hide lines from select
+                chunk = os.read(self.fd, 65536)
+                assert chunk, f"the watcher ended; seen: {self.seen}"
+                self.buf += chunk
+                *lines, self.buf = self.buf.split(b"\n")
+                self.seen += [json.loads(line) for line in lines if line]
 
     def announced(self) -> dict:
         """Each property's value as last announced."""
@@ -108,6 +114,7 @@ def test_every_changing_property_is_announced_and_const_ones_never_change(tupper
 
 def _changes(tupper, name: str, net: str, tmp_path) -> None:
     comp = f"prop{uuid.uuid4().hex[:6]}"
+    (tmp_path / "dist").mkdir()
     for version, units in (("1.0.0", [f"{comp}.service"]), ("2.0.0", [f"{comp}.service", f"{comp}-extra.service"])):
         d = write_component(tmp_path / f"{comp}-{version}", comp,
                             {u: "[Service]\nType=exec\nExecStart=/bin/sleep infinity\n" for u in units})
@@ -149,7 +156,7 @@ def _changes(tupper, name: str, net: str, tmp_path) -> None:
         assert values["Health"][-1] == {"web": "healthy"}
         assert last["Versions"] == {comp: "2.0.0", "web": "1.0.0"} and sorted(last["Units"]) == sorted(
             [f"{comp}.service", f"{comp}-extra.service", "web.service"])
-        assert last["Resources"]["memory_max"] == "300M"
+        assert last["Resources"]["memory_max"] == str(300 << 20)
         assert last["LeaderPID"] != first["LeaderPID"] and last["StartedAt"] > first["StartedAt"]
         # const ones did not change, and were never announced
         for n, e in emitting(api.ContainerInterface(None, "x")).items():

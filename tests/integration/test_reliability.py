@@ -398,6 +398,7 @@ PREFIX = "t-test-sigkill-of-tupperd"  # the names fixture's names for the test b
 KILLS = int(os.environ.get("TUPPER_CRASH_KILLS", "100"))
 
 
+@pytest.mark.timeout(600)  # 100 cuts, each followed by a recovery and a consistency check: ~260 s here
 def test_sigkill_of_tupperd_at_random_moments_leaves_every_container_whole(tupper, bus, names, tmp_path, store_root):
     """run, stop, rm, upgrade and secret rotation, each cut by SIGKILL of tupperd at a random moment
     (seeded): afterwards every container is running and adopted, or stopped/failed with its exit
