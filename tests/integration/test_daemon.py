@@ -40,6 +40,14 @@ def test_busctl_alone_runs_inspects_stops_and_removes_a_container(tupper, bus, n
     listed = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "List")
     assert f'"{name}" "running" {leader} "debian-bookworm" "{path}"' in listed.stdout
 
+    # the container a process belongs to: its PID 1 and a service inside it; not the test's own process
+    service = next(pid for pid in map(int, subprocess.run(["pgrep", "-f", "/opt/hello/bin/hello"], capture_output=True, text=True).stdout.split())
+                   if leader in _ancestors(pid))
+    for pid in (leader, service):
+        owner = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "GetContainerByPID", "u", str(pid))
+        assert owner.stdout.strip() == f'o "{path}"', (pid, owner.stderr)
+    outside = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "GetContainerByPID", "u", str(os.getpid()))
+    assert outside.returncode != 0 and "is not part of any container" in outside.stderr
     missing = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "GetContainer", "s", "no-such-container")
     assert missing.returncode != 0 and "no container 'no-such-container'" in missing.stderr
 
@@ -51,6 +59,15 @@ def test_busctl_alone_runs_inspects_stops_and_removes_a_container(tupper, bus, n
     rm = busctl(bus, "call", "org.tupper1", "/org/tupper1", "org.tupper1.Manager", "Remove", "sb", name, "false")
     assert rm.returncode == 0, rm.stderr
     assert busctl(bus, "get-property", "org.tupper1", path, "org.tupper1.Container", "State").returncode != 0
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        with open(f"/proc/{pid}/status") as f:
+            pid = next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+        out.append(pid)
+    return out
 
 
 def test_errors_are_named_org_tupper1_error(tupper, bus, names, tmp_path):
