@@ -6,6 +6,8 @@ operation still under way owns (a live owner pid) is ever reported: that is work
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import attrs
@@ -65,6 +67,9 @@ def check(runtime: Runtime) -> list[Finding]:
             found.append(Finding("record-without-root", str(d), f"{rec.name}: the record has no root subvolume", "remove the record"))
     for entry in store.stale_scratch():
         found.append(Finding("scratch", str(entry), "work in progress of a process that is gone", "remove it"))
+    for entry in stale_temps(store.root):
+        found.append(Finding("temp-file", str(entry), "a file half-written by a process that is gone (killed during an atomic write)",
+                             "remove it"))
     alive = {r.name for r in runtime.records() if r.alive()}
     if not runtime.host.systemd:
         for name in sorted(cgroups.names(parent=store.cgroup_parent)):
@@ -93,6 +98,24 @@ def check(runtime: Runtime) -> list[Finding]:
     return found
 
 
+# Where durable.write_json writes (".NAME.PID.tmp" beside the file, renamed over it when complete): the
+# store's root, records, image and package metadata, secrets' metadata. Never inside a root file system.
+TEMP_PLACES = (".*.tmp", "containers/*/.*.tmp", "images/.*.tmp", "components/*/.*.tmp", "components/*/*/.*.tmp",
+               "secrets/*/.*.tmp", "volumes/.*.tmp")
+_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def stale_temps(root: Path) -> list[Path]:
+    """Temporary files of atomic writes whose writer no longer runs."""
+    out = []
+    for pattern in TEMP_PLACES:
+        for path in sorted(root.glob(pattern)):
+            m = _TEMP.match(path.name)
+            if m and path.is_file() and not path.is_symlink() and not os.path.exists(f"/proc/{m.group(1)}"):
+                out.append(path)
+    return out
+
+
 def _published(base: Path, pattern: str, kind: str, runtime: Runtime) -> list[Finding]:
     """Images and installed components: a subvolume and its `.json` appear together, or not at all."""
     out = []
@@ -119,7 +142,7 @@ def repair(runtime: Runtime, findings: list[Finding]) -> list[Repaired]:
                 with store.lock():
                     runtime.discard_broken(path.parent if f.kind == "corrupt-record" else path)
                 result = "removed"
-            elif f.kind == "scratch" or f.kind in ("image", "component", "nspawn-dir", "agent-dir"):
+            elif f.kind in ("scratch", "temp-file", "image", "component", "nspawn-dir", "agent-dir"):
                 store.remove_tree(path)
                 result = "removed"
             elif f.kind == "network":
