@@ -341,6 +341,9 @@ def test_store_check_finds_what_a_crash_leaves_and_repair_fixes_it(tupper, bus, 
     half_component = store_root / "components" / f"thalf{tag}" / "1.0.0"
     subvolume(half_component)
     made["component"] = half_component
+    half_written = store_root / f".networks.json.{dead}.tmp"  # write_json cut between its write and its rename
+    half_written.write_text("{")
+    made["temp-file"] = half_written
 
     # tupperd logs what it finds when it starts (without repairing it).
     bus.stop_tupperd()
