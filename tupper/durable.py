@@ -11,10 +11,17 @@ from pathlib import Path
 def write_json(path: Path, data: dict, mode: int = 0o644) -> None:
     """Durable atomic write: readers see the old file or the new one, never half of one, also after a
     power cut (the data is on disk before the rename, the rename before we return)."""
+    write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode)
+
+
+def write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """write_json's atomic, durable write, of any bytes."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -47,7 +47,7 @@ def test_bash_lists_every_verb(bash_script):
 
 
 def test_bash_completes_actions_and_options(bash_script):
-    assert bash_complete(bash_script, "tupper image ") == ["build", "ls", "rm"]
+    assert bash_complete(bash_script, "tupper image ") == ["build", "ls", "rm", "prune", "pin", "unpin", "export", "import", "key"]
     assert {"--since", "--until", "--priority", "--output", "--component"} <= set(bash_complete(bash_script, "tupper logs web --"))
     assert bash_complete(bash_script, "tupper logs web -o js") == ["json", "json-pretty", "json-sse", "json-seq"]
 

@@ -390,6 +390,9 @@ def _add_image(sub) -> None:
                          **_examples("tupper image rm debian-bookworm", "tupper image rm debian-bookworm --json"))
     ir.add_argument("name")
     ir.add_argument("--json", action="store_true", help="JSON object {name, state}")
+    from tupper.cli import imagecmd
+
+    imagecmd.add_transfer(isub, _examples)
 
 
 def _add_store(sub) -> None:
@@ -1107,6 +1110,10 @@ def cmd_image(args) -> int:
     from tupper.cli.ui import ago, table
     from tupper.store.images import ImageDef, Images
 
+    if args.image_command in ("export", "import", "key", "prune", "pin", "unpin"):
+        from tupper.cli import imagecmd
+
+        return imagecmd.dispatch(args, _store(args), _progress(args))
     if args.image_command == "build":
         definition = ImageDef.from_file(args.definition)
         store = _store(args)
@@ -1122,7 +1129,9 @@ def cmd_image(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            table(["NAME", "SUITE", "BUILT", "USED BY"], [[r["name"], r["suite"], ago(r["built_at"]), ",".join(r["used_by"]) or "-"] for r in rows])
+            table(["NAME", "PARENT", "SUITE", "BUILT", "TREE DIGEST", "USED BY"],
+                  [[r["name"], r.get("parent") or "-", r["suite"], ago(r["built_at"]), (r.get("tree_digest") or "-")[:19],
+                    ",".join(r["used_by"]) or "-"] for r in rows])
         return 0
     if args.image_command == "rm":
         runtime.remove_image(args.name)

@@ -201,8 +201,47 @@ class Runtime:
         return [dict(i.to_json(), used_by=self.images_in_use(i.name)) for i in Images(self.store).list()]
 
     def remove_image(self, name: str) -> None:
-        """Delete an image; refused while a container was made from it."""
+        """Delete an image; refused while a container was made from it or a layer is built on it."""
         Images(self.store).remove(name, users=self.images_in_use(name))
+
+    def prunable_images(self) -> list[str]:
+        """Images nothing keeps: no container made from them, no layer on them, not pinned; layers first
+        (their parents may become prunable once they are gone: they are listed after them)."""
+        images = {i.name: i for i in Images(self.store).list()}
+        kept = {n for n, i in images.items() if i.pinned or self.images_in_use(n)}
+        # A parent is kept while a kept image descends from it.
+        for name in list(kept):
+            parent = images[name].parent
+            while parent in images and parent not in kept:
+                kept.add(parent)
+                parent = images[parent].parent
+        out: list[str] = []
+        left = [n for n in images if n not in kept]
+        while left:  # children before parents
+            leaves = [n for n in left if not any(images[c].parent == n for c in left)]
+            out += sorted(leaves)
+            left = [n for n in left if n not in leaves]
+        return out
+
+    def prune_images(self, names: list[str]) -> list[dict]:
+        """Remove these images (what prunable_images listed); each with the bytes its files took."""
+        done: list[dict] = []
+        images = Images(self.store)
+        for name in names:
+            size = images.size(name)
+            try:
+                self.remove_image(name)
+            except (Busy, NotFound) as exc:  # used or removed meanwhile: kept, and said
+                done.append({"name": name, "state": "kept", "why": exc.message})
+                continue
+            done.append({"name": name, "state": "removed", "bytes": size})
+        return done
+
+    def pin_image(self, name: str, pinned: bool) -> None:
+        """A pinned image is never pruned."""
+        images = Images(self.store)
+        images.get(name)
+        images.update_meta(name, pinned=pinned)
 
     def list_components(self) -> list[dict]:
         """Every installed component version, with the containers that use it."""
@@ -229,18 +268,26 @@ class Runtime:
     # ---- run ----------------------------------------------------------------------------------
 
     def resolve_image(self, spec: Spec, progress: Progress = SILENT) -> Path:
-        """The image subvolume for the spec, building it from its definition when missing."""
+        """The image subvolume for the spec, building it from its definition when missing (a layer's
+        missing parents first, from their own definitions)."""
         images = Images(self.store)
         if images.exists(spec.image):
             return images.path(spec.image)
-        definition = find_definition(spec.image, [spec.base_dir / "images", spec.base_dir.parent / "images"])
-        if definition is None:
-            raise InvalidInput(
-                f"{spec.file}: image: no image {spec.image!r}: not built, and no {spec.image}.toml in any images/ directory",
-                hint="build one with `tupper image build FILE`",
-            )
-        image_def = ImageDef.from_file(definition)
-        return images.build(image_def, progress=progress).path
+        wanted, chain = spec.image, []
+        while not images.exists(wanted):
+            definition = find_definition(wanted, [spec.base_dir / "images", spec.base_dir.parent / "images"])
+            if definition is None:
+                raise InvalidInput(
+                    f"{spec.file}: image: no image {wanted!r}: not built or imported, and no {wanted}.toml in any images/ directory",
+                    hint="build one with `tupper image build FILE`, or import one with `tupper image import FILE`",
+                )
+            chain.append(ImageDef.from_file(definition))
+            if chain[-1].parent is None or len(chain) > 16:
+                break
+            wanted = chain[-1].parent
+        for image_def in reversed(chain):
+            built = images.build(image_def, progress=progress)
+        return built.path
 
     def run(self, spec: Spec, *, keep_failed: bool = False, progress: Progress = SILENT) -> RunResult:
         """create + start; a failed run leaves nothing behind unless `keep_failed`. A run whose process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import fcntl
 import json
 import os
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -34,6 +36,8 @@ class ImageDef:
     mirror: str | None
     steps: tuple[str, ...]
     file: str
+    parent: str | None = None  # `from`: a layer on that image (its [build] packages are apt-installed)
+    layer_packages: tuple[str, ...] = ()
 
     @classmethod
     def from_file(cls, path: Path) -> ImageDef:
@@ -42,6 +46,9 @@ class ImageDef:
         name = t.get("name", str, path.stem)
         if not NAME_RE.fullmatch(name):
             raise t.error("name", f"invalid image name {name!r}")
+        parent = t.get("from", str, None)
+        if parent is not None:
+            return cls._layer(t, name, parent, display)
         deb = t.table("debootstrap")
         suite = deb.get("suite", str, required=True)
         variant = deb.get("variant", str, "minbase")
@@ -68,6 +75,37 @@ class ImageDef:
             raise deb.error("mirror", f"invalid mirror {mirror!r}: expected an http://, https://, ftp:// or file:// URL")
         return cls(name, suite, variant, tuple(packages), mirror, tuple(steps), display)
 
+    @classmethod
+    def _layer(cls, t: tomlfile.Table, name: str, parent: str, display: str) -> ImageDef:
+        """`from = "PARENT"`: a snapshot of PARENT, plus [build] packages (apt-get install) and steps."""
+        if not NAME_RE.fullmatch(parent):
+            raise t.error("from", f"invalid image name {parent!r}")
+        if parent == name:
+            raise t.error("from", "an image cannot be a layer on itself")
+        if "debootstrap" in t.data:
+            raise t.error("debootstrap", "a layer (from = ...) takes its system from its parent: no [debootstrap]")
+        build = t.table("build")
+        packages = build.str_list("packages")
+        steps = build.str_list("steps")
+        build.check_unknown()
+        t.get("description", str, "")
+        t.check_unknown()
+        for i, pkg in enumerate(packages):
+            if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", pkg):
+                raise build.error(f"packages[{i}]", f"invalid package name {pkg!r}")
+        return cls(name, "", "", (), None, tuple(steps), display, parent, tuple(packages))
+
+    def digest(self, parent_digest: str | None = None) -> str:
+        """SHA-256 over what decides the image's contents (not its name, file or mirror): its definition
+        and, for a layer, its parent's digest."""
+        import hashlib
+
+        what = {"suite": self.suite, "variant": self.variant, "packages": list(self.packages), "steps": list(self.steps),
+                "from": self.parent, "from_digest": parent_digest, "layer_packages": list(self.layer_packages)}
+        if self.parent is None:  # the digests of images built before layers existed stay what they were
+            what = {k: what[k] for k in ("suite", "variant", "packages", "steps")}
+        return "sha256:" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
 
 @attrs.frozen
 class Image:
@@ -76,9 +114,17 @@ class Image:
     built_at: float
     definition: str
     suite: str
+    digest: str | None = None  # over the definition that built it (None: built before digests, or imported without one)
+    tree_digest: str | None = None  # over its files (imagestream.tree_digest): equal on every host that has it
+    parent: str | None = None  # the image an incremental import was received onto
+    imported_at: float | None = None
+    signed_by: str | None = None  # the key that signed the stream it was imported from
+    pinned: bool = False  # `tupper image pin`: never pruned
 
     def to_json(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "built_at": self.built_at, "definition": self.definition, "suite": self.suite}
+        return {"name": self.name, "path": str(self.path), "built_at": self.built_at, "definition": self.definition, "suite": self.suite,
+                "digest": self.digest, "tree_digest": self.tree_digest, "parent": self.parent, "imported_at": self.imported_at,
+                "signed_by": self.signed_by, "pinned": self.pinned}
 
 
 def search_path(extra: list[Path] | None = None) -> list[Path]:
@@ -158,12 +204,34 @@ class Images:
     def _meta(self, name: str) -> Path:
         return self.store.images_dir / f"{name}.json"
 
+    def meta_path(self, name: str) -> Path:
+        """The image's metadata: the image exists (is published) once this file does."""
+        return self._meta(name)
+
     def get(self, name: str) -> Image:
         meta = self._meta(name)
         if not self.path(name).is_dir() or not meta.is_file():
-            raise NotFound(f"no image {name!r}", hint=f"build it: tupper image build images/{name}.toml")
+            raise NotFound(f"no image {name!r}", hint=f"build it (tupper image build images/{name}.toml) or import it (tupper image import FILE)")
         data = json.loads(meta.read_text())
-        return Image(name, self.path(name), data["built_at"], data["definition"], data["suite"])
+        return Image(name, self.path(name), data["built_at"], data["definition"], data["suite"], data.get("digest"),
+                     data.get("tree_digest"), data.get("parent"), data.get("imported_at"), data.get("signed_by"),
+                     bool(data.get("pinned", False)))
+
+    def update_meta(self, name: str, **changes) -> None:
+        with self.lock(name):
+            data = json.loads(self._meta(name).read_text())
+            data.update(changes)
+            durable.write_json(self._meta(name), data)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """One build, import or metadata change per image name at a time."""
+        fd = os.open(self.store.images_dir / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def exists(self, name: str) -> bool:
         return self.path(name).is_dir() and self._meta(name).is_file()
@@ -181,33 +249,62 @@ class Images:
         image = self.get(name)
         if users:
             raise Busy(f"image {name!r} is used by container(s): {', '.join(users)}", hint="remove those containers first")
+        if children := self.children(name):
+            raise Busy(f"image {name!r} is the parent of image(s): {', '.join(children)}", hint="remove those images first")
         self._meta(name).unlink(missing_ok=True)  # unpublished first: a crash leaves files `store check` removes
         self.store.delete_subvolume(image.path)
 
     def build(self, definition: ImageDef, *, force: bool = False, progress: Progress = SILENT) -> Image:
+        """Build the image (a layer: on its parent, which must be in the store). One that exists is kept
+        when its digest is the definition's (force rebuilds it); one built from another definition is rebuilt."""
+        parent = self.get(definition.parent) if definition.parent else None
+        digest = definition.digest(parent.digest if parent else None)
         # One build per image name at a time; a second caller waits, then finds it built.
-        fd = os.open(self.store.images_dir / f".{definition.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self.lock(definition.name):
             if self.exists(definition.name) and not force:
-                return self.get(definition.name)
-            return self._build(definition, progress)
-        finally:
-            os.close(fd)
+                existing = self.get(definition.name)
+                if existing.digest in (None, digest):  # None: built before digests; its definition is taken as is
+                    return existing
+                if self.children(definition.name):
+                    raise Busy(f"image {definition.name!r} changed but image(s) {', '.join(self.children(definition.name))} "
+                               "are layers on it", hint="remove them first, or give the new definition another name")
+            return self._build(definition, progress, parent, digest)
 
-    def _build(self, definition: ImageDef, progress: Progress) -> Image:
+    def size(self, name: str) -> int:
+        """Bytes of the image's files (du): what removing it frees at most (layers share their parent's blocks)."""
+        out = proc.run(["du", "-sb", str(self.path(name))], check=False).stdout
+        return int(out.split()[0]) if out.split() and out.split()[0].isdigit() else 0
+
+    def children(self, name: str) -> builtins.list[str]:
+        """Images that are layers on `name` (built from it, or received onto it)."""
+        return [i.name for i in self.list() if i.parent == name]
+
+    def _build(self, definition: ImageDef, progress: Progress, parent: Image | None, digest: str) -> Image:
         self.store.require_free(FREE_FOR_IMAGE, f"image build {definition.name}")
         tmp = self.store.scratch("image", definition.name)
-        self.store.create_subvolume(tmp)
+        if parent is not None:
+            self.store.snapshot(parent.path, tmp)  # writable: the layer's changes go on top
+        else:
+            self.store.create_subvolume(tmp)
         try:
-            mirror = definition.mirror or host_mirror()
-            with progress.step(f"Building image {definition.name} (debootstrap {definition.suite} from {mirror})"):
-                self._debootstrap(definition, tmp, mirror, progress)
+            if parent is None:
+                mirror = definition.mirror or host_mirror()
+                with progress.step(f"Building image {definition.name} (debootstrap {definition.suite} from {mirror})"):
+                    self._debootstrap(definition, tmp, mirror, progress)
+            elif definition.layer_packages:
+                install = ("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "
+                           + " ".join(definition.layer_packages) + " && apt-get clean")
+                with progress.step(f"Layer {definition.name} on {parent.name}: installing {', '.join(definition.layer_packages)}"):
+                    self._run_step(definition, tmp, install, -1)
             with progress.step("Preparing the image for containers"):
                 _prepare_rootfs(tmp)
             for i, step in enumerate(definition.steps):
                 with progress.step(f"Build step {i + 1}/{len(definition.steps)}: {step}"):
                     self._run_step(definition, tmp, step, i)
+            from tupper.store.imagestream import tree_digest
+
+            with progress.step("Digest of the image's tree"):
+                tree = tree_digest(tmp)
             final = self.path(definition.name)
             # The old image, or a half-published one a crash left without metadata, makes way.
             self._meta(definition.name).unlink(missing_ok=True)
@@ -216,7 +313,8 @@ class Images:
         finally:
             self.store.delete_subvolume(tmp)
         # Published when its metadata appears (atomically): until then the image does not exist.
-        meta = {"built_at": time.time(), "definition": definition.file, "suite": definition.suite}
+        meta = {"built_at": time.time(), "definition": definition.file, "suite": parent.suite if parent else definition.suite,
+                "digest": digest, "tree_digest": tree, "parent": parent.name if parent else None}
         durable.write_json(self._meta(definition.name), meta)
         return self.get(definition.name)
 
@@ -256,7 +354,8 @@ class Images:
             out, _ = p.communicate()
             if p.returncode != 0:
                 tail = " / ".join(out.strip().splitlines()[-3:])
-                raise InvalidInput(f"{d.file}: build.steps[{index}]: exited with status {p.returncode}: {tail}")
+                where = "build.packages" if index < 0 else f"build.steps[{index}]"
+                raise InvalidInput(f"{d.file}: {where}: exited with status {p.returncode}: {tail}")
         finally:
             cgroups.remove(group, parent=parent)
 

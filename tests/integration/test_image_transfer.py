@@ -1,0 +1,207 @@
+"""Images travel between stores (issue 13): export to a stream, import into a second store (its own
+--root and loopback pool), run there; a layer's incremental stream carries only what changed; a
+stream that is altered, truncated, forged, needs a missing parent or is signed by an untrusted key is
+refused with exit 2 and leaves nothing in the store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from helpers import REPO, _clean_env
+
+IMAGE = "debian-bookworm"
+
+
+class Store:
+    """The CLI on a store of its own (--direct: no tupperd serves it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, *args, check: bool = False, input: bytes | None = None) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(self.root), *map(str, args)], capture_output=True,
+                           timeout=600, cwd=REPO, env=_clean_env(), input=input)
+        if check and p.returncode != 0:
+            raise AssertionError(f"tupper {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.decode(errors='replace')}")
+        return p
+
+    def images(self) -> dict[str, dict]:
+        return {i["name"]: i for i in json.loads(self("image", "ls", "--json", check=True).stdout)}
+
+    def leftovers(self) -> list[str]:
+        """What an import may leave: subvolumes or files in images/ that are not a published image, scratch."""
+        names = set(self.images())
+        out = [p.name for p in (self.root / "images").iterdir()
+               if not p.name.startswith(".") and p.name.removesuffix(".json") not in names]
+        out += [p.name for p in (self.root / "tmp").iterdir()]
+        return out
+
+    def destroy(self) -> None:
+        for c in json.loads(self("ps", "--json").stdout or "[]"):
+            self("rm", "-f", c["name"])
+        for n in json.loads(self("network", "ls", "--json").stdout or "[]"):
+            self("network", "rm", n["name"])
+        self("store", "unmount")
+        subprocess.run(["rm", "-rf", str(self.root)], check=False)
+        Path(f"{self.root}.img").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def stores(store_root):
+    """Two stores of this module's own (B gets the base image by import; C stays empty)."""
+    made = [Store(Path(f"{store_root}-{x}-{uuid.uuid4().hex[:4]}")) for x in ("b", "c")]
+    try:
+        yield made
+    finally:
+        for s in made:
+            s.destroy()
+
+
+@pytest.fixture(scope="module")
+def exported(store_root, stores, tmp_path_factory):
+    """The base image's full stream, and B with it imported."""
+    here = Store(store_root)
+    out = tmp_path_factory.mktemp("streams") / "base.timg"
+    here("image", "export", IMAGE, "-o", out, check=True)
+    stores[0]("image", "import", out, check=True)
+    return out
+
+
+def test_an_image_travels_to_another_store_and_runs_there(store_root, stores, exported):
+    b = stores[0]
+    original = Store(store_root).images()[IMAGE]
+    imported = b.images()[IMAGE]
+    assert imported["tree_digest"] == original["tree_digest"] and imported["tree_digest"].startswith("sha256:")
+    assert imported["digest"] == original["digest"] and imported["imported_at"]
+    again = b("image", "import", exported)  # the same image again: nothing to do
+    assert again.returncode == 0, again.stderr
+    name = f"t-travel-{uuid.uuid4().hex[:6]}"
+    run = b("run", REPO / "examples/hello.toml", "--name", name, "--json")
+    assert run.returncode == 0, run.stderr
+    assert [u["active_state"] for u in json.loads(run.stdout)["units"]] == ["active"]
+    b("rm", "-f", name, check=True)
+
+
+def test_a_layers_incremental_stream_carries_only_what_changed(store_root, stores, exported, tmp_path):
+    here, b = Store(store_root), stores[0]
+    layer = f"t-layer-{uuid.uuid4().hex[:6]}"
+    definition = tmp_path / "layer.toml"
+    definition.write_text(f'name = "{layer}"\nfrom = "{IMAGE}"\n[build]\npackages = ["tree"]\nsteps = ["tree --version"]\n')
+    here("image", "build", definition, check=True)
+    try:
+        assert here.images()[layer]["parent"] == IMAGE
+        refused = here("image", "rm", IMAGE)
+        assert refused.returncode == 1 and f"parent of image(s): {layer}" in refused.stderr.decode()
+        incremental, full = tmp_path / "layer.timg", tmp_path / "layer-full.timg"
+        here("image", "export", layer, "--parent", IMAGE, "-o", incremental, check=True)
+        here("image", "export", layer, "-o", full, check=True)
+        sizes = incremental.stat().st_size, full.stat().st_size
+        print(f"\nlayer with one package: incremental stream {sizes[0]} bytes, full stream {sizes[1]} bytes ({sizes[0] / sizes[1]:.1%})")
+        assert sizes[0] <= sizes[1] / 10
+        # an incremental stream needs its parent: refused where it is missing, received where it is there
+        c = stores[1]
+        p = c("image", "import", incremental)
+        assert p.returncode == 2 and f"needs image {IMAGE!r}, which is not in the store" in p.stderr.decode()
+        assert c.leftovers() == [] and c.images() == {}
+        b("image", "import", incremental, check=True)
+        assert b.images()[layer]["tree_digest"] == here.images()[layer]["tree_digest"]
+        assert b.images()[layer]["parent"] == IMAGE
+        # prune: the unused layer goes, the base a container uses stays (and a pinned image stays too)
+        user = f"t-user-{uuid.uuid4().hex[:6]}"
+        b("run", REPO / "examples/hello.toml", "--name", user, check=True)
+        try:
+            p = b("image", "prune")
+            assert p.returncode == 2 and "no terminal to confirm on" in p.stderr.decode()
+            b("image", "pin", layer, check=True)
+            assert json.loads(b("image", "prune", "--force", "--json", check=True).stdout) == []
+            b("image", "unpin", layer, check=True)
+            pruned = json.loads(b("image", "prune", "--force", "--json", check=True).stdout)
+            assert [(d["name"], d["state"]) for d in pruned] == [(layer, "removed")] and pruned[0]["bytes"] > 0
+            assert set(b.images()) == {IMAGE}
+        finally:
+            b("rm", "-f", user)
+    finally:
+        here("image", "rm", layer)
+
+
+def _altered(source: Path, dest: Path, change) -> Path:
+    data = bytearray(source.read_bytes())
+    dest.write_bytes(change(data))
+    return dest
+
+
+def _flip(data: bytearray) -> bytearray:
+    data[len(data) // 2] ^= 0x40
+    return data
+
+
+def _forge(data: bytearray, key: str, value) -> bytearray:
+    head, _, rest = bytes(data).partition(b"\n")
+    header, _, payload = rest.partition(b"\n")
+    fields = json.loads(header)
+    fields[key] = value
+    return bytearray(head + b"\n" + json.dumps(fields, sort_keys=True).encode() + b"\n" + payload)
+
+
+@pytest.mark.parametrize("case", ["flipped byte", "truncated", "forged tree digest", "forged name", "not a stream", "garbage after the end"])
+def test_an_altered_stream_is_refused_and_leaves_nothing(stores, exported, tmp_path, case):
+    c = stores[1]
+    changes = {
+        "flipped byte": _flip,
+        "truncated": lambda d: d[: len(d) * 2 // 3],
+        "forged tree digest": lambda d: _forge(d, "tree_digest", "sha256:" + "0" * 64),
+        "forged name": lambda d: _forge(d, "name", "t-other"),
+        "not a stream": lambda d: bytearray(b"hello\n") + d[100:],
+        "garbage after the end": lambda d: d + b"x",
+    }
+    stream = _altered(exported, tmp_path / "altered.timg", changes[case])
+    p = c("image", "import", stream)
+    assert p.returncode == 2, (case, p.returncode, p.stderr)
+    errors = [line for line in p.stderr.decode().splitlines() if line.startswith("tupper: ")]  # after the progress lines
+    assert len(errors) == 1 and errors[0].startswith(f"tupper: {stream}: ") and "Traceback" not in p.stderr.decode(), p.stderr
+    assert c.leftovers() == [] and c.images() == {}, case
+    via_stdin = c("image", "import", "-", input=stream.read_bytes())
+    assert via_stdin.returncode == 2 and "\ntupper: stdin: " in "\n" + via_stdin.stderr.decode()
+    assert c.leftovers() == [] and c.images() == {}, case
+
+
+def test_signed_streams_are_checked_against_the_stores_trusted_keys(store_root, stores, exported, tmp_path):
+    here, b, c = Store(store_root), stores[0], stores[1]
+    key = f"t{uuid.uuid4().hex[:6]}"
+    here("image", "key", "generate", key, check=True)
+    try:
+        signed = tmp_path / "signed.timg"
+        here("image", "export", IMAGE, "-o", signed, "--sign", key, check=True)
+        # an unsigned stream, where signatures are required
+        p = c("image", "import", exported, "--require-signature")
+        assert p.returncode == 2 and "is not signed" in p.stderr.decode()
+        # signed, but by a key C does not trust (C trusts another key of the same name)
+        c("image", "key", "generate", key, check=True)
+        p = c("image", "import", signed, "--require-signature")
+        assert p.returncode == 2 and "a key this store does not trust" in p.stderr.decode()
+        assert c.leftovers() == [] and c.images() == {}
+        # trusted, but the signature altered
+        c("image", "key", "rm", key, check=True)
+        public = here("image", "key", "show", key, check=True).stdout
+        c("image", "key", "trust", key, "-", input=public, check=True)
+        forged = _altered(signed, tmp_path / "forged.timg", lambda d: _forge(d, "exported_at", 1.0))
+        p = c("image", "import", forged, "--require-signature")
+        assert p.returncode == 2 and "does not match the stream" in p.stderr.decode(), p.stderr
+        assert c.leftovers() == [] and c.images() == {}
+        # the store's policy requires signatures too; the genuine stream passes it
+        c("image", "key", "policy", "--require", check=True)
+        assert c("image", "import", exported).returncode == 2
+        imported = json.loads(c("image", "import", signed, "--json", check=True).stdout)
+        assert imported["signed_by"].startswith("ed25519:") and imported["tree_digest"] == here.images()[IMAGE]["tree_digest"]
+        keys = {k["name"]: k for k in json.loads(c("image", "key", "ls", "--json", check=True).stdout)}
+        assert keys[key]["trusted"] and not keys[key]["private"]
+        c("image", "rm", IMAGE, check=True)
+        c("image", "key", "policy", "--no-require", check=True)
+    finally:
+        here("image", "key", "rm", key)
+    assert b.images()[IMAGE]  # B untouched by all this
