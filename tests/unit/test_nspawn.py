@@ -77,3 +77,10 @@ def test_host_detect_needs_both_systemd_and_a_system_bus(monkeypatch):
     assert nspawn.Host.detect() == NO_SYSTEMD
     present.add("/run/dbus/system_bus_socket")
     assert nspawn.Host.detect() == SYSTEMD
+
+
+def test_the_read_write_bind_sources_of_an_argv_are_what_stays_writable_for_nspawn():
+    from tupper.container.nspawn import _escape, writable_sources
+
+    argv = ["systemd-nspawn", "--bind", _escape("/srv/a:b") + ":/data", "--bind-ro", "/opt/c:/opt/c", "--bind", "/var/v:/v"]
+    assert writable_sources(argv) == ["/srv/a:b", "/var/v"]

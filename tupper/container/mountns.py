@@ -132,3 +132,38 @@ if __name__ == "__main__":
     except OSError as exc:
         print(exc.strerror or str(exc), file=sys.stderr)
         sys.exit(1)
+
+
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_RELATIME = 0x200000
+MS_REC = 0x4000
+MS_SLAVE = 1 << 19
+
+
+def confine(writable: list[str]) -> None:
+    """In the calling process (nspawn's, before exec): a mount namespace of its own in which the host's
+    root file system is read-only, except `writable` (each bound onto itself, so it keeps its own
+    flags). Nothing mounted here reaches the host (slave propagation). Other mounts (a tmpfs /tmp, /dev,
+    the store's pool) keep their flags.
+
+    Why: systemd-nspawn 252 makes a bind mount's missing parent directories by path after resolving the
+    target inside the container's root; a root rewritten at that moment (a mount point swapped for a
+    symlink out of it) would have it create directories on the host. Here such a mkdir fails (EROFS),
+    nspawn refuses to start, and the host stays as it was."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(mnt)")
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "make / a slave")
+    for path in writable:
+        if os.path.exists(path):
+            _check(_libc.mount(path.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
+    # A bind remount must repeat the flags the mount has (locked ones above all): statvfs names them.
+    have = os.statvfs("/").f_flag
+    kept = 0
+    for st_flag, ms_flag in ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+                             (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME)):
+        if have & st_flag:
+            kept |= ms_flag
+    _check(_libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None), "remount / read-only")

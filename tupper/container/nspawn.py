@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import attrs
@@ -75,6 +76,17 @@ def command_argv(rootfs: Path, command: list[str], host: Host) -> list[str]:
     if not host.systemd:
         argv += ["--register", "no", "--keep-unit"]
     return argv + ["--", *command]
+
+
+def writable_sources(argv: list[str]) -> list[str]:
+    """The host paths an nspawn argv binds read-write (`--bind SRC:DST`): they must stay writable where
+    nspawn runs (mountns.confine)."""
+    out = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--bind":
+            source = re.split(r"(?<!\\):", value, maxsplit=1)[0]
+            out.append(source.replace("\\:", ":"))
+    return out
 
 
 def _escape(path: str) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tupper import proc
-from tupper.container import cgroups, nspawn
+from tupper.container import cgroups, mountns, nspawn
 from tupper.errors import Failed, NotFound, TupperError
 from tupper.runtime import records
 
@@ -328,11 +328,14 @@ def run_monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: 
             low = keep + 1
         os.closerange(low, 65536)
 
+        writable = [str(cdir.parent.parent), "/run", *nspawn.writable_sources(argv)]
+
         def before_exec() -> None:  # in nspawn's process
             if cgroup:
                 cgroups.join(name, parent=cgroup)
             if gate is not None:
                 _pass(gate)
+            mountns.confine(writable)  # the host's root read-only for nspawn: see mountns.confine
 
         out = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -342,7 +345,7 @@ def run_monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: 
                 stdout=out,
                 stderr=out,
                 close_fds=True,
-                preexec_fn=before_exec if cgroup or gate is not None else None,
+                preexec_fn=before_exec,
             )
         except (OSError, TupperError, subprocess.SubprocessError) as exc:
             os.write(reply_fd, f"error: {exc}".encode())
