@@ -149,40 +149,37 @@ def _add_inspect(sub) -> None:
     ins.add_argument("--json", action="store_true", help="the whole document as JSON")
 
 
-def _add_stop(sub) -> None:
-    from tupper.cli.backends import finite_seconds
+def _names_verb(sub, verb: str, help: str, description: str, examples: tuple[str, ...], *, timeout: bool) -> None:
+    """A lifecycle verb on several containers: NAME..., --json, --wait/--no-wait (and --timeout)."""
+    p = sub.add_parser(verb, aliases=ALIASES_OF[verb], help=help, description=description, **_examples(*examples))
+    p.add_argument("names", nargs="+", metavar="NAME")
+    if timeout:
+        from tupper.cli.backends import finite_seconds
 
-    sp = sub.add_parser("stop", aliases=ALIASES_OF["stop"], help="power containers off",
-                        description="PowerOff over each container's D-Bus; SIGKILL when it is not down after the timeout. "
-                                    "Stopping a stopped container does nothing and succeeds, as starting a running one does.",
-                        **_examples("tupper stop web", "tupper stop web db --timeout 5", "tupper stop web --json"))
-    sp.add_argument("names", nargs="+", metavar="NAME")
-    sp.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
-    sp.add_argument("--json", action="store_true", help="JSON list of {name, state}")
-    _wait_options(sp)
+        p.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
+    p.add_argument("--json", action="store_true", help="JSON list of {name, state}")
+    _wait_options(p)
+
+
+def _add_stop(sub) -> None:
+    _names_verb(sub, "stop", "power containers off",
+                "PowerOff over each container's D-Bus; SIGKILL when it is not down after the timeout. "
+                "Stopping a stopped container does nothing and succeeds, as starting a running one does.",
+                ("tupper stop web", "tupper stop web db --timeout 5", "tupper stop web --json"), timeout=True)
 
 
 def _add_start(sub) -> None:
-    sa = sub.add_parser("start", aliases=ALIASES_OF["start"], help="boot stopped containers again",
-                        description="Boot existing (stopped, failed or crash-looping) containers and wait for their units. "
-                                    "Starting a running container does nothing and succeeds, as stopping a stopped one does.",
-                        **_examples("tupper start web", "tupper start web db", "tupper start web --json"))
-    sa.add_argument("names", nargs="+", metavar="NAME")
-    sa.add_argument("--json", action="store_true", help="JSON list of {name, state}")
-    _wait_options(sa)
+    _names_verb(sub, "start", "boot stopped containers again",
+                "Boot existing (stopped, failed or crash-looping) containers and wait for their units. "
+                "Starting a running container does nothing and succeeds, as stopping a stopped one does.",
+                ("tupper start web", "tupper start web db", "tupper start web --json"), timeout=False)
 
 
 def _add_restart(sub) -> None:
-    from tupper.cli.backends import finite_seconds
-
-    rs = sub.add_parser("restart", aliases=ALIASES_OF["restart"], help="stop containers, then start them again",
-                        description="Stop (PowerOff; SIGKILL after the timeout) and start each container again, waiting for its "
-                                    "units, as `systemctl restart` does to a unit. A stopped container is just started.",
-                        **_examples("tupper restart web", "tupper restart web db --timeout 5 --json"))
-    rs.add_argument("names", nargs="+", metavar="NAME")
-    rs.add_argument("--timeout", type=finite_seconds, help="seconds before SIGKILL (default: the spec's [stop] timeout)")
-    rs.add_argument("--json", action="store_true", help="JSON list of {name, state}")
-    _wait_options(rs)
+    _names_verb(sub, "restart", "stop containers, then start them again",
+                "Stop (PowerOff; SIGKILL after the timeout) and start each container again, waiting for its "
+                "units, as `systemctl restart` does to a unit. A stopped container is just started.",
+                ("tupper restart web", "tupper restart web db --timeout 5 --json"), timeout=True)
 
 
 def _add_kill(sub) -> None:
@@ -710,25 +707,31 @@ def _session(args, name: str, *, user: str | None, argv: list[str] | None, env: 
     return backend.shell_exit(session)
 
 
-def _each(args, verb) -> int:
-    """A lifecycle verb on each named container in turn: a line (or a JSON entry) for each, an error
-    line for each that failed, and the worst exit code of them all."""
-    results, code = [], 0
-    for name in dict.fromkeys(args.names):  # each once, in the order given
+def each_name(names: list[str], verb) -> tuple[list[tuple[str, object, float]], int]:
+    """`verb(name)` on each name once, in the order given: (name, what it returned, seconds) of those that
+    worked; an error line for each that failed; and the worst exit code of them all."""
+    done, code = [], 0
+    for name in dict.fromkeys(names):
         t0 = time.monotonic()
         try:
-            state = verb(name)
+            result = verb(name)
         except TupperError as exc:
             print(f"tupper: {exc.message}", file=sys.stderr)
             if exc.hint:
                 print(f"hint: {exc.hint}", file=sys.stderr)
             code = max(code, exc.exit_code)
             continue
-        if getattr(args, "wait", True):
-            results.append({"name": name, "state": state, "seconds": round(time.monotonic() - t0, 3)})
-        else:
-            results.append({"name": name, "job": state})
-    _report(args, results)
+        done.append((name, result, time.monotonic() - t0))
+    return done, code
+
+
+def _each(args, verb) -> int:
+    """A lifecycle verb on each named container in turn: a line (or a JSON entry) for each."""
+    done, code = each_name(args.names, verb)
+    if getattr(args, "wait", True):
+        _report(args, [{"name": name, "state": state, "seconds": round(seconds, 3)} for name, state, seconds in done])
+    else:
+        _report(args, [{"name": name, "job": job} for name, job, _ in done])
     return code
 
 

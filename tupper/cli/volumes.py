@@ -130,22 +130,14 @@ def cmd_volume(args, runtime_factory) -> int:
 
 
 def _each_name(args, verb, what: str) -> int:
-    results, code = [], 0
-    for name in dict.fromkeys(args.names):
-        try:
-            verb(name)
-        except TupperError as exc:
-            print(f"tupper: {exc.message}", file=sys.stderr)
-            if exc.hint:
-                print(f"hint: {exc.hint}", file=sys.stderr)
-            code = max(code, exc.exit_code)
-            continue
-        results.append({"name": name, "state": "removed"})
+    from tupper.cli.main import each_name
+
+    done, code = each_name(args.names, verb)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps([{"name": name, "state": "removed"} for name, _, _ in done], indent=2))
     else:
-        for r in results:
-            print(f"{what} {r['name']}: removed")
+        for name, _, _ in done:
+            print(f"{what} {name}: removed")
     return code
 
 
