@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TEST_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
+from helpers import BACKENDS, REPO, TEST_ROOT, PrivateBus, UserStateGuard, backend_root, ensure_image, mounted, own_root
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,22 +33,40 @@ def user_state():
         pytest.fail("the test suite touched the user's state: " + "; ".join(problems), pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def store_root(user_state) -> Path:
-    """The suite's own store: $TUPPER_TEST_ROOT, else /var/lib/tupper-test (never the default store)."""
+def _backends() -> list[str]:
+    """The store backends the integration suite runs on: both, unless $TUPPER_TEST_BACKENDS names some."""
+    wanted = [b.strip() for b in os.environ.get("TUPPER_TEST_BACKENDS", ",".join(BACKENDS)).split(",") if b.strip()]
+    unknown = set(wanted) - set(BACKENDS)
+    if unknown or not wanted:
+        raise pytest.UsageError(f"TUPPER_TEST_BACKENDS: {sorted(unknown) or 'empty'}: pick from {', '.join(BACKENDS)}")
+    return wanted
+
+
+@pytest.fixture(scope="session", params=_backends())
+def store_root(user_state, request) -> Path:
+    """The suite's own store: $TUPPER_TEST_ROOT, else /var/lib/tupper-test (never the default store), on
+    the btrfs backend; the same root with "-overlay" appended on the overlay backend. Every test that
+    uses it runs on both (`[btrfs]`, `[overlay]` in its id)."""
     if os.geteuid() != 0:
         pytest.skip("integration tests need root")
-    root = own_root("TUPPER_TEST_ROOT", TEST_ROOT)
+    root = backend_root(own_root("TUPPER_TEST_ROOT", TEST_ROOT), request.param)
     was_mounted = mounted(root)
-    ensure_image(root, log=lambda text: print(f"\n{text}", file=sys.stderr))
+    ensure_image(root, log=lambda text: print(f"\n{text}", file=sys.stderr), backend=request.param)
     yield root
     _check_network_leftovers(root)
     # Leave the machine as we found it: a pool the suite mounted is unmounted again (the file stays,
     # so the next run mounts it in a moment instead of copying the image again).
-    if not was_mounted and mounted(root):
-        running = [c for c in _ps(root) if c["state"] in ("running", "starting", "stopping", "failed")]
-        if not running:
-            subprocess.run([sys.executable, "-m", "tupper", "--root", str(root), "store", "unmount"], check=False)
+    running = [c for c in _ps(root) if c["state"] in ("running", "starting", "stopping", "failed")]
+    if not was_mounted and mounted(root) and not running:
+        subprocess.run([sys.executable, "-m", "tupper", "--root", str(root), "store", "unmount"], check=False)
+    if request.param == "overlay" and not running:
+        subprocess.run([sys.executable, "-m", "tupper", "--root", str(root), "store", "unmount"], check=False)
+
+
+@pytest.fixture(scope="session")
+def backend(store_root: Path) -> str:
+    """The store backend the test runs on: "btrfs" or "overlay"."""
+    return "overlay" if (store_root / ".backend").is_file() else "btrfs"
 
 
 def _check_network_leftovers(root: Path) -> None:

@@ -63,15 +63,33 @@ def _clean_env(**extra: str) -> dict:
 # ---- the base image, once per machine ------------------------------------------------------------
 
 
-def ensure_image(root: Path, image: str = IMAGE, log=print, source_root: Path = DEFAULT_ROOT, env: dict | None = None) -> str:
-    """Make `image` exist in the store at `root`. Cheapest first: already there; a copy (btrfs send |
-    receive, read-only on the source) from the default store when that is mounted and has it; a build
-    from images/<image>.toml. Returns how it got there."""
-    p = tupper_cmd(root, "store", "info", "--json", env=env)  # creates or mounts the store's own pool
+BACKENDS = ("btrfs", "overlay")
+
+
+def backend_root(root: Path, backend: str) -> Path:
+    """Where a suite or benchmark keeps its store of `backend`: `root` for btrfs, `root`-overlay for overlay."""
+    return root if backend == "btrfs" else root.with_name(f"{root.name}-{backend}")
+
+
+def ensure_image(root: Path, image: str = IMAGE, log=print, source_root: Path = DEFAULT_ROOT, env: dict | None = None,
+                 backend: str = "btrfs", seed: Path | None = None) -> str:
+    """Make `image` exist in the store at `root` (made with `backend` if new). Cheapest first: already
+    there; on the overlay backend, or with a `seed` store, an export from that store (the btrfs store
+    beside it by default: `image export | image import`, the way images travel between hosts); a copy
+    (btrfs send | receive, read-only on the source) from the default store when that is mounted and has
+    it; a build from images/<image>.toml. Returns how it got there."""
+    p = tupper_cmd(root, "store", "init", "--backend", backend, "--json", env=env)  # creates or mounts the store
     if p.returncode != 0:
         raise RuntimeError(f"cannot open the test store {root}: {p.stderr}")
     if (root / "images" / image).is_dir() and (root / "images" / f"{image}.json").is_file():
         return "present"
+    source_store = seed or root.with_name(root.name.removesuffix("-overlay"))
+    if (backend == "overlay" or seed) and source_store != root:
+        if seed is None:
+            ensure_image(source_store, image, log, source_root, env)
+        _carry_image(source_store, root, image, env)
+        log(f"imported image {image} into {root} from {source_store} (image export | image import)")
+        return "imported"
     source = source_root / "images" / image
     meta = source_root / "images" / f"{image}.json"
     if mounted(source_root) and source.is_dir() and meta.is_file() and _read_only_subvolume(source):
@@ -86,6 +104,23 @@ def ensure_image(root: Path, image: str = IMAGE, log=print, source_root: Path = 
     if p.returncode != 0:
         raise RuntimeError(f"image build failed: {p.stderr}")
     return "built"
+
+
+def _carry_image(source: Path, dest: Path, image: str, env: dict | None) -> None:
+    """`tupper image export | tupper image import` from the store at `source` to the one at `dest`."""
+    was_mounted = mounted(source) or (source / ".backend").is_file()
+    export = subprocess.Popen([sys.executable, "-m", "tupper", "--root", str(source), "image", "export", image, "-o", "-"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or _clean_env(), cwd=REPO)
+    assert export.stdout is not None and export.stderr is not None
+    imported = subprocess.run([sys.executable, "-m", "tupper", "--root", str(dest), "image", "import", "-"], stdin=export.stdout,
+                              capture_output=True, text=True, env=env or _clean_env(), cwd=REPO, timeout=1200)
+    export.stdout.close()
+    export_err = export.stderr.read().decode(errors="replace")
+    export.wait()
+    if not was_mounted:
+        tupper_cmd(source, "store", "unmount", env=env)
+    if export.returncode != 0 or imported.returncode != 0:
+        raise RuntimeError(f"could not carry {image} from {source} to {dest}: {export_err} {imported.stderr}")
 
 
 def _read_only_subvolume(path: Path) -> bool:
@@ -364,7 +399,11 @@ def system_snapshot(root: Path, only: str = "") -> dict:
     with open("/proc/self/mountinfo") as f:
         mounts = sorted(line.split()[4] for line in f)
     loops = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True).stdout.split("\n")
-    subvols = subprocess.run(["btrfs", "subvolume", "list", "-o", str(root)], capture_output=True, text=True).stdout.split("\n")
+    if (root / ".backend").is_file():  # the overlay backend: the store's trees are directories
+        subvols = [f"x path {p.relative_to(root)}" for d in ("containers", "tmp") if (root / d).is_dir()
+                   for p in [*(root / d).iterdir(), *(root / d).glob("*/rootfs")]]
+    else:
+        subvols = subprocess.run(["btrfs", "subvolume", "list", "-o", str(root)], capture_output=True, text=True).stdout.split("\n")
     procs = subprocess.run(["pgrep", "-a", "-x", "systemd-nspawn"], capture_output=True, text=True).stdout.split("\n")
     cgroup_dirs = []
     from tupper.container.cgroups import Layout

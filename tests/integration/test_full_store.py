@@ -1,5 +1,6 @@
 """A full store: run, image build and component install fail with a clear message and leave nothing;
-stop, rm, ps and store info keep working. On a small pool of the test's own, filled to the brim."""
+stop, rm, ps and store info keep working. On a small store of the test's own, filled to the brim: a
+1 GiB loopback pool (btrfs backend), a 1 GiB tmpfs (overlay backend)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ FULL_ROOT = Path("/var/lib/tupper-test-full")
 
 
 @pytest.fixture(scope="module")
-def full(store_root):
-    """A 1 GiB loopback pool with the base image (copied from the suite's store), used with --direct."""
+def full(store_root, backend):
+    """A 1 GiB store with the base image (carried from the suite's store), used with --direct."""
     pool = FULL_ROOT.parent / f"{FULL_ROOT.name}.img"
     env = _clean_env(TUPPER_ROOT=str(FULL_ROOT), TUPPER_POOL_SIZE="1G", TUPPER_DIRECT="1")
-    ensure_image(FULL_ROOT, log=lambda text: None, source_root=store_root, env=env)
+    if backend == "overlay":
+        FULL_ROOT.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1G,mode=0755", "tupper-test-full", str(FULL_ROOT)], check=True)
+    ensure_image(FULL_ROOT, log=lambda text: None, source_root=store_root, env=env, backend=backend, seed=store_root)
 
     def tupper(*args, check: bool = False) -> subprocess.CompletedProcess:
         p = subprocess.run([sys.executable, "-m", "tupper", *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
@@ -34,6 +38,7 @@ def full(store_root):
     for net in json.loads(tupper("network", "ls", "--json").stdout or "[]"):  # the pool goes; its bridges must too
         tupper("network", "rm", net["name"], check=True)
     if mounted(FULL_ROOT):
+        subprocess.run([sys.executable, "-m", "tupper", "store", "unmount"], env=env, cwd=REPO, check=False)  # the overlay backend's roots
         subprocess.run(["umount", str(FULL_ROOT)], check=False)
         for line in subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout.splitlines():
             if str(pool) in line:

@@ -1,5 +1,6 @@
 """Images travel between stores (issue 13): export to a stream, import into a second store (its own
---root and loopback pool), run there; a layer's incremental stream carries only what changed; a
+--root: a loopback pool on the btrfs backend, a directory on the overlay one), run there; between the
+two backends in both directions (a btrfs send stream applied without btrfs, a tar received into btrfs); a layer's incremental stream carries only what changed; a
 stream that is altered, truncated, forged, needs a missing parent or is signed by an untrusted key is
 refused with exit 2 and leaves nothing in the store."""
 
@@ -20,8 +21,10 @@ IMAGE = "debian-bookworm"
 class Store:
     """The CLI on a store of its own (--direct: no tupperd serves it)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend: str | None = None) -> None:
         self.root = root
+        if backend is not None:
+            self("store", "init", "--backend", backend, check=True)
 
     def __call__(self, *args, check: bool = False, input: bytes | None = None) -> subprocess.CompletedProcess:
         p = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(self.root), *map(str, args)], capture_output=True,
@@ -51,11 +54,17 @@ class Store:
         Path(f"{self.root}.img").unlink(missing_ok=True)
 
 
+OTHER = {"btrfs": "overlay", "overlay": "btrfs"}
+
+
 @pytest.fixture(scope="module")
-def stores(store_root):
-    """Two stores of this module's own (B gets the base image by import; C stays empty)."""
-    made = [Store(Path(f"{store_root}-{x}-{uuid.uuid4().hex[:4]}")) for x in ("b", "c")]
+def stores(store_root, backend):
+    """Stores of this module's own: B (gets the base image by import) and C (stays empty) of the suite
+    store's backend, D of the other backend."""
+    made = []
     try:
+        for x, kind in (("b", backend), ("c", backend), ("d", OTHER[backend])):
+            made.append(Store(Path(f"{store_root}-{x}-{uuid.uuid4().hex[:4]}"), kind))
         yield made
     finally:
         for s in made:
@@ -87,7 +96,30 @@ def test_an_image_travels_to_another_store_and_runs_there(store_root, stores, ex
     b("rm", "-f", name, check=True)
 
 
-def test_a_layers_incremental_stream_carries_only_what_changed(store_root, stores, exported, tmp_path):
+def test_an_image_travels_to_a_store_of_the_other_backend_and_back(store_root, backend, stores, exported, tmp_path):
+    """btrfs → overlay applies a btrfs send stream without btrfs; overlay → btrfs extracts a tar into a
+    subvolume. Same tree digest everywhere, and the container runs on the other backend."""
+    here, d = Store(store_root), stores[2]
+    d("image", "import", exported, check=True)
+    assert d.images()[IMAGE]["tree_digest"] == here.images()[IMAGE]["tree_digest"]
+    name = f"t-other-{uuid.uuid4().hex[:6]}"
+    run = d("run", REPO / "examples/hello.toml", "--name", name, "--json")
+    assert run.returncode == 0, run.stderr
+    assert [u["active_state"] for u in json.loads(run.stdout)["units"]] == ["active"]
+    d("rm", "-f", name, check=True)
+    back = tmp_path / "back.timg"
+    d("image", "export", IMAGE, "-o", back, check=True)
+    header = json.loads(back.read_bytes().split(b"\n", 2)[1])
+    assert header["payload"] == ("tar+zstd" if OTHER[backend] == "overlay" else "btrfs-send+zstd")
+    c = stores[1]
+    c("image", "import", back, check=True)
+    assert c.images()[IMAGE]["tree_digest"] == here.images()[IMAGE]["tree_digest"]
+    c("image", "rm", IMAGE, check=True)
+    info = json.loads(d("store", "info", "--json", check=True).stdout)
+    assert info["backend"] == OTHER[backend]
+
+
+def test_a_layers_incremental_stream_carries_only_what_changed(store_root, backend, stores, exported, tmp_path):
     here, b = Store(store_root), stores[0]
     layer = f"t-layer-{uuid.uuid4().hex[:6]}"
     definition = tmp_path / "layer.toml"
@@ -95,6 +127,17 @@ def test_a_layers_incremental_stream_carries_only_what_changed(store_root, store
     here("image", "build", definition, check=True)
     try:
         assert here.images()[layer]["parent"] == IMAGE
+        # sizes: on btrfs a layer holds only what it adds (the rest it shares with its parent); on the
+        # overlay backend trees are copies and share nothing
+        images = here.images()
+        print(f"\nimage ls: {IMAGE} {[images[IMAGE][k] for k in ('size', 'exclusive', 'shared')]}, "
+              f"{layer} {[images[layer][k] for k in ('size', 'exclusive', 'shared')]}")
+        if backend == "btrfs":
+            assert images[layer]["exclusive"] < images[layer]["size"] / 4 and images[layer]["shared"] > images[layer]["size"] / 2
+            assert images[IMAGE]["shared"] > 0
+        else:
+            assert images[layer]["exclusive"] == images[layer]["size"] > images[IMAGE]["size"] and images[layer]["shared"] == 0
+        assert "EXCLUSIVE" in here("image", "ls", check=True).stdout.decode()
         refused = here("image", "rm", IMAGE)
         assert refused.returncode == 1 and f"parent of image(s): {layer}" in refused.stderr.decode()
         incremental, full = tmp_path / "layer.timg", tmp_path / "layer-full.timg"

@@ -393,10 +393,22 @@ def _add_image(sub) -> None:
 
 
 def _add_store(sub) -> None:
-    so = sub.add_parser("store", help="the btrfs store",
-                        description="The btrfs filesystem holding images, containers, components and records.",
-                        **_examples("tupper store info", "tupper store check", "tupper --root /srv/tupper store unmount"))
+    so = sub.add_parser("store", help="the store: images, containers, components and records",
+                        description="The store holding images, containers, components and records: btrfs (subvolumes and snapshots; "
+                                    "a loopback pool where the root is not on btrfs) or overlay (directory trees and overlayfs "
+                                    "container roots, on any filesystem; chosen where no loop pool can be made).",
+                        **_examples("tupper store info", "tupper store check", "tupper --root /srv/tupper store unmount",
+                                    "tupper --root /srv/tupper store init --backend overlay"))
     ssub = so.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    sn = ssub.add_parser("init", help="create the store at --root with a given backend (any command creates a default one)",
+                         description="Create the store at --root. btrfs: the root's btrfs, or a sparse loopback pool beside it. "
+                                     "overlay: images as directory trees and container roots as overlayfs mounts, on any "
+                                     "filesystem that takes an overlayfs upper layer (ext4, xfs, tmpfs). A store keeps its backend; "
+                                     "an existing store of the same backend is left as it is.",
+                         **_examples("tupper --root /srv/tupper store init --backend overlay", "tupper store init --json"))
+    sn.add_argument("--backend", choices=["btrfs", "overlay"], default=None,
+                    help="btrfs (default where a btrfs mount or a loop pool can be had) or overlay")
+    sn.add_argument("--json", action="store_true", help="the store's info as `store info --json`")
     si = ssub.add_parser("info", help="path, backing, size and free space", **_examples("tupper store info", "tupper store info --json | jq .free"))
     si.add_argument("--json", action="store_true")
     su = ssub.add_parser("unmount", help="unmount the loopback pool (refused while containers run)",
@@ -1110,7 +1122,7 @@ def cmd_events(args, filters: list[tuple[str, str]]) -> int:
 def cmd_image(args) -> int:
     import json
 
-    from tupper.cli.ui import ago, table
+    from tupper.cli.ui import ago, size, table
     from tupper.store.images import ImageDef, Images
 
     if args.image_command in ("export", "import", "key", "prune", "pin", "unpin"):
@@ -1132,9 +1144,10 @@ def cmd_image(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            table(["NAME", "PARENT", "SUITE", "BUILT", "TREE DIGEST", "USED BY"],
-                  [[r["name"], r.get("parent") or "-", r["suite"], ago(r["built_at"]), (r.get("tree_digest") or "-")[:19],
-                    ",".join(r["used_by"]) or "-"] for r in rows])
+            table(["NAME", "PARENT", "SUITE", "BUILT", "SIZE", "EXCLUSIVE", "SHARED", "TREE DIGEST", "USED BY"],
+                  [[r["name"], r.get("parent") or "-", r["suite"], ago(r["built_at"]),
+                    *(size(r[k]) if r.get(k) is not None else "-" for k in ("size", "exclusive", "shared")),
+                    (r.get("tree_digest") or "-")[:19], ",".join(r["used_by"]) or "-"] for r in rows])
         return 0
     if args.image_command == "rm":
         runtime.remove_image(args.name)
@@ -1148,6 +1161,13 @@ def cmd_store(args) -> int:
 
     from tupper.cli.ui import size
 
+    if args.store_command == "init":
+        from tupper.store.store import Store
+
+        store = Store.open(args.root, create=True, progress=_progress(args), backend=args.backend)
+        info = store.info()
+        _done(args, info, f"{info['path']}: store with the {info['backend']} backend ({info['backing']})")
+        return 0
     store = _store(args)
     if args.store_command == "info":
         info = store.info()
@@ -1155,6 +1175,7 @@ def cmd_store(args) -> int:
             print(json.dumps(info, indent=2))
             return 0
         print(f"path:     {info['path']}")
+        print(f"backend:  {info['backend']}")
         print(f"backing:  {info['backing']}" + (f" (pool file {info['pool_file']}, {size(info['pool_file_allocated'])} allocated)" if info["pool_file"] else ""))
         print(f"device:   {info['device']}")
         print(f"size:     {size(info['size'])}")

@@ -144,7 +144,7 @@ MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 
 
-def confine(writable: list[str]) -> None:
+def confine(writable: list[str], *, private_under: str | None = None, keep: str | None = None) -> None:
     """In the calling process (nspawn's, before exec): a mount namespace of its own in which the host's
     root file system is read-only, except `writable` (each bound onto itself, so it keeps its own
     flags). Nothing mounted here reaches the host (slave propagation). Other mounts (a tmpfs /tmp, /dev,
@@ -153,7 +153,11 @@ def confine(writable: list[str]) -> None:
     Why: systemd-nspawn 252 makes a bind mount's missing parent directories by path after resolving the
     target inside the container's root; a root rewritten at that moment (a mount point swapped for a
     symlink out of it) would have it create directories on the host. Here such a mkdir fails (EROFS),
-    nspawn refuses to start, and the host stays as it was."""
+    nspawn refuses to start, and the host stays as it was.
+
+    Mounts below `private_under` other than those below `keep` (other containers' overlayfs roots) are
+    detached here: this namespace lives as long as the container, and must not hold theirs after they
+    are removed."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(mnt)")
     _check(_libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "make / a slave")
     for path in writable:
@@ -167,3 +171,17 @@ def confine(writable: list[str]) -> None:
         if have & st_flag:
             kept |= ms_flag
     _check(_libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None), "remount / read-only")
+    if private_under:
+        for point in _mounts_below(private_under, keep):
+            _libc.umount2(point.encode(), MNT_DETACH)
+
+
+def _mounts_below(top: str, keep: str | None) -> list[str]:
+    """Mount points strictly below `top` and not at or below `keep`, deepest first."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(top.rstrip("/") + "/") and not (keep and (point == keep or point.startswith(keep.rstrip("/") + "/"))):
+                found.append(point)
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)

@@ -335,7 +335,7 @@ def run_monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: 
                 cgroups.join(name, parent=cgroup)
             if gate is not None:
                 _pass(gate)
-            mountns.confine(writable)  # the host's root read-only for nspawn: see mountns.confine
+            mountns.confine(writable, private_under=str(cdir.parent), keep=str(cdir))  # see mountns.confine
 
         out = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:

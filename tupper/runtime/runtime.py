@@ -197,8 +197,15 @@ class Runtime:
     # ---- the store's images and components, and the store itself ------------------------------
 
     def list_images(self) -> list[dict]:
-        """Every built image, with the containers made from it."""
-        return [dict(i.to_json(), used_by=self.images_in_use(i.name)) for i in Images(self.store).list()]
+        """Every built image, with the containers made from it and its size: total, exclusive (what it
+        alone holds: a layer's own changes) and shared (with its layers, its parent, its containers)."""
+        images = Images(self.store).list()
+        usage = self.store.tree_usage([i.path for i in images])
+        out = []
+        for i in images:
+            total, exclusive, shared = usage.get(i.path, (None, None, None))
+            out.append(dict(i.to_json(), used_by=self.images_in_use(i.name), size=total, exclusive=exclusive, shared=shared))
+        return out
 
     def remove_image(self, name: str) -> None:
         """Delete an image; refused while a container was made from it or a layer is built on it."""
@@ -370,7 +377,7 @@ class Runtime:
         with contextlib.ExitStack() as undo:
             undo.callback(self._discard, cdir, spec.name)
             with progress.step(f"Snapshotting image {spec.image}"):
-                self.store.snapshot(image_path, rec.rootfs)
+                self.store.make_root(image_path, rec.rootfs)
                 self._prepare_rootfs(rec.rootfs, spec)
             undo.pop_all()
         return rec

@@ -283,7 +283,7 @@ class Images:
         self.store.require_free(FREE_FOR_IMAGE, f"image build {definition.name}")
         tmp = self.store.scratch("image", definition.name)
         if parent is not None:
-            self.store.snapshot(parent.path, tmp)  # writable: the layer's changes go on top
+            self.store.copy_tree(parent.path, tmp)  # writable: the layer's changes go on top
         else:
             self.store.create_subvolume(tmp)
         try:
@@ -309,7 +309,7 @@ class Images:
             # The old image, or a half-published one a crash left without metadata, makes way.
             self._meta(definition.name).unlink(missing_ok=True)
             self.store.delete_subvolume(final)
-            self.store.snapshot(tmp, final, read_only=True)
+            self.store.publish(tmp, final)
         finally:
             self.store.delete_subvolume(tmp)
         # Published when its metadata appears (atomically): until then the image does not exist.

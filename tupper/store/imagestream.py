@@ -7,8 +7,16 @@ A stream is, in order:
     frames                       the payload in frames: 4-byte big-endian length, then that many bytes; a 0 length ends it
     {trailer JSON}\\n            the payload's SHA-256 and size, and the signature (Ed25519 over header and trailer)
 
-The payload is a zstd-compressed `btrfs send` stream of the image's read-only subvolume, incremental
-(`btrfs send -p`) when the header names a parent. Frames let a stream be written and read in one pass (a
+The payload (header.payload) is zstd-compressed, and one of:
+
+    btrfs-send+zstd   a `btrfs send` stream of the image's read-only subvolume, incremental (`btrfs send
+                      -p`) when the header names a parent: what a btrfs store exports
+    tar+zstd          a tar of the image's tree (tupper.store.treetar), incremental (changed entries and a
+                      list of deleted paths) when the header names a parent: what an overlay store exports
+
+A store of either backend imports both: a btrfs store receives a send stream with `btrfs receive`, and
+extracts a tar into a new subvolume; an overlay store applies a send stream itself
+(tupper.store.sendstream) and extracts a tar into a directory. Frames let a stream be written and read in one pass (a
 pipe, `-o -`, stdin) while its digest still comes before it is trusted: an import receives into the store's images directory, confined there (`btrfs receive --chroot`),
 and publishes the image (its metadata appears) only once the payload's digest, the signature (where one is required) and the received
 tree's digest all match the header. Anything else leaves nothing behind.
@@ -19,16 +27,18 @@ is refused (InvalidInput, exit 2) when it is truncated, altered, forged, or need
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import struct
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from tupper import durable, proc
 from tupper.errors import Exists, Failed, InvalidInput
@@ -39,6 +49,8 @@ from tupper.store.store import FREE_FOR_IMAGE
 MAGIC = b"TUPPER-IMAGE/1\n"
 FORMAT = 1
 PAYLOAD = "btrfs-send+zstd"
+TAR_PAYLOAD = "tar+zstd"
+PAYLOADS = (PAYLOAD, TAR_PAYLOAD)
 FRAME = 1 << 20
 MAX_LINE = 64 * 1024
 _LEN = struct.Struct(">I")
@@ -126,35 +138,28 @@ def export(images: Images, name: str, out: BinaryIO, *, parent: str | None = Non
     with progress.step(f"Digest of {name}'s tree"):
         digest = ensure_tree_digest(images, image)
         parent_digest = ensure_tree_digest(images, base) if base else None
-    header = {"format": FORMAT, "payload": PAYLOAD, "name": image.name, "parent": base.name if base else None,
+    payload = PAYLOAD if images.store.backend == "btrfs" else TAR_PAYLOAD
+    header = {"format": FORMAT, "payload": payload, "name": image.name, "parent": base.name if base else None,
               "parent_tree_digest": parent_digest, "digest": image.digest, "tree_digest": digest, "suite": image.suite,
               "definition": os.path.basename(image.definition), "built_at": image.built_at, "exported_at": time.time()}
     out.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
-    argv = ["btrfs", "send", "-q", *(["-p", str(base.path)] if base else []), str(image.path)]
     sha, size = hashlib.sha256(), 0
     with progress.step(f"Exporting {name}" + (f" (incremental from {base.name})" if base else "")):
-        send = proc.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert send.stdout is not None
-        try:
-            zstd = proc.popen(["zstd", "-q", "-T0", "-3", "-c"], stdin=send.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except BaseException:
-            send.kill()
-            send.wait()
-            raise
-        send.stdout.close()
-        assert zstd.stdout is not None
-        try:
-            while chunk := zstd.stdout.read(FRAME):
-                sha.update(chunk)
-                size += len(chunk)
-                out.write(_LEN.pack(len(chunk)) + chunk)
-                progress.update(f"{size / 1e6:.0f} MB")
-        finally:
-            zstd.stdout.close()
-            zstd_err = zstd.communicate()[1]
-            send_err = send.communicate()[1]
-        if send.returncode != 0:
-            raise Failed(f"btrfs send {image.name} failed: {send_err.decode(errors='replace').strip()}")
+        with _producer(images, image, base) as source:
+            try:
+                zstd = proc.popen(["zstd", "-q", "-T0", "-3", "-c"], stdin=source, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            finally:
+                source.close()
+            assert zstd.stdout is not None
+            try:
+                while chunk := zstd.stdout.read(FRAME):
+                    sha.update(chunk)
+                    size += len(chunk)
+                    out.write(_LEN.pack(len(chunk)) + chunk)
+                    progress.update(f"{size / 1e6:.0f} MB")
+            finally:
+                zstd.stdout.close()
+                zstd_err = zstd.communicate()[1]
         if zstd.returncode != 0:
             raise Failed(f"zstd failed: {zstd_err.decode(errors='replace').strip()}")
     trailer: dict = {"payload_sha256": sha.hexdigest(), "payload_size": size, "signature": None}
@@ -163,6 +168,48 @@ def export(images: Images, name: str, out: BinaryIO, *, parent: str | None = Non
     out.write(_LEN.pack(0) + json.dumps(trailer, sort_keys=True).encode() + b"\n")
     out.flush()
     return {"header": header, "trailer": trailer}
+
+
+@contextlib.contextmanager
+def _producer(images: Images, image: Image, base: Image | None) -> Iterator[BinaryIO]:
+    """The uncompressed payload of `image` (from `base`), as a pipe to read: `btrfs send` on a btrfs
+    store, a tar written by a thread on an overlay store. Raises Failed when the producer failed."""
+    if images.store.backend == "btrfs":
+        argv = ["btrfs", "send", "-q", *(["-p", str(base.path)] if base else []), str(image.path)]
+        send = proc.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert send.stdout is not None
+        try:
+            yield cast(BinaryIO, send.stdout)
+        except BaseException:
+            send.kill()
+            raise
+        finally:
+            send_err = send.communicate()[1]
+        if send.returncode != 0:
+            raise Failed(f"btrfs send {image.name} failed: {send_err.decode(errors='replace').strip()}")
+        return
+    from tupper.store import treetar
+
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        with open(write_fd, "wb", buffering=FRAME) as pipe:
+            try:
+                treetar.write(image.path, pipe, parent=base.path if base else None)
+            except BrokenPipeError:
+                pass  # the reader gave up: it says why
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                failure.append(exc)
+
+    writer = threading.Thread(target=write, name=f"tar {image.name}", daemon=True)
+    writer.start()
+    try:
+        yield cast(BinaryIO, open(read_fd, "rb"))  # noqa: SIM115 - the caller closes it once zstd has it
+    finally:
+        writer.join()
+    if failure:
+        raise Failed(f"writing {image.name}'s tree: {failure[0]}")
 
 
 # ---- import ---------------------------------------------------------------------------------------
@@ -211,7 +258,7 @@ def read_header(reader: _Reader) -> dict:
             raise InvalidInput(f"{reader.where}: header.{key}: missing or of the wrong type")
     if set(header) - set(HEADER_KEYS):
         raise InvalidInput(f"{reader.where}: header.{sorted(set(header) - set(HEADER_KEYS))[0]}: unknown key (a newer format?)")
-    if header["format"] != FORMAT or header["payload"] != PAYLOAD:
+    if header["format"] != FORMAT or header["payload"] not in PAYLOADS:
         raise InvalidInput(f"{reader.where}: header.format: {header['format']}/{header['payload']} is not one this tupper reads")
     for key in ("name", "parent"):
         if header[key] is not None and not NAME_RE.fullmatch(header[key]):
@@ -256,7 +303,7 @@ def import_stream(images: Images, stream: BinaryIO, where: str, *, verify: Calla
         before = set(os.listdir(images_dir))
         published = False
         try:
-            trailer = _receive(reader, images_dir, progress, name)
+            trailer = _receive(reader, images, header, base, progress)
             made = sorted(set(os.listdir(images_dir)) - before)
             if made != [name] or not store.is_subvolume(images.path(name)):
                 raise InvalidInput(f"{where}: the stream made {made}, not the one image {name!r} its header names")
@@ -265,6 +312,7 @@ def import_stream(images: Images, stream: BinaryIO, where: str, *, verify: Calla
                 got = tree_digest(images.path(name))
             if got != header["tree_digest"]:
                 raise InvalidInput(f"{where}: the received tree's digest {got} is not the header's {header['tree_digest']} (forged header?)")
+            store.set_read_only(images.path(name))  # a tar extracted into a subvolume; a received one is already
             meta = {"built_at": header["built_at"], "definition": header["definition"], "suite": header["suite"],
                     "digest": header["digest"], "tree_digest": got, "parent": parent, "imported_at": time.time(), "signed_by": signed_by}
             durable.write_json(images.meta_path(name), meta)
@@ -276,18 +324,97 @@ def import_stream(images: Images, stream: BinaryIO, where: str, *, verify: Calla
     return images.get(name)
 
 
-def _receive(reader: _Reader, into: Path, progress: Progress, name: str) -> dict:
-    """Feed the payload to zstd | btrfs receive (confined to `into`); the trailer, its digest checked."""
+class _Sink:
+    """Where the decompressed payload goes; finish() says why it did not apply (None: it did)."""
+
+    def finish(self) -> str | None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        pass
+
+
+class _Receive(_Sink):
+    """`btrfs receive`, confined to the images directory (a send stream into a btrfs store)."""
+
+    def __init__(self, source: BinaryIO, into: Path) -> None:
+        self.p = proc.popen(["btrfs", "receive", "-q", "-e", "--max-errors", "1", "-C", str(into)], stdin=source,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def finish(self) -> str | None:
+        err = self.p.communicate()[1]
+        if self.p.returncode == 0:
+            return None
+        why = err.decode(errors="replace").strip().splitlines()
+        return why[-1] if why else f"btrfs receive: exit status {self.p.returncode}"
+
+    def kill(self) -> None:
+        self.p.kill()
+
+
+class _Apply(_Sink):
+    """A thread applying the payload with `apply(source)` (a tar anywhere; a send stream on an overlay
+    store). What it does not read once it failed is drained: zstd must not block on a full pipe."""
+
+    def __init__(self, source: BinaryIO, apply: Callable[[BinaryIO], object], what: str) -> None:
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                apply(source)
+            except BaseException as exc:  # noqa: BLE001 - reported by finish()
+                self.error = exc
+            finally:
+                try:
+                    while source.read(FRAME):
+                        pass
+                finally:
+                    source.close()
+
+        self.thread = threading.Thread(target=run, name=what, daemon=True)
+        self.thread.start()
+
+    def finish(self) -> str | None:
+        self.thread.join()
+        if self.error is None:
+            return None
+        if isinstance(self.error, OSError) and self.error.errno is not None:
+            return f"{self.error.strerror}" + (f": {self.error.filename}" if self.error.filename else "")
+        return str(self.error) or type(self.error).__name__
+
+
+def _sink(images: Images, header: dict, base: Image | None, source: BinaryIO) -> _Sink:
+    store, name = images.store, header["name"]
+    target = images.path(name)
+    if header["payload"] == PAYLOAD and store.backend == "btrfs":
+        return _Receive(source, store.images_dir)
+    if header["payload"] == PAYLOAD:
+        from tupper.store import sendstream
+
+        return _Apply(source, lambda s: sendstream.apply(s, store.images_dir, name, parent=base.path if base else None), f"apply {name}")
+    from tupper.store import treetar
+
+    # A tar goes into a new tree: its parent's copy (incremental), or an empty one.
+    if base is not None:
+        store.copy_tree(base.path, target)
+    else:
+        store.create_subvolume(target)
+    return _Apply(source, lambda s: treetar.extract(s, target), f"extract {name}")
+
+
+def _receive(reader: _Reader, images: Images, header: dict, base: Image | None, progress: Progress) -> dict:
+    """Feed the payload to zstd and on to where it applies (see _sink); the trailer, its digest checked."""
+    name = header["name"]
     zstd = proc.popen(["zstd", "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert zstd.stdin is not None and zstd.stdout is not None
     try:
-        receive = proc.popen(["btrfs", "receive", "-q", "-e", "--max-errors", "1", "-C", str(into)], stdin=zstd.stdout,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        receive = _sink(images, header, base, cast(BinaryIO, zstd.stdout))
     except BaseException:
         zstd.kill()
         zstd.wait()
         raise
-    zstd.stdout.close()
+    if isinstance(receive, _Receive):
+        zstd.stdout.close()  # btrfs receive has it
     sha, size, broken = hashlib.sha256(), 0, False
     try:
         with progress.step(f"Receiving {name}"):
@@ -310,8 +437,8 @@ def _receive(reader: _Reader, into: Path, progress: Progress, name: str) -> dict
             if reader.stream.read(1):
                 raise InvalidInput(f"{reader.where}: bytes after the stream's end (altered?)")
     except BaseException:
-        for p in (zstd, receive):
-            p.kill()
+        zstd.kill()
+        receive.kill()
         raise
     finally:
         try:
@@ -319,13 +446,14 @@ def _receive(reader: _Reader, into: Path, progress: Progress, name: str) -> dict
         except BrokenPipeError:
             pass
         zstd.stdin = None  # closed: communicate() must not flush it
+        zstd.stdout = None  # the sink's: it reads it to the end
         zstd_err = zstd.communicate()[1]
-        receive_err = receive.communicate()[1]
+        receive_error = receive.finish()
     if trailer.get("payload_sha256") != sha.hexdigest() or trailer.get("payload_size") != size:
         raise InvalidInput(f"{reader.where}: the payload's digest is not the one the stream ends with: altered or truncated")
-    if zstd.returncode != 0 or receive.returncode != 0:
-        why = (receive_err or zstd_err).decode(errors="replace").strip().splitlines()
-        text = why[-1] if why else f"exit status {receive.returncode or zstd.returncode}"
+    if zstd.returncode != 0 or receive_error is not None:
+        why = zstd_err.decode(errors="replace").strip().splitlines()
+        text = receive_error or (why[-1] if why else f"zstd: exit status {zstd.returncode}")
         if "No space left" in text:
             raise Failed(f"image import {name}: the store is full ({text})", hint="see tupper store info")
         raise InvalidInput(f"{reader.where}: the stream does not apply: {text}")

@@ -375,7 +375,7 @@ class Installer:
                 raise InvalidInput(f"{pkg}: {comp.MANIFEST} says {component.name} {component.version}, the package {name} {version}")
             final.parent.mkdir(mode=0o700, exist_ok=True)
             self.store.delete_subvolume(final)  # what a crash left of an earlier install (no metadata: not installed)
-            self.store.snapshot(tmp, final, read_only=True)
+            self.store.publish(tmp, final)
         finally:
             self.store.delete_subvolume(tmp)
         # Installed when its metadata appears, atomically.

@@ -1,7 +1,18 @@
-"""The store: a btrfs filesystem at the tupper root holding images, container snapshots and records.
+"""The store: images, container roots, components and records under the tupper root, on one of two backends.
 
-All subvolume operations go through btrfsutil. Where the root is not on btrfs, the store is a sparse
-loopback pool file beside it (`<root>.img`), created once and mounted at the root on first use.
+btrfs (the default): images and components are read-only subvolumes, a container's root a writable
+snapshot of its image. All subvolume operations go through btrfsutil. Where the root is not on btrfs,
+the store is a sparse loopback pool file beside it (`<root>.img`), created once and mounted at the root
+on first use.
+
+overlay (tupper.store.overlay): any filesystem that can hold an overlayfs upper layer (ext4, xfs,
+tmpfs). Images and components are plain directory trees; a container's root is an overlayfs mount
+(the image as its lower layer, the container's `upper/` and `work/` beside it). Chosen where no loop
+pool can be made (inside another container, on a runner without loop devices), or by `tupper store
+init --backend overlay`; the root's `.backend` file says so from then on.
+
+Callers use the same verbs on both: create_subvolume, make_root, publish, copy_tree, delete_subvolume,
+remove_tree, is_subvolume ("is one of the store's trees").
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 import btrfsutil
@@ -26,6 +38,8 @@ DEFAULT_ROOT = Path("/var/lib/tupper")
 FREE_FOR_CONTAINER = 64 << 20
 FREE_FOR_IMAGE = 512 << 20
 BTRFS_MAGIC_NAME = "btrfs"
+BACKENDS = ("btrfs", "overlay")
+BACKEND_FILE = ".backend"
 
 
 def default_root() -> Path:
@@ -54,21 +68,58 @@ def pool_file_for(root: Path) -> Path:
     return root.parent / f"{root.name}.img"
 
 
+def backend_of(root: Path) -> str | None:
+    """The backend a store at `root` was made with: "overlay" when its `.backend` file says so, "btrfs"
+    when it is on btrfs, None when there is no store there yet."""
+    try:
+        text = (root / BACKEND_FILE).read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise Failed(f"cannot read {root / BACKEND_FILE}: {exc.strerror}") from None
+    if text:
+        if text not in BACKENDS:
+            raise Failed(f"{root / BACKEND_FILE}: unknown store backend {text!r}", hint=f"one of: {', '.join(BACKENDS)}")
+        return text
+    if root.is_dir() and mount_of(root)[1] == BTRFS_MAGIC_NAME:
+        return "btrfs"
+    return None
+
+
+class PoolUnavailable(Exception):
+    """A loopback btrfs pool cannot be made here (no loop devices, no mkfs.btrfs)."""
+
+
 @attrs.define
 class Store:
     root: Path
-    backing: str  # "btrfs" (a btrfs mount given to us) or "loopback" (our pool file)
+    backing: str  # "btrfs" (a btrfs mount given to us), "loopback" (our pool file), "directory" (overlay backend)
     pool_file: Path | None = None
+
+    backend: ClassVar[str] = "btrfs"
 
     # ---- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: Path | None = None, *, create: bool = True, progress: Progress = SILENT) -> Store:
-        """Open the store at `root`, creating or mounting the loopback pool when `create`."""
+    def open(cls, root: Path | None = None, *, create: bool = True, progress: Progress = SILENT,
+             backend: str | None = None) -> Store:
+        """Open the store at `root`, creating or mounting the loopback pool when `create`. A new store
+        gets `backend` (None: btrfs, else overlay where no loop pool can be made); an existing one keeps its own."""
+        from tupper.store.overlay import OverlayStore
+
         root = Path(os.path.abspath(root or default_root()))
         pool = pool_file_for(root)
         existing = next(p for p in (root, *root.parents) if p.exists())
         mnt, fstype, _ = mount_of(existing)
+        have = backend_of(root) if root.is_dir() else None
+        if backend is not None and have is not None and have != backend and any(root.iterdir()):
+            raise InvalidInput(f"{root}: the store there uses the {have} backend, not {backend}",
+                               hint="a store keeps its backend: pick another --root for the other one")
+        if backend == "overlay" and have is None and pool.exists():
+            raise InvalidInput(f"{root}: a btrfs pool {pool} exists for this root", hint="a store keeps its backend: pick another --root")
+        if have == "overlay" or (backend == "overlay" and have is None):
+            return OverlayStore.open_at(root, create=create, progress=progress)
+        store: Store
         if fstype == BTRFS_MAGIC_NAME:
             backing = "loopback" if mnt == str(root) and pool.exists() else "btrfs"
             root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +127,15 @@ class Store:
         elif not create:
             raise Failed(f"no tupper store at {root}", hint="run any tupper command as root to create it")
         else:
-            store = cls._mount_pool(root, pool, progress)
+            try:
+                store = cls._mount_pool(root, pool, progress)
+            except PoolUnavailable as exc:
+                if backend == "btrfs":
+                    raise Failed(f"cannot make a btrfs store at {root}: {exc}",
+                                 hint="use a btrfs mount, a host with loop devices, or `tupper store init --backend overlay`") from None
+                progress.note(f"{root} is not on btrfs and no loopback pool can be made here ({exc}): "
+                              "using the overlay backend (directory trees, overlayfs container roots)")
+                return OverlayStore.open_at(root, create=True, progress=progress)
         store._ensure_layout()
         return store
 
@@ -98,18 +157,20 @@ class Store:
                     hint="empty it, mount btrfs there, or pick another root with --root / TUPPER_ROOT",
                 )
             fresh = os.fstat(fd).st_size == 0
-            if fresh:
-                from tupper import config
-
-                size = config.pool_size()
-                with progress.step(f"Creating loopback btrfs pool {pool} ({size}, sparse)"):
-                    proc.run(["truncate", "-s", size, str(pool)])
-                    proc.run(["mkfs.btrfs", "-q", "-L", "tupper", str(pool)])
             try:
+                if fresh:
+                    from tupper import config
+
+                    size = config.pool_size()
+                    with progress.step(f"Creating loopback btrfs pool {pool} ({size}, sparse)"):
+                        proc.run(["truncate", "-s", size, str(pool)])
+                        proc.run(["mkfs.btrfs", "-q", "-L", "tupper", str(pool)])
                 proc.run(["mount", "-o", "loop", str(pool), str(root)])
-            except Failed:
+            except (Failed, OSError) as exc:
                 if fresh:
                     pool.unlink(missing_ok=True)
+                    # A pool that could not be made (no loop devices, no mkfs.btrfs): the caller may fall back.
+                    raise PoolUnavailable(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__) from None
                 raise
             if fresh:
                 progress.note(f"{root} is not on btrfs: created a loopback btrfs pool {pool} and mounted it there")
@@ -251,7 +312,23 @@ class Store:
         finally:
             os.close(fd)
 
-    # ---- subvolumes (btrfsutil only) -----------------------------------------------------------
+    # ---- trees: subvolumes here (btrfsutil only), directories and overlayfs in OverlayStore ----------
+
+    def make_root(self, image: Path, rootfs: Path) -> None:
+        """A container's root at `rootfs`: a writable snapshot of `image`."""
+        self.snapshot(image, rootfs)
+
+    def publish(self, tmp: Path, final: Path) -> None:
+        """Make the tree built at `tmp` the read-only `final` (an image, a component). `tmp` may remain:
+        the caller deletes it."""
+        self.snapshot(tmp, final, read_only=True)
+
+    def copy_tree(self, source: Path, dest: Path) -> None:
+        """A writable copy of `source` at `dest` (a layer is built on its parent's copy)."""
+        self.snapshot(source, dest)
+
+    def mount_roots(self) -> None:
+        """Bring every container root back after a reboot: nothing to do where roots are subvolumes."""
 
     def create_subvolume(self, path: Path) -> None:
         self._call(btrfsutil.create_subvolume, path)
@@ -298,6 +375,21 @@ class Store:
 
     # ---- space ---------------------------------------------------------------------------------
 
+    def tree_usage(self, paths: list[Path]) -> dict[Path, tuple[int, int, int]]:
+        """(total, exclusive, shared) bytes of each tree: `btrfs filesystem du`, which asks the kernel
+        which extents are shared (FIEMAP): a layer's exclusive bytes are what it adds to its parent, an
+        image's shared ones what its layers and the containers made from it share with it. What removing
+        a tree frees is at most its exclusive bytes."""
+        if not paths:
+            return {}
+        out = proc.run(["btrfs", "filesystem", "du", "-s", "--raw", *map(str, paths)], check=False).stdout
+        usage: dict[Path, tuple[int, int, int]] = {}
+        for line in out.splitlines()[1:]:
+            fields = line.split(None, 3)
+            if len(fields) == 4 and all(f.isdigit() for f in fields[:3]):
+                usage[Path(fields[3])] = (int(fields[0]), int(fields[1]), int(fields[2]))
+        return usage
+
     def require_free(self, needed: int, what: str) -> None:
         """Refuse to start `what` on a store without room for it, before anything is made: a store
         filled half-way through an operation leaves it to the undo path on a full disk."""
@@ -316,6 +408,7 @@ class Store:
         free = st.f_bavail * st.f_frsize
         info = {
             "path": str(self.root),
+            "backend": self.backend,
             "backing": self.backing,
             "size": size,
             "free": free,
