@@ -106,6 +106,28 @@ def ensure_image(root: Path, image: str = IMAGE, log=print, source_root: Path = 
     return "built"
 
 
+def is_overlay(store_root: Path) -> bool:
+    return (store_root / ".backend").is_file()
+
+
+def make_tree(store_root: Path, path: Path) -> None:
+    """What the store makes an image, a component or a container's root of: a subvolume (btrfs backend)
+    or a directory (overlay backend)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_overlay(store_root):
+        path.mkdir()
+    else:
+        subprocess.run(["btrfs", "subvolume", "create", str(path)], check=True, capture_output=True)
+
+
+def container_roots(store_root: Path) -> list[str]:
+    """The container roots in the store, as `containers/NAME/rootfs`."""
+    if is_overlay(store_root):
+        return sorted(str(p.relative_to(store_root)) for p in (store_root / "containers").glob("*/rootfs"))
+    out = subprocess.run(["btrfs", "subvolume", "list", "-o", str(store_root / "containers")], capture_output=True, text=True).stdout
+    return sorted(line.split(" path ", 1)[1] for line in out.splitlines() if " path " in line)
+
+
 def _carry_image(source: Path, dest: Path, image: str, env: dict | None) -> None:
     """`tupper image export | tupper image import` from the store at `source` to the one at `dest`."""
     was_mounted = mounted(source) or (source / ".backend").is_file()

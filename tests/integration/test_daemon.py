@@ -9,7 +9,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from helpers import REPO, SERVICES, Events, alive, busctl, label, wait_for, write_component, write_spec
+from helpers import REPO, SERVICES, Events, alive, busctl, container_roots, label, wait_for, write_component, write_spec
 
 HELLO = REPO / "examples/hello.toml"
 
@@ -137,9 +137,9 @@ def test_sigkilled_tupperd_leaves_containers_running_and_its_successor_readopts_
     assert states.pop(victim) in ("stopped", "failed")
     assert set(states.values()) == {"running"}
     assert {n: c["leader_pid"] for n, c in ((c["name"], c) for c in mine) if n != victim} == {n: p for n, p in leaders.items() if n != victim}
-    subvols = subprocess.run(["btrfs", "subvolume", "list", "-o", str(store_root / "containers")], capture_output=True, text=True).stdout
+    roots = container_roots(store_root)
     for n in made:
-        assert subvols.count(f"containers/{n}/rootfs\n") == 1, "one snapshot each, no orphan"
+        assert roots.count(f"containers/{n}/rootfs") == 1, "one root each, no orphan"
     # ... and the adopted containers are controllable.
     tupper("stop", made[0], check=True)
     assert not alive(leaders[made[0]])
@@ -163,8 +163,7 @@ def test_twenty_parallel_runs_of_one_name_give_one_container(tupper, names, stor
     codes = sorted(r.returncode for r in results)
     assert codes == [0] + [2] * 19, [r.stderr for r in results if r.returncode not in (0, 2)]
     assert all("already exists" in r.stderr for r in results if r.returncode == 2)
-    subvols = subprocess.run(["btrfs", "subvolume", "list", "-o", str(store_root / "containers")], capture_output=True, text=True).stdout
-    assert subvols.count(f"containers/{name}/rootfs\n") == 1
+    assert container_roots(store_root).count(f"containers/{name}/rootfs") == 1
     assert [c["name"] for c in tupper.json("ps")].count(name) == 1
 
 

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SERVICES, alive, system_snapshot, wait_for, write_component
+from helpers import REPO, SERVICES, alive, make_tree, system_snapshot, wait_for, write_component
 
 HELLO = REPO / "examples/hello.toml"
 
@@ -297,14 +297,13 @@ def _dead_pid() -> int:
 def test_store_check_finds_what_a_crash_leaves_and_repair_fixes_it(tupper, bus, names, store_root):
     from tupper.store.store import Store
 
-    store = Store(store_root, "loopback")
+    store = Store.open(store_root, create=False)
     tag = uuid.uuid4().hex[:6]
     dead = _dead_pid()
     made = {}
 
     def subvolume(path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["btrfs", "subvolume", "create", str(path)], check=True, capture_output=True)
+        make_tree(store_root, path)
 
     # A run interrupted by a crash: a record saying "creating", owned by a process that is gone.
     interrupted = names("interrupted")
@@ -380,7 +379,7 @@ def test_store_check_finds_what_a_crash_leaves_and_repair_fixes_it(tupper, bus, 
 def test_rm_removes_a_container_directory_that_has_no_record(tupper, names, store_root):
     orphan = store_root / "containers" / names("orphan")
     orphan.mkdir()
-    subprocess.run(["btrfs", "subvolume", "create", str(orphan / "rootfs")], check=True, capture_output=True)
+    make_tree(store_root, orphan / "rootfs")
     p = tupper("rm", orphan.name)
     assert p.returncode == 0, p.stderr
     assert not orphan.exists()

@@ -1,4 +1,5 @@
-"""The store: a loopback btrfs pool where the root is not on btrfs, created once and reused."""
+"""The store: a loopback btrfs pool where the root is not on btrfs, created once and reused; the overlay
+backend where no pool can be made, or where asked for."""
 
 from __future__ import annotations
 
@@ -101,3 +102,52 @@ def test_store_on_a_real_btrfs_mount_is_used_directly(tmp_path):
         subprocess.run(["umount", "-R", str(mnt)], check=True)
         subprocess.run(["losetup", "--detach", device], check=False)
     assert not _loops_backed_by(image, settle=3)
+
+
+# Inside another container: no loop devices in /dev (a tmpfs with the few nodes a container gets).
+_NO_LOOP_DEVICES = """set -e
+mount -t tmpfs -o mode=0755 container-dev /dev
+for n in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
+    mknod -m 0666 /dev/${n%%:*} c $(echo $n | cut -d: -f2) $(echo $n | cut -d: -f3)
+done
+exec "$@"
+"""
+
+
+def test_where_no_loop_pool_can_be_made_the_store_falls_back_to_the_overlay_backend(scratch_root, tmp_path):
+    """A root that is not on btrfs, on a host without loop devices: the store is made with the overlay
+    backend (said once), keeps it, and `store info` names it; `store init --backend` refuses the other one."""
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _NO_LOOP_DEVICES, "sh",
+            sys.executable, "-m", "tupper", "--root", str(scratch_root), "store", "info", "--json"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent.parent)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert (info["backend"], info["backing"], info["pool_file"]) == ("overlay", "directory", None)
+    assert "no loopback pool can be made here" in p.stderr and "using the overlay backend" in p.stderr
+    assert not (scratch_root.parent / "store.img").exists(), "no pool file is left behind"
+    assert not _loops_backed_by(scratch_root.parent / "store.img")
+    # From then on it is an overlay store, with loop devices or without.
+    again = _tupper(scratch_root, "store", "info")
+    assert again.returncode == 0 and "backend:  overlay" in again.stdout and "overlay backend" not in again.stderr
+    refused = _tupper(scratch_root, "store", "init", "--backend", "btrfs")
+    assert refused.returncode == 2 and "uses the overlay backend, not btrfs" in refused.stderr
+    same = _tupper(scratch_root, "store", "init", "--backend", "overlay", "--json")
+    assert same.returncode == 0 and json.loads(same.stdout)["backend"] == "overlay"
+
+
+def test_store_init_makes_the_backend_asked_for_and_probes_the_filesystem(scratch_root, tmp_path):
+    p = _tupper(scratch_root, "store", "init", "--backend", "overlay", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["backend"] == "overlay" and (scratch_root / ".backend").read_text() == "overlay\n"
+    assert not _mounted(scratch_root) and list((scratch_root / "tmp").iterdir()) == [], "the probe's overlay is gone"
+    # A filesystem that cannot hold an upper layer (overlayfs itself) is refused with what to do.
+    lower, upper, work, merged = (tmp_path / d for d in ("l", "u", "w", "m"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)], check=True)
+    try:
+        bad = _tupper(merged / "store", "store", "init", "--backend", "overlay")
+        assert bad.returncode == 1 and "cannot hold overlayfs layers" in bad.stderr and "hint:" in bad.stderr, bad.stderr
+        assert not (merged / "store" / ".backend").exists()
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)

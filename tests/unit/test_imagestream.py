@@ -15,7 +15,7 @@ from tupper.store.images import ImageDef
 from tupper.store.imagestream import MAGIC, _Reader, read_header, signed_bytes, tree_digest
 from tupper.store.trust import Keys
 
-HEADER = {"format": 1, "payload": "btrfs-send+zstd", "name": "web", "parent": "debian-bookworm", "parent_tree_digest": "sha256:1",
+HEADER = {"format": 2, "payload": "btrfs-send+zstd", "name": "web", "parent": "debian-bookworm", "parent_tree_digest": "sha256:1",
           "digest": None, "tree_digest": "sha256:2", "suite": "bookworm", "definition": "web.toml", "built_at": 1.0, "exported_at": 2.0}
 
 
@@ -31,7 +31,7 @@ def test_a_good_header_is_read():
 @pytest.mark.parametrize("changes, says", [
     ({"name": "../etc"}, "header.name: invalid image name"),
     ({"parent": "a b"}, "header.parent: invalid image name"),
-    ({"format": 2}, "header.format"),
+    ({"format": 1}, "header.format"),
     ({"tree_digest": 5}, "header.tree_digest: missing or of the wrong type"),
     ({"built_at": True}, "header.built_at: missing or of the wrong type"),
     ({"extra": 1}, "header.extra: unknown key"),

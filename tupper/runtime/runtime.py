@@ -496,6 +496,7 @@ class Runtime:
             undo.callback(self._abort_start, rec)  # whatever fails from here on ends the phase
             self._check_inotify(progress)
             (rec.dir / records.EXIT).unlink(missing_ok=True)
+            self.store.ensure_root(rec.rootfs)  # an overlay root taken down since (a reboot, `store unmount`)
             binds = [nspawn.Bind(Path(c.source), c.mount) for c in rec.components]
             self._make_mount_points(rec, [b.target for b in binds])
             binds += self._volume_binds(rec)
@@ -968,6 +969,7 @@ class Runtime:
         mounts included (/proc/LEADER/root). A stopped one: its snapshot, or the volume or component whose
         mount point holds `path` (nothing is mounted in the snapshot)."""
         pure = PurePosixPath("/" + rootcopy.container_path(path, where))
+        self.store.ensure_root(rec.rootfs)
         for v in rec.volumes:
             if v.read_only and write and (pure == PurePosixPath(v.target) or PurePosixPath(v.target) in pure.parents):
                 raise InvalidInput(f"{where}: {v.target} is a read-only volume of the container")

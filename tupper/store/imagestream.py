@@ -3,9 +3,13 @@
 A stream is, in order:
 
     TUPPER-IMAGE/1\\n            the magic line
-    {header JSON}\\n             name, parent, digests, suite, …: what the receiver checks before anything is written
+    {header JSON}\\n             name, parent, digests, suite, format (2), …: what the receiver checks before anything is written
     frames                       the payload in frames: 4-byte big-endian length, then that many bytes; a 0 length ends it
-    {trailer JSON}\\n            the payload's SHA-256 and size, and the signature (Ed25519 over header and trailer)
+    {trailer JSON}\\n            the SHA-256 of the header line and the payload, the payload's size, and the
+                                 signature (Ed25519 over header and that digest)
+
+The trailer's digest covers the header line too (format 2; format 1's covered the payload alone): a
+header altered on the way (another name, another digest) is refused whatever the payload is.
 
 The payload (header.payload) is zstd-compressed, and one of:
 
@@ -47,7 +51,7 @@ from tupper.store.images import NAME_RE, Image, Images
 from tupper.store.store import FREE_FOR_IMAGE
 
 MAGIC = b"TUPPER-IMAGE/1\n"
-FORMAT = 1
+FORMAT = 2
 PAYLOAD = "btrfs-send+zstd"
 TAR_PAYLOAD = "tar+zstd"
 PAYLOADS = (PAYLOAD, TAR_PAYLOAD)
@@ -65,46 +69,35 @@ HEADER_KEYS: dict[str, type | tuple[type, ...]] = {"format": int, "payload": str
 def tree_digest(root: Path) -> str:
     """SHA-256 over an image's tree: every path (sorted), its type, mode, owner, and its content (a
     file's SHA-256, a symlink's target, a device's numbers). Equal trees have equal digests on any host.
-    Files are hashed by a few threads at once (hashlib lets go of the GIL): the walk itself is cheap."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    entries: list[tuple[bytes, str | None, bytes]] = []  # (description, file to hash or None, what follows)
+    One thread, one reused buffer: hashing (SHA-NI) is the cheap part, and a pool of threads handing
+    out thousands of small files cost twice the time (measured: 0.8 s against 0.35 s for the base image)."""
+    h = hashlib.sha256()
+    buf = bytearray(FRAME)
+    view = memoryview(buf)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel = os.path.relpath(dirpath, root)
         dst = os.lstat(dirpath)
-        entries.append((f"D {rel}\0{dst.st_mode:o}\0{dst.st_uid}\0{dst.st_gid}\n".encode(), None, b""))
+        h.update(f"D {rel}\0{dst.st_mode:o}\0{dst.st_uid}\0{dst.st_gid}\n".encode())
         for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
-            head = f"{rel}/{name}\0{st.st_mode:o}\0{st.st_uid}\0{st.st_gid}\0".encode("utf-8", "surrogateescape")
+            h.update(f"{rel}/{name}\0{st.st_mode:o}\0{st.st_uid}\0{st.st_gid}\0".encode("utf-8", "surrogateescape"))
             if stat.S_ISREG(st.st_mode):
-                entries.append((head, path, b"\n"))
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    fh = hashlib.sha256()
+                    while n := os.readv(fd, [buf]):
+                        fh.update(view[:n])
+                finally:
+                    os.close(fd)
+                h.update(fh.digest())
             elif stat.S_ISLNK(st.st_mode):
-                entries.append((head + os.fsencode(os.readlink(path)), None, b"\n"))
+                h.update(os.fsencode(os.readlink(path)))
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                entries.append((head + f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}".encode(), None, b"\n"))
-            else:
-                entries.append((head, None, b"\n"))
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # measured: more only add contention
-        digests = pool.map(_file_digest, [file or "" for _, file, _ in entries])
-        h = hashlib.sha256()
-        for (head, file, tail), digest in zip(entries, digests, strict=True):
-            h.update(head)
-            if file is not None:
-                h.update(digest)
-            h.update(tail)
+                h.update(f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}".encode())
+            h.update(b"\n")
     return "sha256:" + h.hexdigest()
-
-
-def _file_digest(path: str) -> bytes:
-    if not path:
-        return b""
-    fh = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(FRAME):
-            fh.update(chunk)
-    return fh.digest()
 
 
 def ensure_tree_digest(images: Images, image: Image) -> str:
@@ -142,8 +135,9 @@ def export(images: Images, name: str, out: BinaryIO, *, parent: str | None = Non
     header = {"format": FORMAT, "payload": payload, "name": image.name, "parent": base.name if base else None,
               "parent_tree_digest": parent_digest, "digest": image.digest, "tree_digest": digest, "suite": image.suite,
               "definition": os.path.basename(image.definition), "built_at": image.built_at, "exported_at": time.time()}
-    out.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
-    sha, size = hashlib.sha256(), 0
+    header_line = json.dumps(header, sort_keys=True).encode() + b"\n"
+    out.write(MAGIC + header_line)
+    sha, size = hashlib.sha256(header_line), 0
     with progress.step(f"Exporting {name}" + (f" (incremental from {base.name})" if base else "")):
         with _producer(images, image, base) as source:
             try:
@@ -219,6 +213,7 @@ class _Reader:
     def __init__(self, stream: BinaryIO, where: str) -> None:
         self.stream = stream
         self.where = where
+        self.header_line = b""  # as read: the trailer's digest covers it
 
     def exactly(self, n: int, what: str) -> bytes:
         data = b""
@@ -230,6 +225,10 @@ class _Reader:
         return data
 
     def line(self, what: str) -> dict:
+        value, _ = self.raw_line(what)
+        return value
+
+    def raw_line(self, what: str) -> tuple[dict, bytes]:
         data = b""
         while not data.endswith(b"\n"):
             if len(data) > MAX_LINE:
@@ -244,7 +243,7 @@ class _Reader:
             raise InvalidInput(f"{self.where}: the stream's {what} is not valid JSON (altered?)") from None
         if not isinstance(value, dict):
             raise InvalidInput(f"{self.where}: the stream's {what} is not an object")
-        return value
+        return value, data
 
 
 def read_header(reader: _Reader) -> dict:
@@ -252,7 +251,7 @@ def read_header(reader: _Reader) -> dict:
     if magic != MAGIC:
         raise InvalidInput(f"{reader.where}: not a tupper image stream (it does not start with {MAGIC.strip().decode()})",
                            hint="make one with: tupper image export NAME -o FILE")
-    header = reader.line("header")
+    header, reader.header_line = reader.raw_line("header")
     for key, kind in HEADER_KEYS.items():
         if key not in header or isinstance(header[key], bool) or not isinstance(header[key], kind):
             raise InvalidInput(f"{reader.where}: header.{key}: missing or of the wrong type")
@@ -415,7 +414,7 @@ def _receive(reader: _Reader, images: Images, header: dict, base: Image | None, 
         raise
     if isinstance(receive, _Receive):
         zstd.stdout.close()  # btrfs receive has it
-    sha, size, broken = hashlib.sha256(), 0, False
+    sha, size, broken = hashlib.sha256(reader.header_line), 0, False
     try:
         with progress.step(f"Receiving {name}"):
             while True:
@@ -450,7 +449,7 @@ def _receive(reader: _Reader, images: Images, header: dict, base: Image | None, 
         zstd_err = zstd.communicate()[1]
         receive_error = receive.finish()
     if trailer.get("payload_sha256") != sha.hexdigest() or trailer.get("payload_size") != size:
-        raise InvalidInput(f"{reader.where}: the payload's digest is not the one the stream ends with: altered or truncated")
+        raise InvalidInput(f"{reader.where}: the digest of the header and payload is not the one the stream ends with: altered or truncated")
     if zstd.returncode != 0 or receive_error is not None:
         why = zstd_err.decode(errors="replace").strip().splitlines()
         text = receive_error or (why[-1] if why else f"zstd: exit status {zstd.returncode}")

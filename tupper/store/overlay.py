@@ -50,6 +50,23 @@ def is_mount_point(path: Path) -> bool:
     return os.path.realpath(path) in mounts_under(path)
 
 
+def _probe(root: Path) -> None:
+    """Mount a tiny overlay in `root` and take it down: the filesystem must take an upper layer (not
+    every one does: overlayfs itself, some network filesystems). Nothing of it remains."""
+    probe = root / f".probe.{os.getpid()}"
+    try:
+        for d in ("lower", "upper", "work", "merged"):
+            (probe / d).mkdir(parents=True)
+        proc.run(["mount", "-t", "overlay", "overlay", "-o",
+                  f"lowerdir={probe / 'lower'},upperdir={probe / 'upper'},workdir={probe / 'work'}", str(probe / "merged")])
+        proc.run(["umount", str(probe / "merged")])
+    except (Failed, OSError) as exc:
+        raise Failed(f"{root} ({mount_of(root)[1]}) cannot hold overlayfs layers: {str(exc).strip().splitlines()[-1]}",
+                     hint="pick a --root on ext4, xfs or tmpfs") from None
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 @attrs.define
 class OverlayStore(Store):
     backend = "overlay"
@@ -65,13 +82,17 @@ class OverlayStore(Store):
                 raise Failed("creating the store needs root", hint="run tupper as root")
             if any(c in str(root) for c in _UNSAFE_IN_OPTIONS):
                 raise InvalidInput(f"{root}: an overlay store's path may not contain , : or \\ (overlayfs mount options)")
+            made = not root.exists()
             root.mkdir(parents=True, exist_ok=True)
             if any(root.iterdir()):
                 raise Failed(f"{root} is not empty", hint="empty it, or pick another root with --root / TUPPER_ROOT")
-            store = cls(root, "directory")
-            store._ensure_layout()
-            store._probe()
-            tmp = root / f".{BACKEND_FILE}.tmp"
+            try:
+                _probe(root)
+            except Failed:
+                if made:
+                    root.rmdir()
+                raise
+            tmp = root / f"{BACKEND_FILE}.tmp"
             tmp.write_text("overlay\n")
             os.replace(tmp, marker)
             progress.note(f"created an overlay store at {root} ({mount_of(root)[1]}): images are directory trees, "
@@ -80,21 +101,6 @@ class OverlayStore(Store):
         store._ensure_layout()
         store.mount_roots()
         return store
-
-    def _probe(self) -> None:
-        """Mount a tiny overlay in tmp/ and take it down: the filesystem must take an upper layer (not
-        every one does: overlayfs itself, some network filesystems)."""
-        probe = self.scratch("probe", "overlay")
-        for d in ("lower", "upper", "work", "merged"):
-            (probe / d).mkdir(parents=True)
-        try:
-            self._mount(probe / "lower", probe / "upper", probe / "work", probe / "merged")
-            proc.run(["umount", str(probe / "merged")])
-        except Failed as exc:
-            raise Failed(f"{self.root} ({mount_of(self.root)[1]}) cannot hold overlayfs layers: {exc}",
-                         hint="pick a --root on ext4, xfs or tmpfs") from None
-        finally:
-            shutil.rmtree(probe, ignore_errors=True)
 
     # ---- trees -----------------------------------------------------------------------------------
 
@@ -166,7 +172,10 @@ class OverlayStore(Store):
         self._mount(image, upper, work, rootfs)
 
     def _mount(self, lower: Path, upper: Path, work: Path, merged: Path) -> None:
-        proc.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)])
+        # redirect_dir=on: a directory of the image can be renamed inside the container as on any other
+        # filesystem (without it overlayfs answers EXDEV, and `mv` falls back to copying).
+        proc.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=on",
+                  str(merged)])
 
     def mount_roots(self) -> None:
         """Mount every container root that is not (after a reboot, after `store unmount`)."""
@@ -183,8 +192,17 @@ class OverlayStore(Store):
                 continue  # its image is gone: `store check` reports the container
             self._mount(lower, cdir / "upper", cdir / "work", rootfs)
 
-    def root_mounted(self, rootfs: Path) -> bool:
-        return is_mount_point(rootfs)
+    def ensure_root(self, rootfs: Path) -> None:
+        if is_mount_point(rootfs):
+            return
+        cdir = rootfs.parent
+        lower_file = cdir / LOWER_FILE
+        if not lower_file.is_file():
+            raise Failed(f"{cdir.name}: its root has no record of its image ({lower_file})", hint=f"`tupper rm {cdir.name}`")
+        lower = Path(lower_file.read_text().strip())
+        if not lower.is_dir():
+            raise Failed(f"{cdir.name}: the image its root is made of is gone ({lower})", hint=f"`tupper rm {cdir.name}`")
+        self._mount(lower, cdir / "upper", cdir / "work", rootfs)
 
     def unmount(self) -> None:
         """Take down every container root's mount (made again when the store is next opened)."""

@@ -181,7 +181,7 @@ class Store:
             os.close(fd)
 
     def _ensure_layout(self) -> None:
-        for d in (self.images_dir, self.containers_dir, self.tmp_dir):
+        for d in (self.images_dir, self.containers_dir, self.tmp_dir, self.root / "components"):
             d.mkdir(mode=0o700, exist_ok=True)
 
     # ---- layout --------------------------------------------------------------------------------
@@ -329,6 +329,9 @@ class Store:
 
     def mount_roots(self) -> None:
         """Bring every container root back after a reboot: nothing to do where roots are subvolumes."""
+
+    def ensure_root(self, rootfs: Path) -> None:
+        """Make sure the container root at `rootfs` is there to use (see mount_roots)."""
 
     def create_subvolume(self, path: Path) -> None:
         self._call(btrfsutil.create_subvolume, path)
