@@ -312,6 +312,7 @@ class Images:
             self.store.publish(tmp, final)
         finally:
             self.store.delete_subvolume(tmp)
+            self.store.settle()  # the scratch copy's extents freed: `image ls` shows what the new image holds alone
         # Published when its metadata appears (atomically): until then the image does not exist.
         meta = {"built_at": time.time(), "definition": definition.file, "suite": parent.suite if parent else definition.suite,
                 "digest": digest, "tree_digest": tree, "parent": parent.name if parent else None}

@@ -121,6 +121,9 @@ class OverlayStore(Store):
     def publish(self, tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
+    def settle(self) -> None:
+        """Nothing is freed in the background here."""
+
     def set_read_only(self, path: Path, read_only: bool = True) -> None:
         """Directory trees have no read-only flag: images are read-only by contract (see the module)."""
 

@@ -327,6 +327,12 @@ class Store:
         """A writable copy of `source` at `dest` (a layer is built on its parent's copy)."""
         self.snapshot(source, dest)
 
+    def settle(self) -> None:
+        """Wait (a little) for btrfs to clean the subvolumes deleted so far: until then their extents
+        count as shared with what they were snapshots of."""
+        with contextlib.suppress(Failed):  # not done in a minute: the sizes settle later by themselves
+            proc.run(["btrfs", "subvolume", "sync", str(self.root)], check=False, timeout=60)
+
     def mount_roots(self) -> None:
         """Bring every container root back after a reboot: nothing to do where roots are subvolumes."""
 
