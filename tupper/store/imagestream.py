@@ -66,37 +66,60 @@ HEADER_KEYS: dict[str, type | tuple[type, ...]] = {"format": int, "payload": str
 # ---- digests --------------------------------------------------------------------------------------
 
 
-def tree_digest(root: Path) -> str:
+def tree_digest(root: Path, workers: int = 2) -> str:
     """SHA-256 over an image's tree: every path (sorted), its type, mode, owner, and its content (a
     file's SHA-256, a symlink's target, a device's numbers). Equal trees have equal digests on any host.
-    One thread, one reused buffer: hashing (SHA-NI) is the cheap part, and a pool of threads handing
-    out thousands of small files cost twice the time (measured: 0.8 s against 0.35 s for the base image)."""
-    h = hashlib.sha256()
-    buf = bytearray(FRAME)
-    view = memoryview(buf)
+    The walk first (cheap), then the files hashed by `workers` threads, each a fixed share of them with
+    one buffer (hashlib lets go of the GIL): a pool handing out thousands of small files one by one
+    cost more than it saved (measured for the base image: 0.8 s pooled, 0.41 s one thread, 0.29 s two)."""
+    parts: list[bytes | int] = []  # what is hashed, in order; an int: the digest of files[int]
+    files: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel = os.path.relpath(dirpath, root)
         dst = os.lstat(dirpath)
-        h.update(f"D {rel}\0{dst.st_mode:o}\0{dst.st_uid}\0{dst.st_gid}\n".encode())
+        parts.append(f"D {rel}\0{dst.st_mode:o}\0{dst.st_uid}\0{dst.st_gid}\n".encode())
         for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
-            h.update(f"{rel}/{name}\0{st.st_mode:o}\0{st.st_uid}\0{st.st_gid}\0".encode("utf-8", "surrogateescape"))
+            parts.append(f"{rel}/{name}\0{st.st_mode:o}\0{st.st_uid}\0{st.st_gid}\0".encode("utf-8", "surrogateescape"))
             if stat.S_ISREG(st.st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                parts.append(len(files))
+                files.append(path)
+            elif stat.S_ISLNK(st.st_mode):
+                parts.append(os.fsencode(os.readlink(path)))
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                parts.append(f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}".encode())
+            parts.append(b"\n")
+    digests: list[bytes] = [b""] * len(files)
+    errors: list[BaseException] = []
+
+    def hash_share(share: range) -> None:
+        buf = bytearray(FRAME)
+        view = memoryview(buf)
+        try:
+            for i in share:
+                fd = os.open(files[i], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 try:
                     fh = hashlib.sha256()
                     while n := os.readv(fd, [buf]):
                         fh.update(view[:n])
                 finally:
                     os.close(fd)
-                h.update(fh.digest())
-            elif stat.S_ISLNK(st.st_mode):
-                h.update(os.fsencode(os.readlink(path)))
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                h.update(f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}".encode())
-            h.update(b"\n")
+                digests[i] = fh.digest()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hash_share, args=(range(k, len(files), workers),)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(digests[part] if isinstance(part, int) else part)
     return "sha256:" + h.hexdigest()
 
 
@@ -401,11 +424,22 @@ def _sink(images: Images, header: dict, base: Image | None, source: BinaryIO) ->
     return _Apply(source, lambda s: treetar.extract(s, target), f"extract {name}")
 
 
+def _widen(fd: int) -> None:
+    """A pipe that holds a frame: reading and hashing the next frame overlaps the receiver's work on
+    this one (64 KiB pipes made the stages take turns)."""
+    import fcntl
+
+    with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size for an unprivileged user: the default stays
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, FRAME)
+
+
 def _receive(reader: _Reader, images: Images, header: dict, base: Image | None, progress: Progress) -> dict:
     """Feed the payload to zstd and on to where it applies (see _sink); the trailer, its digest checked."""
     name = header["name"]
     zstd = proc.popen(["zstd", "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert zstd.stdin is not None and zstd.stdout is not None
+    for pipe in (zstd.stdin, zstd.stdout):
+        _widen(pipe.fileno())
     try:
         receive = _sink(images, header, base, cast(BinaryIO, zstd.stdout))
     except BaseException:
