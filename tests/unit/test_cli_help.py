@@ -78,3 +78,16 @@ def test_only_builds_one_command():
     """build_parser(only=...) stays cheap: the other commands are never built."""
     sub = next(a for a in build_parser("logs")._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == {"logs"}
+
+
+@pytest.mark.parametrize("flag", ["--rebuild", "--force"])
+def test_image_build_rebuild_and_its_old_name_force_a_build(flag):
+    args = build_parser().parse_args(["image", "build", "images/debian-bookworm.toml", flag])
+    assert args.force is True
+    assert build_parser().parse_args(["image", "build", "images/debian-bookworm.toml"]).force is False
+
+
+def test_store_init_takes_a_backend():
+    assert build_parser().parse_args(["store", "init", "--backend", "overlay"]).backend == "overlay"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["store", "init", "--backend", "zfs"])

@@ -376,10 +376,12 @@ def _add_image(sub) -> None:
                         **_examples("tupper image build images/debian-bookworm.toml", "tupper image ls", "tupper image rm debian-bookworm"))
     isub = im.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     ib = isub.add_parser("build", help="build an image from its definition (debootstrap into a read-only subvolume)",
-                         description="Build the image a definition describes; an image that exists is kept as it is (--force rebuilds it).",
-                         **_examples("tupper image build images/debian-bookworm.toml", "tupper image build images/debian-bookworm.toml --force --json"))
+                         description="Build the image a definition describes (a layer: on its parent, built first where missing). An "
+                                     "image whose digest (its definition's, and its parent's) is already in the store is kept as "
+                                     "it is; a changed definition is built again; --rebuild builds it whatever its digest.",
+                         **_examples("tupper image build images/debian-bookworm.toml", "tupper image build images/debian-bookworm.toml --rebuild --json"))
     ib.add_argument("definition", type=_path, help="image definition, e.g. images/debian-bookworm.toml")
-    ib.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    ib.add_argument("--rebuild", "--force", dest="force", action="store_true", help="build it again even if its digest is in the store")
     ib.add_argument("--json", action="store_true", help="JSON object {name, path, built_at, definition, suite}")
     il = isub.add_parser("ls", help="list images", **_examples("tupper image ls", "tupper image ls --json | jq '.[].name'"))
     il.add_argument("--json", action="store_true")
