@@ -413,7 +413,7 @@ def _add_store(sub) -> None:
     sn.add_argument("--json", action="store_true", help="the store's info as `store info --json`")
     si = ssub.add_parser("info", help="path, backing, size and free space", **_examples("tupper store info", "tupper store info --json | jq .free"))
     si.add_argument("--json", action="store_true")
-    su = ssub.add_parser("unmount", help="unmount the loopback pool (refused while containers run)",
+    su = ssub.add_parser("unmount", help="unmount the loopback pool, or the overlay backend's container roots (refused while containers run)",
                          **_examples("tupper store unmount", "tupper --root /var/lib/tupper-test store unmount --json"))
     su.add_argument("--json", action="store_true", help="JSON object {root, state}")
     sc = ssub.add_parser("check", help="find what a crash or a manual change left inconsistent; --repair fixes it",

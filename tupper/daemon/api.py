@@ -382,7 +382,7 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     async def GetStore(self) -> "a{sv}":
-        """The store as `tupper store info --json` shows it: path, backing, size, used, free, pool file."""
+        """The store as `tupper store info --json` shows it: path, backend, backing, size, used, free, pool file."""
         return variant_map(await self._guard(self.daemon.store_info()))
 
     @method()

@@ -138,6 +138,7 @@ class LiveChanges:
             with self.rt.connect_bus(rec.leader_pid, timeout=5.0, alive=rec.alive) as bus:
                 self._swap(rec, bus, entry.mount, entry.source, old_files, extra, tuple(new_units), old.units, SILENT)
         else:
+            self.rt.store.ensure_root(rec.rootfs)
             unitfiles.remove(rec.rootfs, extra)
             unitfiles.write(rec.rootfs, old_files)
         rec.upgrade = None
