@@ -7,7 +7,8 @@ loopback pool) and the same path with "-overlay" (the overlay backend, on the ho
 base image carried from the first to the second with `image export | image import`. Alternating, N
 times each: `tupper --direct run examples/hello.toml` (a snapshot, or an overlayfs mount, then the
 boot, until the unit is active) and `tupper --direct rm -f` (the snapshot deleted, or the mount taken
-down and the upper layer removed). Prints the medians and overlay / btrfs. Everything made is removed.
+down and the upper layer removed). Prints the medians and overlay / btrfs. Everything made is removed
+(containers, and the networks they made: no bridge is left).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def main() -> int:
         for root, name in made:
             subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(root), "rm", "-f", name], capture_output=True,
                            env=_clean_env(), cwd=REPO)
+        for root in STORES.values():  # the networks the runs made: their bridges go with them
+            listed = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(root), "network", "ls", "--json"],
+                                    capture_output=True, text=True, env=_clean_env(), cwd=REPO).stdout
+            for net in json.loads(listed or "[]"):
+                tupper(root, "network", "rm", net["name"])
         tupper(STORES["overlay"], "store", "unmount")
         if not was_mounted:
             tupper(STORE, "store", "unmount")
