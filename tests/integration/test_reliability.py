@@ -353,6 +353,8 @@ def test_store_check_finds_what_a_crash_leaves_and_repair_fixes_it(tupper, bus, 
     assert not scratch.exists(), "and removes the scratch space of processes that are gone"
     del made["interrupted"]
     assert not agent.exists(), "and the agent directories of containers that are gone"
+    assert not half_written.exists(), "and the files half-written by processes that are gone"
+    half_written.write_text("{")  # again, for the check to find
     subvolume(scratch)  # again, for the check to find
     made["scratch"] = scratch
     agent.mkdir(parents=True)
@@ -383,6 +385,23 @@ def test_rm_removes_a_container_directory_that_has_no_record(tupper, names, stor
     p = tupper("rm", orphan.name)
     assert p.returncode == 0, p.stderr
     assert not orphan.exists()
+
+
+def test_a_new_tupperd_removes_what_a_killed_writer_half_wrote(tupper, bus, names, store_root):
+    """A SIGKILL between an atomic write's write and its rename leaves `.NAME.PID.tmp` beside the file
+    (whole) it was to replace: the next tupperd removes it; one of a live process stays."""
+    name = names()
+    tupper("run", HELLO, "--name", name, check=True)
+    cdir = store_root / "containers" / name
+    dead, live = cdir / f".record.json.{_dead_pid()}.tmp", cdir / f".record.json.{os.getpid()}.tmp"
+    for path in (dead, live):
+        path.write_text('{"half": ')
+    try:
+        bus.stop_tupperd(signal.SIGKILL)
+        assert tupper.json("status", name)["state"] == "running"  # bus activation: a new tupperd recovers first
+        assert not dead.exists() and live.exists()
+    finally:
+        live.unlink(missing_ok=True)
 
 
 # ---- SIGKILL of tupperd at random moments -------------------------------------------------------------------

@@ -206,6 +206,13 @@ class Daemon:
                 log.info("removed %s, left by a process that is gone", entry)
             except (TupperError, OSError) as exc:
                 log.error("could not remove %s: %s", entry, exc)
+        # Half-written files of atomic writes cut by a kill (the file they were to replace is whole).
+        for path in check.stale_temps(store.root):
+            try:
+                path.unlink()
+                log.info("removed %s, half-written by a process that is gone", path)
+            except OSError as exc:
+                log.error("could not remove %s: %s", path, exc)
         # Agent directories are tupperd's own: those of containers that are gone (a run cut short) go too.
         agents = store.agents_dir
         granted = {r.name for r in self.runtime.records() if r.grants}
