@@ -87,6 +87,10 @@ class SystemdBus(Protocol):
 
     def reload(self) -> None: ...
 
+    def start_unit(self, name: str) -> None: ...
+
+    def loaded(self, names: list[str]) -> list[str]: ...
+
 
 # Opens a SystemdBus to the container whose PID 1 is `leader`: (leader, timeout=, alive=) -> bus.
 Connect = Callable[..., SystemdBus]
@@ -179,6 +183,22 @@ class ContainerBus:
 
     def reload(self) -> None:
         self._call(b"Reload")
+
+    def start_unit(self, name: str) -> None:
+        self._call(b"StartUnit", b"ss", name.encode(), b"replace")
+
+    def loaded(self, names: list[str]) -> list[str]:
+        """Which of `names` systemd holds in memory now (loaded, or a stub for a name something referred
+        to). ListUnitsByPatterns only lists; it loads nothing (ListUnitsByNames would). A name with a
+        glob character cannot be asked for exactly: it counts as loaded."""
+        if not names:
+            return []
+        if any(c in name for name in names for c in "*?[\\"):
+            return list(names)
+        reply = self._call(b"ListUnitsByPatterns", b"asas", [], [n.encode() for n in names])
+        body = reply.body  # pystemd unwraps a single return value: the array itself
+        found = {_s(entry[0]) for entry in (body if isinstance(body, list) else body[0])}
+        return [n for n in names if n in found]
 
 
 def exec_properties(argv: list[str], *, stdin: int | None, stdout: int, stderr: int, env: dict[str, str] | None = None,

@@ -56,8 +56,9 @@ def check(runtime: Runtime) -> list[Finding]:
             found.append(Finding("corrupt-record", str(d / records.RECORD), f"unreadable record ({exc})",
                                  "remove the container (processes in its cgroup are killed)"))
             continue
+        names.add(rec.boot_name)
         if rec.owner_alive():
-            busy.add(rec.name)
+            busy.update((rec.name, rec.boot_name))
         if rec.interrupted():
             what = rec.phase if rec.phase in records.TRANSITIONAL else "upgrade"
             found.append(Finding("interrupted", str(d), f"{rec.name}: its {what} was interrupted (pid {rec.owner_pid} is gone)",
@@ -70,7 +71,7 @@ def check(runtime: Runtime) -> list[Finding]:
     for entry in stale_temps(store.root):
         found.append(Finding("temp-file", str(entry), "a file half-written by a process that is gone (killed during an atomic write)",
                              "remove it"))
-    alive = {r.name for r in runtime.records() if r.alive()}
+    alive = {r.boot_name for r in runtime.records() if r.alive()}  # the names their cgroups and nspawn's dirs have
     if not runtime.host.systemd:
         for name in sorted(cgroups.names(parent=store.cgroup_parent)):
             if name not in alive and name not in busy and not name.startswith(".build-"):

@@ -306,6 +306,20 @@ def _wait(p: subprocess.Popen, placer: Placer | None) -> int:
     return p.wait()
 
 
+def held_dir(fd: int) -> Path:
+    """A path that reaches the directory open at `fd` in this process, wherever it has been renamed to."""
+    return Path(f"/proc/{os.getpid()}/fd/{fd}")
+
+
+def still_in(fd: int, parent: str) -> bool:
+    """Whether the directory open at `fd` is still an entry of `parent` (not moved out, not deleted)."""
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+    return os.path.dirname(where) == parent.rstrip("/")
+
+
 def run_monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None,
              on_exit: Callable[[Path], None] | None, gate: int | None = None) -> None:
     """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
@@ -327,15 +341,21 @@ def run_monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: 
             os.closerange(low, keep)
             low = keep + 1
         os.closerange(low, 65536)
+        # The container's directory, held open: a container claimed from a warm pool is renamed while it
+        # runs, and everything below reaches its directory through this descriptor, wherever it now is.
+        containers = str(cdir.parent)
+        dir_fd = os.open(cdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        boot_dir = cdir
+        cdir = held_dir(dir_fd)
 
-        writable = [str(cdir.parent.parent), "/run", *nspawn.writable_sources(argv)]
+        writable = [str(boot_dir.parent.parent), "/run", *nspawn.writable_sources(argv)]
 
         def before_exec() -> None:  # in nspawn's process
             if cgroup:
                 cgroups.join(name, parent=cgroup)
             if gate is not None:
                 _pass(gate)
-            mountns.confine(writable, private_under=str(cdir.parent), keep=str(cdir))  # see mountns.confine
+            mountns.confine(writable, private_under=containers, keep=str(boot_dir))  # see mountns.confine
 
         out = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -356,7 +376,7 @@ def run_monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: 
         os.close(reply_fd)
         placer = Placer(name, cdir, cgroup, out) if cgroup and cgroups.Layout.detect().kind != "v2" else None
         rc = _wait(p, placer)
-        if cdir.exists():
+        if still_in(dir_fd, containers):  # not removed (renamed to the trash) meanwhile
             try:
                 records.mark_exit(cdir, rc)
             except OSError:  # a full store: the clean-up below matters more

@@ -284,7 +284,7 @@ class Plumbing:
                 if made or not firewall.covers(self.table, net.bridge):  # a network's first use (or a table lost)
                     with self.lock():
                         self._sync_locked()
-                netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.name), address, address6, netns_fd=fd)
+                netlink.attach(os.getpid(), None, net, host_interface(self.tag, rec.boot_name), address, address6, netns_fd=fd)
             self._write_names(rec, str(address), peers, net.name)
         except BaseException:
             self.release(rec)
@@ -350,7 +350,7 @@ class Plumbing:
         if sweep:
             # Veth pairs left whole on the host: a start cut short between making the pair and handing
             # one end (pv…) to the container's namespace, which would have taken the pair with it.
-            keep = {host_interface(self.tag, c) for members in by_network.values() for c, _ in members}
+            keep = {host_interface(self.tag, recs[c].boot_name) for members in by_network.values() for c, _ in members}
             present = set(netlink.links(os.getpid()))
             for link in present:
                 if link.startswith(f"tv{self.tag}-") and link not in keep and "p" + link[1:] in present:
@@ -382,7 +382,7 @@ class Plumbing:
             else:
                 out.append((f"address {address} on network {network}", f"held for {container}, which does not run"))
         present = set(netlink.links(os.getpid()))
-        keep = {host_interface(self.tag, c) for c in holders}
+        keep = {host_interface(self.tag, recs[c].boot_name) for c in holders}
         out += [(f"link {link}", "a veth pair of no running container") for link in sorted(present)
                 if link.startswith(f"tv{self.tag}-") and link not in keep and "p" + link[1:] in present]
         if not holders and firewall.table_exists(self.table):

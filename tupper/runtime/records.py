@@ -131,9 +131,20 @@ class Record:
     monitor_pid: int = 0
     leader_pid: int = 0
     started_at: float = 0.0
+    # The name its current (or last) boot was made under: nspawn's machine name, its cgroups, its veth.
+    # "" means `name`; it differs for a container claimed from a warm pool until its next start.
+    machine: str = ""
+    # A warm pool's container, booted ahead with no components: the image whose pool it waits in ("" once claimed).
+    pool: str = ""
 
     FIELDS = ("name", "image", "spec_file", "created_at", "stop_timeout", "start_timeout", "restart_policy", "restart_delay", "restart_limit", "grants", "labels", "components", "volumes", "resources", "network", "address", "address6", "phase",
-              "owner_pid", "owner_starttime", "upgrade", "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at")
+              "owner_pid", "owner_starttime", "upgrade", "nspawn_pid", "nspawn_starttime", "monitor_pid", "leader_pid", "started_at",
+              "machine", "pool")
+
+    @property
+    def boot_name(self) -> str:
+        """The name nspawn, the cgroups and the veth pair of its current (or last) boot have."""
+        return self.machine or self.name
 
     @property
     def rootfs(self) -> Path:

@@ -29,7 +29,7 @@ from tupper.model.network import NetworkSpec
 from tupper.model.resources import Resources
 from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
-from tupper.runtime import monitor, records, shells
+from tupper.runtime import monitor, pools, records, shells
 from tupper.runtime.live import LiveChanges
 from tupper.runtime.network import Plumbing
 from tupper.runtime.records import ComponentEntry, Record, VolumeEntry
@@ -296,10 +296,16 @@ class Runtime:
             built = images.build(image_def, progress=progress)
         return built.path
 
-    def run(self, spec: Spec, *, keep_failed: bool = False, progress: Progress = SILENT) -> RunResult:
+    def run(self, spec: Spec, *, keep_failed: bool = False, progress: Progress = SILENT, cold: bool = False) -> RunResult:
         """create + start; a failed run leaves nothing behind unless `keep_failed`. A run whose process
-        dies half-way is undone by `recover` (the record says `creating` with a dead owner)."""
+        dies half-way is undone by `recover` (the record says `creating` with a dead owner). Where a warm
+        pool holds a ready container of the spec's image (and `cold` is false), that one is claimed
+        instead (`claim`)."""
         t0 = time.monotonic()
+        if not cold:
+            claimed = self.claim(spec, keep_failed=keep_failed, progress=progress)
+            if claimed is not None:
+                return RunResult(claimed[0].to_json(), claimed[1], time.monotonic() - t0)
         new_volumes = [v.source for v in spec.volumes if v.named and not Volumes(self.store).exists(v.source)]
         try:
             rec = self.create(spec, progress)
@@ -321,8 +327,9 @@ class Runtime:
             raise
         return RunResult(rec.to_json(), states, time.monotonic() - t0)
 
-    def create(self, spec: Spec, progress: Progress = SILENT) -> Record:
-        """Snapshot the image, write the components' units, save the record. Nothing runs yet.
+    def create(self, spec: Spec, progress: Progress = SILENT, *, pool: str = "") -> Record:
+        """Snapshot the image, write the components' units, save the record. Nothing runs yet. `pool`:
+        a warm pool's container of that image (no components, no units of tupper's).
 
         The container's directory appears complete with its record in one rename (the record says
         `creating`, owned by this process), so a crash at any moment leaves either nothing under
@@ -339,30 +346,7 @@ class Runtime:
         staging.mkdir(mode=0o700)
         with contextlib.ExitStack() as undo:
             undo.callback(self.store.remove_tree, staging)
-            rec = Record(
-                name=spec.name,
-                dir=staging,
-                image=spec.image,
-                spec_file=spec.file,
-                created_at=time.time(),
-                stop_timeout=spec.stop_timeout,
-                start_timeout=spec.start_timeout,
-                restart_policy=spec.restart_policy,
-                restart_delay=spec.restart_delay,
-                restart_limit=spec.restart_limit,
-                grants=dict(spec.grants),
-                labels=dict(spec.labels),
-                volumes=volumes,
-                components=[
-                    records.ComponentEntry(name=u.component.name, version=u.component.version, mount=u.component.mount,
-                                           units=u.component.units, source=str(u.component.root), env=u.env,
-                                           requires=u.component.requires, secrets=u.component.secrets,
-                                           on_rotate=u.component.on_rotate, resources=u.resources, health=u.component.health)
-                    for u in spec.components
-                ],
-                resources=spec.resources,
-                network=network,
-            )
+            rec = Record(dir=staging, pool=pool, **self._spec_fields(spec, network, volumes))
             rec.begin("creating")
             rec.save()
             with self.store.lock():
@@ -378,9 +362,36 @@ class Runtime:
             undo.callback(self._discard, cdir, spec.name)
             with progress.step(f"Snapshotting image {spec.image}"):
                 self.store.make_root(image_path, rec.rootfs)
-                self._prepare_rootfs(rec.rootfs, spec)
+                self._prepare_rootfs(rec.rootfs, spec, units=not pool)
             undo.pop_all()
         return rec
+
+    @staticmethod
+    def _spec_fields(spec: Spec, network: NetworkSpec, volumes: list[VolumeEntry]) -> dict:
+        """What a container's record takes from its spec (a new one's, or a claimed pool container's)."""
+        return dict(
+            name=spec.name,
+            image=spec.image,
+            spec_file=spec.file,
+            created_at=time.time(),
+            stop_timeout=spec.stop_timeout,
+            start_timeout=spec.start_timeout,
+            restart_policy=spec.restart_policy,
+            restart_delay=spec.restart_delay,
+            restart_limit=spec.restart_limit,
+            grants=dict(spec.grants),
+            labels=dict(spec.labels),
+            volumes=volumes,
+            components=[
+                records.ComponentEntry(name=u.component.name, version=u.component.version, mount=u.component.mount,
+                                       units=u.component.units, source=str(u.component.root), env=u.env,
+                                       requires=u.component.requires, secrets=u.component.secrets,
+                                       on_rotate=u.component.on_rotate, resources=u.resources, health=u.component.health)
+                for u in spec.components
+            ],
+            resources=spec.resources,
+            network=network,
+        )
 
     def _check_name_free(self, spec: Spec) -> None:
         if self._dir(spec.name).exists():
@@ -491,7 +502,8 @@ class Runtime:
                        hint=f"`tupper store check --repair` finishes it, or `tupper rm {rec.name}`")
         if not first:
             rec.begin("starting")
-            rec.save()
+        rec.machine = ""  # this boot is made under its own name (a claimed pool container's was the pool's)
+        rec.save()
         with contextlib.ExitStack() as undo:
             undo.callback(self._abort_start, rec)  # whatever fails from here on ends the phase
             self._check_inotify(progress)
@@ -511,7 +523,7 @@ class Runtime:
                     # The namespace is wired up (veth pair, host0, /etc/hosts) while the monitor and nspawn's
                     # process are made; nspawn is executed only once that is done (monitor.Gate).
                     with monitor.Gate(joining.wire) if joining else contextlib.nullcontext() as gate:
-                        argv = nspawn.boot_argv(rec.name, rec.rootfs, binds, self.host, cgroups.systemd_properties(rec.resources),
+                        argv = nspawn.boot_argv(rec.boot_name, rec.rootfs, binds, self.host, cgroups.systemd_properties(rec.resources),
                                                 nspawn.network_args(rec.network.mode, joining.path if joining else None))
                         self._make_cgroups(rec, progress)
                         self._start(rec, argv, gate.fd if gate else None)
@@ -521,27 +533,39 @@ class Runtime:
                 self.net.publish(rec)  # while systemd inside boots
                 bus = self.connect_bus(rec.leader_pid, timeout=rec.start_timeout, alive=rec.alive)
             undo.callback(bus.close)
-            with progress.step(f"Starting {len(rec.units)} unit(s)"):
-                states, failures = self._wait_units(rec, bus, rec.units, rec.start_timeout, progress)
-            unhealthy: list[HealthFailure] = []
-            if not failures and (checked := [c for c in rec.components if c.health]):
-                with progress.step(f"Waiting for {len(checked)} health check(s)"):
-                    unhealthy = self._wait_healthy(rec, checked, progress)
-            if failures or unhealthy:
-                if not keep_failed:
-                    self._halt(rec, bus, rec.stop_timeout)
-                    self.net.release(rec)
-                rec.end("failed")
+            if rec.pool:
+                with progress.step("Waiting for systemd to finish booting"):
+                    self._wait_booted(rec, bus)
+            try:
+                states = self._settle_units(rec, bus, keep_failed, progress)
+            except RunFailed:
+                undo.pop_all()  # the container was dealt with, its phase recorded
                 bus.close()
-                undo.pop_all()
-                if failures:
-                    names = ", ".join(f"{f.unit} ({f.result or f.active_state})" for f in failures)
-                    raise RunFailed(f"{rec.name}: unit(s) failed: {names}", failures, kept=keep_failed)
-                names = ", ".join(f.component for f in unhealthy)
-                raise RunFailed(f"{rec.name}: component(s) never became healthy: {names}", unhealthy, kept=keep_failed)
-            rec.end("running")
-            bus.close()
+                raise
             undo.pop_all()
+            bus.close()
+        return states
+
+    def _settle_units(self, rec: Record, bus: SystemdBus, keep_failed: bool, progress: Progress) -> list[UnitState]:
+        """Wait for the container's units to be active and its components healthy; record it running.
+        On a failure it is stopped (unless `keep_failed`), recorded `failed`, and RunFailed raised."""
+        with progress.step(f"Starting {len(rec.units)} unit(s)"):
+            states, failures = self._wait_units(rec, bus, rec.units, rec.start_timeout, progress)
+        unhealthy: list[HealthFailure] = []
+        if not failures and (checked := [c for c in rec.components if c.health]):
+            with progress.step(f"Waiting for {len(checked)} health check(s)"):
+                unhealthy = self._wait_healthy(rec, checked, progress)
+        if failures or unhealthy:
+            if not keep_failed:
+                self._halt(rec, bus, rec.stop_timeout)
+                self.net.release(rec)
+            rec.end("failed")
+            if failures:
+                names = ", ".join(f"{f.unit} ({f.result or f.active_state})" for f in failures)
+                raise RunFailed(f"{rec.name}: unit(s) failed: {names}", failures, kept=keep_failed)
+            names = ", ".join(f.component for f in unhealthy)
+            raise RunFailed(f"{rec.name}: component(s) never became healthy: {names}", unhealthy, kept=keep_failed)
+        rec.end("running")
         return states
 
     def _abort_start(self, rec: Record) -> None:
@@ -551,14 +575,15 @@ class Runtime:
         self.net.release(rec)
         rec.end("failed")
 
-    def _prepare_rootfs(self, rootfs: Path, spec: Spec) -> None:
+    def _prepare_rootfs(self, rootfs: Path, spec: Spec, *, units: bool = True) -> None:
         # A machine id of its own: journald files and `journalctl --root` find the container's journal by it.
         # Everything written into the root stays inside it (tupper.inroot): an image may hold symlinks.
         with Root(rootfs) as root:
             root.write_text("etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
             # nspawn sets the hostname to the machine name only where the image has no /etc/hostname.
             root.unlink("etc/hostname")
-        unitfiles.write(rootfs, unitfiles.plan(spec))
+        if units:  # a pool container gets its units when claimed: systemd must never have seen their names
+            unitfiles.write(rootfs, unitfiles.plan(spec))
 
     @staticmethod
     def _make_mount_points(rec: Record, targets: list[str]) -> None:
@@ -574,19 +599,21 @@ class Runtime:
                                  hint=f"the container changed {target} or a directory above it into something else; "
                                       f"`tupper rm {rec.name}` and run it again") from None
 
-    def _make_cgroups(self, rec: Record, progress: Progress) -> None:
+    def _make_cgroups(self, rec: Record, progress: Progress, *, exist: bool = False) -> None:
         """The container's cgroups with its limits, and its components' (cgroup v1), before nspawn
-        starts in them. On a systemd host machined makes the scope (with the limits as properties)."""
+        starts in them. On a systemd host machined makes the scope (with the limits as properties).
+        `exist`: the container's own are there (a claimed pool container's): its limits only."""
         if self.host.systemd:
             return
         parent = self.store.cgroup_parent
         layout = cgroups.Layout.detect()
         try:
-            cgroups.create(rec.name, parent=parent, layout=layout)
-            notes = cgroups.apply(cgroups.controller_dirs(rec.name, parent, layout=layout), rec.resources, layout.kind)
+            if not exist:
+                cgroups.create(rec.boot_name, parent=parent, layout=layout)
+            notes = cgroups.apply(cgroups.controller_dirs(rec.boot_name, parent, layout=layout), rec.resources, layout.kind)
             for c in rec.components:
-                cgroups.create_component(rec.name, c.name, parent=parent, layout=layout)
-                for note in cgroups.apply(cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout), c.resources, layout.kind):
+                cgroups.create_component(rec.boot_name, c.name, parent=parent, layout=layout)
+                for note in cgroups.apply(cgroups.controller_dirs(rec.boot_name, parent, component=c.name, layout=layout), c.resources, layout.kind):
                     notes.append(f"component {c.name}: {note}")
         except cgroups.LimitError as exc:
             raise Failed(f"container {rec.name!r}: {exc.strerror}", hint="check the [resources] of its spec (docs/resources.md)") from None
@@ -612,6 +639,17 @@ class Runtime:
         rec.started_at = time.time()
         rec.leader_pid = monitor.find_leader(rec.nspawn_pid, rec.alive, rec.dir / "console.log")
         rec.save()
+
+    @staticmethod
+    def _wait_booted(rec: Record, bus: SystemdBus) -> None:
+        """Until the container's systemd has finished booting (a pool container is ready then)."""
+        deadline = time.monotonic() + rec.start_timeout
+        while (state := bus.system_state()) in ("initializing", "starting"):
+            if not rec.alive():
+                raise Failed(f"{rec.name}: the container exited while it booted")
+            if time.monotonic() > deadline:
+                raise Failed(f"{rec.name}: systemd is still {state} after {rec.start_timeout:.0f}s")
+            time.sleep(0.01)
 
     def _wait_units(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress):
         deadline = time.monotonic() + timeout
@@ -685,15 +723,17 @@ class Runtime:
         """Undo a run, or finish a remove: nothing of the container may remain. Called with the store
         lock held. The directory leaves containers/ in one rename before it is deleted, so a crash
         leaves either the container (still removable) or garbage in tmp/ that `store check` removes."""
+        boot_name = name
         try:
             rec = Record.load(cdir)
+            boot_name = rec.boot_name
             if rec.alive():
                 self._kill(rec)
         except NotFound:
             pass
         if not self.host.systemd:
-            cgroups.remove(name, parent=self.store.cgroup_parent)
-        nspawn.remove_runtime_dirs(name)
+            cgroups.remove(boot_name, parent=self.store.cgroup_parent)
+        nspawn.remove_runtime_dirs(boot_name)
         if not cdir.exists():
             return
         trash = self.store.scratch("trash", name)
@@ -767,8 +807,8 @@ class Runtime:
             with contextlib.suppress(OSError):
                 records.mark_exit(rec.dir, None, note="its monitor was killed: the exit status is unknown")
         if not self.host.systemd:
-            cgroups.remove(rec.name, parent=self.store.cgroup_parent)
-        nspawn.remove_runtime_dirs(rec.name)
+            cgroups.remove(rec.boot_name, parent=self.store.cgroup_parent)
+        nspawn.remove_runtime_dirs(rec.boot_name)
 
     def update(self, name: str, component: str | None, changes: dict[str, str]) -> UpdateResult:
         """Change resource limits of a container (or of one of its components), live if it runs
@@ -804,7 +844,7 @@ class Runtime:
         if component is not None and layout.kind == "v2":
             raise Failed(f"container {rec.name!r}: live updates of a component on a pure cgroup2 host (through the "
                          "container's systemd) are not supported yet", hint="stop the container, update it, start it again")
-        dirs = cgroups.controller_dirs(rec.name, self.store.cgroup_parent, component=component, layout=layout)
+        dirs = cgroups.controller_dirs(rec.boot_name, self.store.cgroup_parent, component=component, layout=layout)
         try:
             return cgroups.apply(dirs, new, layout.kind)
         except cgroups.LimitError as exc:
@@ -894,6 +934,174 @@ class Runtime:
             return self.live.recover_upgrade(rec)
         return None
 
+
+    # ---- warm pools (tupper.runtime.pools, docs/pools.md) ------------------------------------------
+
+    def pool_members(self, image: str | None = None) -> list[Record]:
+        """The pools' containers (of one image), ready, booting or broken."""
+        return [r for r in self.records() if r.pool and (image is None or r.pool == image)]
+
+    def list_pools(self) -> list[pools.PoolView]:
+        return pools.views(pools.load(self.store.root), self.pool_members())
+
+    def set_pool(self, image: str, size: int) -> pools.PoolView:
+        """Keep `size` containers of `image` booted (tupperd fills the pool in the background; see fill_pool)."""
+        pools.check_size(size)
+        if self.host.systemd:
+            raise Failed("warm pools are not supported on a host run by systemd yet (machined registers a machine at its boot)",
+                         hint="run without a pool; `tupper run` boots cold")
+        if not Images(self.store).exists(image):
+            raise NotFound(f"no image {image!r} in the store", hint="`tupper image ls` lists them; build or import it first")
+        with self.store.lock():
+            configured = pools.load(self.store.root)
+            configured[image] = size
+            pools.save(self.store.root, configured)
+        return next(v for v in self.list_pools() if v.image == image)
+
+    def remove_pool(self, image: str) -> list[str]:
+        """Forget the pool of `image` and remove its containers that are not being claimed; their names."""
+        with self.store.lock():
+            configured = pools.load(self.store.root)
+            if image not in configured and not self.pool_members(image):
+                raise NotFound(f"no pool of image {image!r}", hint="`tupper pool ls` lists them")
+            configured.pop(image, None)
+            pools.save(self.store.root, configured)
+        return self.drain_pool(image)
+
+    def drain_pool(self, image: str) -> list[str]:
+        """Remove what the pool of `image` holds beyond its size: extra ready containers (the newest
+        first), and members that died or failed to boot. Booting ones are left to their booter."""
+        size = pools.load(self.store.root).get(image, 0)
+        members = self.pool_members(image)
+        ready = sorted((r for r in members if pools.member_state(r) == "ready"), key=lambda r: r.started_at)
+        doomed = ready[size:] + [r for r in members if pools.member_state(r) not in ("ready", "booting")]
+        return [rec.name for rec in doomed if self._retire(rec)]
+
+    def _retire(self, rec: Record) -> bool:
+        """Remove a pool container unless someone (a claim) took it meanwhile."""
+        with self.store.lock():
+            try:
+                rec = Record.load(rec.dir)
+            except (NotFound, ValueError, KeyError, TypeError):
+                return False
+            if not rec.pool or rec.owner_alive():
+                return False
+            rec.begin("removing")
+            rec.save()
+        if rec.alive():
+            self._kill(rec)
+        self.net.release(rec)
+        with self.store.lock():
+            self._discard(rec.dir, rec.name)
+        return True
+
+    def pool_wants(self) -> list[str]:
+        """The images whose pool has fewer ready or booting containers than its size, the emptiest first."""
+        configured = pools.load(self.store.root)
+        views = [v for v in pools.views(configured, self.pool_members()) if v.size > 0]
+        short = [(sum(m.state in ("ready", "booting") for m in v.members) - v.size, v.image) for v in views]
+        return [image for gap, image in sorted(short) if gap < 0]
+
+    def fill_pool(self, image: str, progress: Progress = SILENT) -> Record:
+        """Boot one container into the pool of `image`: no components, systemd booted to `running`."""
+        taken = {d.name for d in self.store.containers_dir.iterdir()}
+        spec = Spec(name=pools.new_name(taken), image=image, components=(), file=f"<pool {image}>", network=pools.POOL_NETWORK)
+        rec = self.create(spec, progress, pool=image)
+        try:
+            self.start(rec, progress=progress, first=True)
+        except BaseException:
+            with self.store.lock():
+                self._discard(rec.dir, rec.name)
+            raise
+        return self.record(rec.name)
+
+    def claim(self, spec: Spec, *, keep_failed: bool = False, progress: Progress = SILENT) -> tuple[Record, list[UnitState]] | None:
+        """Run `spec` in a ready container of its image's warm pool, if there is one and the spec asks
+        for nothing a booted container cannot take (pools.cold_reasons); None: boot cold instead.
+
+        The container takes the spec's name (its directory renamed, its address moved), hostname,
+        limits, components (bind mounts put into its mount namespace), unit files, secrets agent and
+        published ports; then its units are started through its systemd without a daemon-reload where
+        systemd never loaded their names (see docs/pools.md). A claim that fails half-way, or whose
+        units fail, destroys the container: it never goes back into the pool."""
+        if not any(r.pool == spec.image for r in self.records()):
+            return None
+        why = pools.cold_reasons(spec, systemd_host=self.host.systemd, cgroup_kind=cgroups.Layout.detect().kind)
+        if why:
+            progress.note(f"{spec.name}: booting cold, not from the pool: {why[0]}")
+            return None
+        self._check_name_free(spec)
+        self._check_units_do_not_shadow_the_image(spec, Images(self.store).path(spec.image))
+        self._check_secrets(spec)
+        network = self._check_network(spec)
+        rec = self._take_from_pool(spec, network)
+        if rec is None:
+            return None
+        try:
+            states = self._configure_claimed(rec, spec, keep_failed, progress)
+        except RunFailed as exc:
+            if not exc.kept:
+                with self.store.lock():
+                    self._discard(rec.dir, rec.name)
+            raise
+        except BaseException:
+            if rec.alive():
+                self._kill(rec)
+            self.net.release(rec)
+            with self.store.lock():
+                self._discard(rec.dir, rec.name)
+            raise
+        return rec, states
+
+    def _take_from_pool(self, spec: Spec, network: NetworkSpec) -> Record | None:
+        """Under the network and store locks: the oldest ready pool container of the spec's image becomes
+        the spec's container (record, directory, address), owned by this process (phase `creating`: a
+        claim cut short is undone by `recover`, like a run)."""
+        net = self.net
+        with net.lock():
+            with self.store.lock():
+                self._check_name_free(spec)
+                ready = sorted((r for r in self.records() if r.pool == spec.image and pools.member_state(r) == "ready"),
+                               key=lambda r: r.started_at)
+                if not ready:
+                    return None
+                rec = ready[0]
+                old = rec.name
+                rec.begin("creating")
+                rec.machine, rec.pool = rec.boot_name, ""
+                for key, value in self._spec_fields(spec, network, []).items():
+                    setattr(rec, key, value)
+                rec.started_at = rec.created_at
+                rec.save()
+                pools.fsync_rename(rec.dir, self._dir(spec.name))
+                rec.dir = self._dir(spec.name)
+            net.networks.rename(old, spec.name)
+        return rec
+
+    def _configure_claimed(self, rec: Record, spec: Spec, keep_failed: bool, progress: Progress) -> list[UnitState]:
+        from tupper.container import mountns
+
+        with progress.step(f"Claiming a warm {spec.image} container for {rec.name}"):
+            mountns.set_hostname(rec.leader_pid, nspawn.machine_name(rec.name))
+            self._make_cgroups(rec, progress, exist=True)
+            binds = [(c.source, c.mount) for c in rec.components]
+            self._make_mount_points(rec, [target for _, target in binds])
+            if rec.grants:
+                binds.append((str(self.store.agent_dir(rec.name)), unitfiles.AGENT_DIR))
+            for source, target in binds:
+                mountns.replace_mount(rec.leader_pid, source, target)
+            unitfiles.write(rec.rootfs, unitfiles.plan(spec))
+            self.net.publish(rec)  # its published ports, its name in every /etc/hosts
+        bus = self.connect_bus(rec.leader_pid, timeout=5.0, alive=rec.alive)
+        try:
+            # systemd reads a unit file when a name is first referred to; one it has never seen is loaded
+            # from disk, drop-ins included, by StartUnit. A name it holds (the image refers to it) needs a reload.
+            if bus.loaded([unitfiles.TARGET, *rec.units]):
+                bus.reload()
+            bus.start_unit(unitfiles.TARGET)
+            return self._settle_units(rec, bus, keep_failed, progress)
+        finally:
+            bus.close()
 
     # ---- named volumes -------------------------------------------------------------------------
 
@@ -1036,7 +1244,7 @@ class Runtime:
         out["nspawn_pid"] = rec.nspawn_pid if rec.alive() else None
         out["monitor_pid"] = rec.monitor_pid if rec.alive() else None
         out["phase"] = rec.phase
-        out["cgroups"] = {k: str(v) for k, v in cgroups.controller_dirs(rec.name, self.store.cgroup_parent).items()}
+        out["cgroups"] = {k: str(v) for k, v in cgroups.controller_dirs(rec.boot_name, self.store.cgroup_parent).items()}
         out["mounts"] = [{"source": c.source, "target": c.mount, "read_only": True, "component": c.name} for c in rec.components]
         out["mounts"] += [{"source": v.source, "target": v.target, "read_only": v.read_only, "component": None, "volume": v.volume or None}
                           for v in rec.volumes]
@@ -1067,12 +1275,12 @@ class Runtime:
         """Where the container's OOM kills are counted: found once, read as often as wanted (tupperd)."""
         parent = self.store.cgroup_parent
         layout = cgroups.Layout.detect()
-        mine = cgroups.controller_dirs(rec.name, parent, layout=layout)
+        mine = cgroups.controller_dirs(rec.boot_name, parent, layout=layout)
         top = mine.get("memory") or mine.get("unified")
         hierarchy = layout.controller("memory")  # the unified one on a pure cgroup2 host
         memcg = "/" + str(top.relative_to(hierarchy.mount)) if top is not None and hierarchy is not None else None
         return OOMCounter(total=top,
-                          components=tuple((c.name, cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout).get("memory"))
+                          components=tuple((c.name, cgroups.controller_dirs(rec.boot_name, parent, component=c.name, layout=layout).get("memory"))
                                            for c in rec.components),
                           nested=layout.kind == "v2", memcg=memcg,
                           units=tuple((u, c.name) for c in rec.components for u in c.units))
@@ -1106,17 +1314,17 @@ class Runtime:
         now = time.time()
         if not rec.alive() or self.host.systemd:
             return ContainerStats(rec.name, rec.state(), rec.started_at, Usage(at=now))
-        usage = Usage(at=now, **cgroups.usage(cgroups.controller_dirs(rec.name, parent, layout=layout), layout.kind),
-                      pressure=_pressure(cgroups.pressure(layout.unified_dir(parent, rec.name))))
+        usage = Usage(at=now, **cgroups.usage(cgroups.controller_dirs(rec.boot_name, parent, layout=layout), layout.kind),
+                      pressure=_pressure(cgroups.pressure(layout.unified_dir(parent, rec.boot_name))))
         comps = []
         for c in rec.components:
-            unit_dirs = [d for u in c.units if (d := cgroups.unit_dir(rec.name, u, parent, layout, unified=True)) is not None]
+            unit_dirs = [d for u in c.units if (d := cgroups.unit_dir(rec.boot_name, u, parent, layout, unified=True)) is not None]
             if layout.kind == "v2":  # the component's units' cgroups, added up
                 parts = [cgroups.usage({"unified": d}, "v2") for d in unit_dirs]
                 figures = {k: sum(p[k] or 0 for p in parts) if any(p.get(k) is not None for p in parts) else None
                            for k in ("cpu_ns", "memory", "memory_peak", "io_read", "io_write", "pids")}
             else:
-                figures = cgroups.usage(cgroups.controller_dirs(rec.name, parent, component=c.name, layout=layout), layout.kind)
+                figures = cgroups.usage(cgroups.controller_dirs(rec.boot_name, parent, component=c.name, layout=layout), layout.kind)
             # A component's pressure: its most stalled unit's.
             worst: dict[str, tuple[float | None, float | None]] = {}
             for d in unit_dirs:

@@ -136,6 +136,16 @@ class Networks:
                 self._write(data)
             return left
 
+    def rename(self, old: str, new: str) -> None:
+        """The addresses of container `old` are `new`'s now (a warm pool's container claimed under its name)."""
+        with self.lock():
+            data = self._read()
+            moved = [allocs for allocs in data["allocations"].values() if old in allocs]
+            for allocs in moved:
+                allocs[new] = allocs.pop(old)
+            if moved:
+                self._write(data)
+
     def allocations(self) -> Iterator[tuple[str, str, ipaddress.IPv4Address]]:
         """(network, container, address) of every allocation."""
         for n, allocs in sorted(self._read()["allocations"].items()):
