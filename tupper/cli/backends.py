@@ -25,7 +25,7 @@ class DaemonBackend:
 
         self.client = Client()
 
-    def run(self, spec_path: str, name: str | None, keep_failed: bool, progress: Progress, wait: bool = True) -> dict:
+    def run(self, spec_path: str, name: str | None, keep_failed: bool, progress: Progress, wait: bool = True, cold: bool = False) -> dict:
         from tupper.cli.ui import RemoteProgress
 
         target = name or _spec_name(spec_path)
@@ -35,7 +35,7 @@ class DaemonBackend:
             rule += f",arg0='{target}'"
         self.client.subscribe(rule, lambda m: remote.handle(*m.body[1:]) if m.member == "Progress" else None)
         try:
-            return self.client.run(os.path.realpath(spec_path), name, keep_failed, wait)  # tupperd reads and checks it
+            return self.client.run(os.path.realpath(spec_path), name, keep_failed, wait, cold)  # tupperd reads and checks it
         finally:
             remote.close()
 
@@ -51,6 +51,7 @@ class DirectBackend:
         from tupper.store.store import Store
 
         self.runtime = Runtime(Store.open(root, progress=progress))
+        self.progress = progress
 
     def _not_served(self) -> None:
         """One truth per store: where a tupperd serves the store, container verbs that change anything
@@ -62,17 +63,34 @@ class DirectBackend:
             raise Busy(f"tupperd (pid {pid}) serves the store {self.runtime.store.root}: --direct would act behind its back",
                        hint="drop --direct (and --root): the command then goes through tupperd")
 
-    def run(self, spec_path: str, name: str | None, keep_failed: bool, progress: Progress, wait: bool = True) -> dict:
+    def run(self, spec_path: str, name: str | None, keep_failed: bool, progress: Progress, wait: bool = True, cold: bool = False) -> dict:
         from pathlib import Path
 
         from tupper.model import spec as specmod
 
         self._not_served()
         spec = specmod.load(Path(spec_path), name=name, resolve=self.runtime.resolve_component)
-        return self.runtime.run(spec, keep_failed=keep_failed, progress=progress).to_json()
+        return self.runtime.run(spec, keep_failed=keep_failed, progress=progress, cold=cold).to_json()
+
+    def pool_set(self, image: str, size: int) -> dict:
+        """Without tupperd nobody refills in the background: the pool is filled (or drained) here, now."""
+        self._not_served()
+        self.runtime.set_pool(image, size)
+        self.runtime.drain_pool(image)
+        while image in self.runtime.pool_wants():
+            rec = self.runtime.fill_pool(image, self.progress)
+            self.progress.note(f"pool {image}: {rec.name} ready")
+        return next(v.to_json() for v in self.runtime.list_pools() if v.image == image)
+
+    def pool_list(self) -> builtins.list[dict]:
+        return [v.to_json() for v in self.runtime.list_pools()]
+
+    def pool_remove(self, image: str) -> builtins.list[str]:
+        self._not_served()
+        return self.runtime.remove_pool(image)
 
     def list(self) -> builtins.list[dict]:
-        return [r.to_json() for r in self.runtime.records()]
+        return [r.to_json() for r in self.runtime.records() if not r.pool]  # a warm pool's: `pool ls`, `ps --all`
 
     def status(self, name: str) -> dict:
         return self.runtime.status(name).to_json()
@@ -104,7 +122,7 @@ class DirectBackend:
 
     def shutdown_all(self) -> builtins.list[str]:
         self._not_served()
-        running = self.runtime.shutdown_order()
+        running = [r for r in self.runtime.shutdown_order() if not r.pool]
         for rec in running:
             self.runtime.stop(rec.name)
         return [r.name for r in running]

@@ -179,10 +179,14 @@ class Client:
 
     # ---- the verbs ----------------------------------------------------------------------------
 
-    def run(self, spec_path: str, name: str | None, keep_failed: bool, wait: bool = True) -> dict:
+    def run(self, spec_path: str, name: str | None, keep_failed: bool, wait: bool = True, cold: bool = False) -> dict:
         """Run answers at once with the job; Wait answers when it has ended (with the run's result, or
-        its error). wait=False: only the job, as {name, job}."""
-        container, job = self.call("Run", "ssb", [spec_path, name or "", keep_failed])
+        its error). wait=False: only the job, as {name, job}. cold: RunWith's option (no warm pool)."""
+        if cold:
+            options = {"keep_failed": ("b", keep_failed), "cold": ("b", True)}
+            container, job = self.call("RunWith", "ssa{sv}", [spec_path, name or "", options])
+        else:
+            container, job = self.call("Run", "ssb", [spec_path, name or "", keep_failed])
         return self.wait(job) if wait else {"container": container, "job": job}
 
     def wait(self, job: str) -> dict:
@@ -244,6 +248,15 @@ class Client:
 
     def network_remove(self, name: str) -> None:
         self.call("RemoveNetwork", "s", [name])
+
+    def pool_set(self, image: str, size: int) -> dict:
+        return _plain("a{sv}", self.call("SetPool", "su", [image, size])[0])
+
+    def pool_list(self) -> builtins.list[dict]:
+        return _plain("aa{sv}", self.call("ListPools")[0])
+
+    def pool_remove(self, image: str) -> builtins.list[str]:
+        return list(self.call("RemovePool", "s", [image])[0])
 
     def open_shell(self, name: str, *, user: str | None, argv: builtins.list[str] | None, env: dict[str, str] | None,
                    workdir: str | None, term: str, rows: int, cols: int) -> tuple[int, str]:

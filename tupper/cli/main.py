@@ -31,7 +31,7 @@ Settings: a command-line flag wins over an environment variable, which wins over
 
 # Container verbs: served by tupperd unless --direct. Everything else runs in this process.
 DAEMON_COMMANDS = frozenset({"run", "ps", "status", "inspect", "stop", "start", "restart", "kill", "shutdown", "rm", "exec", "events", "update", "stats",
-                             "network", "port", "shell", "prune"})
+                             "network", "port", "shell", "prune", "pool"})
 
 
 def _path(text: str):
@@ -107,10 +107,12 @@ def _add_run(sub) -> None:
                        description="Snapshot the spec's image, bind its components, boot systemd with systemd-nspawn, "
                                    "and wait until every component unit is active. The container keeps running after tupper returns.",
                        **_examples("tupper run examples/web.toml", "tupper run examples/hello.toml --name hello2",
-                                   "tupper run spec.toml --keep-failed --json"))
+                                   "tupper run spec.toml --keep-failed --json", "tupper run spec.toml --cold"))
     r.add_argument("spec", help="spec file (TOML), see docs/spec.md")
     r.add_argument("--name", help="container name (default: the spec's `name`, else the file's stem)")
     r.add_argument("--keep-failed", action="store_true", help="when a unit fails, leave the container running for inspection")
+    r.add_argument("--cold", action="store_true", help="boot a new container even where a warm pool of the image has a ready one "
+                                                       "(see `tupper pool --help`)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     _wait_options(r)
 
@@ -127,6 +129,7 @@ def _add_ps(sub) -> None:
                         **_examples("tupper ps", "tupper ps --filter label=team=payments --filter state=running",
                                     "tupper ps --json | jq '.[].name'"))
     ps.add_argument("--json", action="store_true", help="JSON list of {name, state, image, leader_pid, ...}")
+    ps.add_argument("--all", "-a", action="store_true", help="also the warm pools' containers (state ready or booting; see `tupper pool`)")
     ps.add_argument("--filter", "-f", action="append", default=[], metavar="KEY=VALUE",
                     help="only containers that match: label=K or label=K=V, name=PART, state=STATE, image=NAME (again: all must match)")
 
@@ -432,8 +435,14 @@ _COMMANDS = {
     "kill": _add_kill, "update": _add_update, "port": _add_port, "network": _add_network, "shutdown": _add_shutdown, "events": _add_events, "daemon": _add_daemon, "rm": _add_rm, "exec": _add_exec, "shell": _add_shell,
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret, "volume": lambda sub: _volumes().add_volume(sub), "cp": lambda sub: _volumes().add_cp(sub),
-    "prune": lambda sub: _volumes().add_prune(sub),
+    "prune": lambda sub: _volumes().add_prune(sub), "pool": lambda sub: _pools().add_pool(sub),
 }
+
+
+def _pools():
+    from tupper.cli import pools
+
+    return pools
 
 
 def _volumes():
@@ -678,6 +687,8 @@ def dispatch(args) -> int:
         return cmd_stats(args, backend)
     if cmd == "network":
         return cmd_network(args, backend)
+    if cmd == "pool":
+        return _pools().cmd_pool(args, backend)
     if cmd == "port":
         return cmd_port(args, backend)
     if cmd == "shutdown":
@@ -908,10 +919,10 @@ def cmd_run(args, backend) -> int:
     if not args.wait:
         if args.direct:
             raise InvalidInput("run --no-wait: only tupperd takes jobs; --direct does the work in this process (drop one of them)")
-        taken = backend.run(args.spec, args.name, args.keep_failed, _progress(args), wait=False)
+        taken = backend.run(args.spec, args.name, args.keep_failed, _progress(args), wait=False, cold=args.cold)
         print(json.dumps(taken, indent=2) if args.json else f"job {taken['job']} runs {taken['container']}")
         return 0
-    result = backend.run(args.spec, args.name, args.keep_failed, _progress(args))
+    result = backend.run(args.spec, args.name, args.keep_failed, _progress(args), cold=args.cold)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -930,13 +941,14 @@ def cmd_ps(args, backend) -> int:
 
     from tupper.cli.ui import ago, table
 
-    recs = [r for r in backend.list() if all(_matches(r, f) for f in _filters(args.filter))]
+    listed = backend.list() + (_pools().pool_rows(backend.pool_list()) if args.all else [])
+    recs = [r for r in listed if all(_matches(r, f) for f in _filters(args.filter))]
     if args.json:
         print(json.dumps(recs, indent=2))
         return 0
     table(
         ["NAME", "STATE", "HEALTH", "IMAGE", "LEADER", "STARTED", "ADDRESS", "PORTS", "COMPONENTS"],
-        [[r["name"], r["state"], health_summary(r), r["image"], r["leader_pid"] or "-", ago(r["started_at"]),
+        [[r["name"], r["state"], health_summary(r), r["image"], r["leader_pid"] or "-", ago(r["started_at"]) if "pool" not in r else "-",
           address_summary(r), ",".join(r.get("ports", ())) or "-", ",".join(c["name"] for c in r["components"]) or "-"] for r in recs],
     )
     return 0

@@ -37,7 +37,7 @@ from tupper.busnames import (
     error_text,
 )
 from tupper.daemon.typed import prop, variant_map
-from tupper.errors import TupperError
+from tupper.errors import InvalidInput, TupperError
 
 __all__ = ["BUS_NAME", "MANAGER_PATH", "container_path"]  # tupperd's names, from tupper.busnames
 
@@ -198,6 +198,42 @@ class ManagerInterface(ServiceInterface):
         """Run a spec given as TOML text; component paths are relative to base_dir. As Run."""
         job = await self._guard(self.daemon.run_text(toml, base_dir, name or None, keep_failed))
         return [container_path(job.container), job.path]
+
+    @method()
+    @privileged
+    async def RunWith(self, spec_path: "s", name: "s", options: "a{sv}") -> "oo":
+        """As Run, with options: keep_failed (b), cold (b: boot a new container even where a warm pool of
+        the spec's image holds a ready one)."""
+        opts = {str(k): v.value for k, v in options.items()}
+        job = await self._guard(self._run_with(spec_path, name, opts))
+        return [container_path(job.container), job.path]
+
+    async def _run_with(self, spec_path: str, name: str, opts: dict):
+        unknown = sorted(set(opts) - {"keep_failed", "cold"})
+        if unknown:
+            raise InvalidInput(f"RunWith: unknown option {unknown[0]!r} (known: keep_failed, cold)")
+        if not all(isinstance(v, bool) for v in opts.values()):
+            raise InvalidInput("RunWith: options keep_failed and cold are booleans (b)")
+        return await self.daemon.run_file(spec_path, name or None, opts.get("keep_failed", False), opts.get("cold", False))
+
+    @method()
+    @privileged
+    async def SetPool(self, image: "s", size: "u") -> "a{sv}":
+        """Keep `size` containers of `image` booted, ready for runs of that image (0 empties the pool);
+        tupperd fills it in the background, one boot at a time. Returns the pool as ListPools has it."""
+        return variant_map(await self._guard(self.daemon.set_pool(image, int(size))))
+
+    @method()
+    async def ListPools(self) -> "aa{sv}":
+        """Every warm pool: image, size, ready, booting, age (of its oldest ready container, seconds) and
+        its containers ({name, state, age}), as `tupper pool ls --json`."""
+        return [variant_map(p) for p in await self._guard(self.daemon.list_pools())]
+
+    @method()
+    @privileged
+    async def RemovePool(self, image: "s") -> "as":
+        """Forget the pool of `image` and remove its containers; returns their names."""
+        return await self._guard(self.daemon.remove_pool(image))
 
     @method()
     def List(self) -> "a(ssuso)":

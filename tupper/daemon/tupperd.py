@@ -32,11 +32,12 @@ from tupper.container.kmsg import KernelLog, OOMKill
 from tupper.container.systemd import UnitWatch
 from tupper.daemon import api
 from tupper.daemon.agent import Agent
+from tupper.daemon.pools import PoolKeeper
 from tupper.errors import Failed, InvalidInput, NotFound, TupperError
 from tupper.model import spec as specmod
 from tupper.model.health import Tracker
 from tupper.progress import Progress
-from tupper.runtime import shells
+from tupper.runtime import limits, shells
 from tupper.runtime.records import Record
 from tupper.runtime.runtime import OOMCounter, RunFailed, Runtime, UpdateResult
 from tupper.runtime.spawner import Spawner
@@ -159,6 +160,7 @@ class Daemon:
         self.health_seq = 0
         self.health_wakeup = asyncio.Event()
         self.kmsg: KernelLog | None = None  # which processes the OOM killer kills (opened in begin)
+        self.pools = PoolKeeper(runtime, busy=lambda: bool(self.creating))
         self.oom_records: builtins.list[OOMKill] = []
 
     def call_soon(self, fn, *args) -> None:
@@ -180,6 +182,8 @@ class Daemon:
         await asyncio.to_thread(self._recover)
         self.bus.export(api.MANAGER_PATH, self.manager)
         for rec in self.runtime.records():
+            if rec.pool:
+                continue  # a warm pool's: the pool keeper looks after it (tupper.daemon.pools)
             await self._track(rec, announce=False)
             if rec.alive() and rec.grants:
                 await self._redeliver(rec)
@@ -657,13 +661,13 @@ class Daemon:
 
     # ---- operations ---------------------------------------------------------------------------
 
-    async def run_file(self, spec_path: str, name: str | None, keep_failed: bool) -> Job:
+    async def run_file(self, spec_path: str, name: str | None, keep_failed: bool, cold: bool = False) -> Job:
         """The spec is read and checked here (its errors are the method's); the boot is the job's."""
         path = Path(spec_path)
         if not path.is_absolute():
             raise InvalidInput(f"{spec_path}: the daemon needs an absolute spec path")
         spec = await asyncio.to_thread(specmod.load, path, name, self.runtime.resolve_component)
-        return self._run_job(spec, keep_failed)
+        return self._run_job(spec, keep_failed, cold)
 
     async def run_text(self, text: str, base_dir: str, name: str | None, keep_failed: bool) -> Job:
         if not os.path.isabs(base_dir):
@@ -671,13 +675,13 @@ class Daemon:
         spec = await asyncio.to_thread(specmod.from_text, text, Path(base_dir), "<spec>", name, self.runtime.resolve_component)
         return self._run_job(spec, keep_failed)
 
-    def _run_job(self, spec: specmod.Spec, keep_failed: bool) -> Job:
+    def _run_job(self, spec: specmod.Spec, keep_failed: bool, cold: bool = False) -> Job:
         if spec.name in self.creating or spec.name in self.watched:
             raise self.runtime.name_taken(spec)  # a run of the same name under way here: before its record exists
         self.creating.add(spec.name)
-        return self.submit("run", spec.name, self._run(spec, keep_failed))
+        return self.submit("run", spec.name, self._run(spec, keep_failed, cold))
 
-    async def _run(self, spec: specmod.Spec, keep_failed: bool) -> dict:
+    async def _run(self, spec: specmod.Spec, keep_failed: bool, cold: bool = False) -> dict:
         """The boot of a new container; spec.name is in self.creating (_run_job put it there)."""
         self.manager.ContainerStateChanged(spec.name, "starting")
         try:
@@ -688,7 +692,7 @@ class Daemon:
                     unit: {c: grants[c] for c in use.component.secrets}
                     for use in spec.components if use.component.secrets for unit in use.component.service_units})
             try:
-                result = await asyncio.to_thread(self.runtime.run, spec, keep_failed=keep_failed, progress=progress)
+                result = await asyncio.to_thread(self.runtime.run, spec, keep_failed=keep_failed, progress=progress, cold=cold)
             except RunFailed as exc:
                 if exc.kept:
                     await self._track(self.runtime.record(spec.name))
@@ -704,6 +708,7 @@ class Daemon:
             return result.to_json()
         finally:
             self.creating.discard(spec.name)
+            self.pools.poke()  # a claim took one: refill
 
     async def start(self, name: str) -> str:
         w = self._watched(name)
@@ -858,6 +863,19 @@ class Daemon:
 
     # ---- networks -----------------------------------------------------------------------------
 
+    # ---- warm pools -------------------------------------------------------------------------------
+
+    async def set_pool(self, image: str, size: int) -> dict:
+        view = await asyncio.to_thread(self.runtime.set_pool, image, size)
+        self.pools.poke()
+        return view.to_json()
+
+    async def list_pools(self) -> builtins.list[dict]:
+        return [v.to_json() for v in await asyncio.to_thread(self.runtime.list_pools)]
+
+    async def remove_pool(self, image: str) -> builtins.list[str]:
+        return await asyncio.to_thread(self.runtime.remove_pool, image)
+
     async def network_create(self, name: str, subnet: str | None, ipv6: str | None) -> dict:
         return await asyncio.to_thread(self.runtime.create_network, name, subnet, ipv6)
 
@@ -936,6 +954,8 @@ class Daemon:
 async def serve(root: Path | None, admin_group: str | None) -> None:
     store = Store.open(root)
     runtime = Runtime(store)
+    for note in limits.prepare(Progress(), sum(r.alive() for r in runtime.records())):  # open files above all: tupperd holds some per container
+        log.warning("%s", note)
     try:
         runtime.spawner = Spawner()  # forks the monitors: a small process, where tupperd is a big one
     except (OSError, TupperError) as exc:
@@ -944,6 +964,7 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
         bus = await api.connect_system_bus(admin_group)
         daemon = Daemon(runtime, bus)
         await daemon.begin()
+        daemon.pools.start()
         sweep = asyncio.ensure_future(daemon._oom_sweep())
         checks = asyncio.ensure_future(daemon._health_scheduler())
         stop = asyncio.Event()
@@ -954,6 +975,7 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
         await asyncio.wait([disconnected, waiter], return_when=asyncio.FIRST_COMPLETED)
         sweep.cancel()
         checks.cancel()
+        await asyncio.to_thread(daemon.pools.stop)
         if daemon.kmsg is not None:
             daemon.kmsg.close()
         # Containers keep running: their monitors are not our children, and the next tupperd adopts them.

@@ -344,9 +344,10 @@ class Plumbing:
                          "two stores with one network tag", hint="stop that store's containers, or use another store root")
         firewall.apply(firewall.ruleset(used, endpoints, self.table, str(self.store.root)))
         for network, members in by_network.items():
+            named = [(c, a) for c, a in members if not recs[c].pool]  # a warm pool's containers are nobody's peers yet
             for member, member_address in members:
                 if holds_address(recs[member]):
-                    self._write_names(recs[member], member_address, members, network)
+                    self._write_names(recs[member], member_address, named, network)
         if sweep:
             # Veth pairs left whole on the host: a start cut short between making the pair and handing
             # one end (pv…) to the container's namespace, which would have taken the pair with it.

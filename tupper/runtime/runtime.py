@@ -29,7 +29,7 @@ from tupper.model.network import NetworkSpec
 from tupper.model.resources import Resources
 from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
-from tupper.runtime import monitor, pools, records, shells
+from tupper.runtime import limits, monitor, pools, records, shells
 from tupper.runtime.live import LiveChanges
 from tupper.runtime.network import Plumbing
 from tupper.runtime.records import ComponentEntry, Record, VolumeEntry
@@ -42,8 +42,6 @@ from tupper.store.volumes import Volumes
 
 log = logging.getLogger("tupper")
 
-INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
-INOTIFY_WANTED = 8192
 
 
 @attrs.frozen
@@ -506,7 +504,10 @@ class Runtime:
         rec.save()
         with contextlib.ExitStack() as undo:
             undo.callback(self._abort_start, rec)  # whatever fails from here on ends the phase
-            self._check_inotify(progress)
+            # The kernel limits many containers run into (inotify instances above all): raised where they
+            # are low, and named where they cannot be (tupper.runtime.limits).
+            for note in limits.prepare(progress, sum(r.alive() for r in self.records()) + 1):
+                progress.note(note)
             (rec.dir / records.EXIT).unlink(missing_ok=True)
             self.store.ensure_root(rec.rootfs)  # an overlay root taken down since (a reboot, `store unmount`)
             binds = [nspawn.Bind(Path(c.source), c.mount) for c in rec.components]
@@ -637,7 +638,11 @@ class Runtime:
         rec.monitor_pid, rec.nspawn_pid = spawned
         rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
         rec.started_at = time.time()
-        rec.leader_pid = monitor.find_leader(rec.nspawn_pid, rec.alive, rec.dir / "console.log")
+        try:
+            rec.leader_pid = monitor.find_leader(rec.nspawn_pid, rec.alive, rec.dir / "console.log")
+        except Failed as exc:  # a kernel limit is the usual reason when many start at once: name it
+            why = limits.explain_log(monitor.tail(rec.dir / "console.log", 20))
+            raise Failed(exc.message, hint=why or exc.hint) from None
         rec.save()
 
     @staticmethod
@@ -662,8 +667,11 @@ class Runtime:
             failed = [s for s in states if s.active_state == "failed"]
             if not failed and bus.system_state() not in ("initializing", "starting"):
                 # Boot is over: a unit that is neither active nor on its way will not start (e.g. a
-                # dependency failed, so its job was cancelled).
-                failed = [s for s in states if s.active_state == "inactive" and not bus.has_job(s.name)]
+                # dependency failed, so its job was cancelled). Its state is read again once its job is
+                # known to be gone: the job may have run between the two reads (a claimed pool
+                # container's units start while systemd is already `running`).
+                failed = [again for s in states if s.active_state == "inactive" and not bus.has_job(s.name)
+                          and (again := bus.unit_state(s.name)).active_state == "inactive"]
             if not failed and time.monotonic() > deadline:
                 failed = [s for s in states if s.active_state != "active"]
             if failed:
@@ -708,16 +716,6 @@ class Runtime:
         argv = self.logs_argv(rec, unit=unit, lines=lines, follow=False)
         out = proc.run(argv, check=False)
         return [line for line in out.stdout.splitlines() if line and not line.startswith("-- ")]
-
-    def _check_inotify(self, progress: Progress) -> None:
-        # systemd in each container takes inotify instances; the usual 128 runs out after a few containers.
-        try:
-            current = int(INOTIFY_SYSCTL.read_text())
-            if current < INOTIFY_WANTED and proc.is_root():
-                INOTIFY_SYSCTL.write_text(str(INOTIFY_WANTED))
-                progress.note(f"raised fs.inotify.max_user_instances from {current} to {INOTIFY_WANTED} (each container's systemd needs some)")
-        except OSError:
-            pass
 
     def _discard(self, cdir: Path, name: str) -> None:
         """Undo a run, or finish a remove: nothing of the container may remain. Called with the store
@@ -1305,7 +1303,7 @@ class Runtime:
     def stats(self, names: list[str] | None = None) -> list[ContainerStats]:
         """CPU, memory, IO, pids and pressure of the named containers (default: every running one) and of
         their components, read from their cgroups (tupper.runtime.stats)."""
-        recs = [self.record(n) for n in names] if names else [r for r in self.records() if r.alive()]
+        recs = [self.record(n) for n in names] if names else [r for r in self.records() if r.alive() and not r.pool]
         layout = cgroups.Layout.detect()
         return [self._stats(rec, layout) for rec in recs]
 
