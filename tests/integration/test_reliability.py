@@ -124,7 +124,7 @@ def _eof(fd: int) -> bool:
 READ_ONLY = {
     ("org.tupper1.Manager", m) for m in ("List", "ListJSON", "GetContainer", "GetJSON", "InspectJSON", "SecretHolders", "Stats", "ListNetworks",
                                          "ListContainers", "GetStatus", "Inspect", "GetStats", "ListImages", "ListComponents", "GetStore", "ListVolumes", "InspectVolume",
-                                         "GetContainerByPID")
+                                         "GetContainerByPID", "ListPools")
 } | {("org.tupper1.Container", "ListUnits")}
 
 NOBODY_CALLS = """
@@ -144,10 +144,10 @@ print(json.dumps(out))
 
 
 def _dummy(sig: str, name: str, pid: int = 0) -> list:
-    values = {"s": name, "b": False, "d": -1.0, "i": 0, "u": pid, "q": 0, "h": 0, "as": [], "o": "/", "a{ss}": {}}
+    values = {"s": name, "b": False, "d": -1.0, "i": 0, "u": pid, "q": 0, "h": 0, "as": [], "o": "/", "a{ss}": {}, "a{sv}": {}}
     out, i = [], 0
     while i < len(sig):
-        t = sig[i:i + 5] if sig.startswith("a{ss}", i) else sig[i:i + 2] if sig[i] == "a" else sig[i]
+        t = sig[i:i + 5] if sig.startswith(("a{ss}", "a{sv}"), i) else sig[i:i + 2] if sig[i] == "a" else sig[i]
         out.append(values[t])
         i += len(t)
     return out

@@ -31,6 +31,7 @@ import types
 from pathlib import Path
 
 import pytest
+from dbus_next import Variant
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface
 from dbus_next.validators import is_object_path_valid
@@ -41,7 +42,7 @@ from hypothesis import strategies as st
 from tupper import busnames
 from tupper.container import nspawn
 from tupper.daemon import api
-from tupper.daemon.tupperd import Daemon
+from tupper.daemon.tupperd import Daemon, Watched
 from tupper.errors import InvalidInput, NotFound, TupperError
 from tupper.model import components as comp
 from tupper.model import sdk, spec
@@ -836,6 +837,11 @@ class StandInRuntime:
     inspect_volume = Runtime.inspect_volume
     volumes_in_use = Runtime.volumes_in_use
     open_shell = Runtime.open_shell
+    set_pool = Runtime.set_pool
+    list_pools = Runtime.list_pools
+    remove_pool = Runtime.remove_pool
+    pool_members = Runtime.pool_members
+    drain_pool = Runtime.drain_pool
     host = nspawn.Host(systemd=False)
 
     def __init__(self, store: PlainStore, records: dict | None = None) -> None:
@@ -863,7 +869,7 @@ class StandInRuntime:
 class StandInDaemon(Daemon):
     """The real daemon, stopping where a container would start: the spec it would run is the result."""
 
-    async def _run(self, s: spec.Spec, keep_failed: bool) -> dict:
+    async def _run(self, s: spec.Spec, keep_failed: bool, cold: bool = False) -> dict:
         return {"name": s.name, "state": "running", "leader_pid": 0, "image": s.image}
 
 
@@ -899,11 +905,16 @@ ARGUMENTS = {
     "secret": SECRET_NAMES,
     "unit": st.one_of(st.just("web.service"), UNIT_NAMES),
     "argv": st.lists(TEXT, max_size=3),
+    "image": IMAGE_NAMES,
 }
 BY_TYPE = {"s": TEXT, "b": st.booleans(), "d": st.floats(), "i": st.integers(-(2**31), 2**31 - 1), "h": st.just(-1), "as": st.lists(TEXT),
            "u": st.integers(0, 2**32 - 1), "q": st.integers(0, 2**16 - 1),
            # resource limits ({"memory_max": "1G"}): the known keys with odd values, and odd keys
-           "a{ss}": st.dictionaries(st.one_of(st.sampled_from(RESOURCE_KEYS), TEXT), TEXT, max_size=4)}
+           "a{ss}": st.dictionaries(st.one_of(st.sampled_from(RESOURCE_KEYS), TEXT), TEXT, max_size=4),
+           # RunWith's options: the known ones as booleans, and odd keys and types
+           "a{sv}": st.dictionaries(st.one_of(st.sampled_from(["keep_failed", "cold"]), TEXT),
+                                    st.one_of(st.builds(Variant, st.just("b"), st.booleans()), st.builds(Variant, st.just("s"), TEXT)),
+                                    max_size=3)}
 EXIT_2_ERRORS = {"org.tupper1.Error.InvalidSpec", "org.tupper1.Error.NotFound", "org.tupper1.Error.Exists"}
 MANAGER_METHODS = {m.name: m for m in ServiceInterface._get_methods(api.ManagerInterface(None)) if m.in_signature}  # with arguments to fuzz
 CONTAINER_METHODS = {m.name: m for m in ServiceInterface._get_methods(api.ContainerInterface(None, "web"))
@@ -922,7 +933,7 @@ def call_dbus_method(store: PlainStore, base: Path, interface: str, method, args
         d = StandInDaemon(StandInRuntime(store, {"web": web}), types.SimpleNamespace(export=lambda *a: None, unexport=lambda *a: None))
         if interface == "container":
             iface = api.ContainerInterface(d, "web")
-            d.watched["web"] = types.SimpleNamespace(name="web", cbus=None, lock=asyncio.Lock(), iface=iface)
+            d.watched["web"] = Watched("web", iface)
         else:
             iface = d.manager
         result = method.fn(iface, *args)
@@ -949,7 +960,7 @@ def test_every_string_argument_of_the_dbus_api_gives_a_value_or_a_tupper_error(d
         event(f"{method.name}: {exc.type}")
     else:
         event(f"{method.name}: returned")
-        if method.name in ("Run", "RunText"):  # the container's object and the job booting it
+        if method.name in ("Run", "RunText", "RunWith"):  # the container's object and the job booting it
             assert is_object_path_valid(result[0]) and is_object_path_valid(result[1]) and result[1].startswith("/org/tupper1/job/")
     assert changes(before, snapshot(components_dir)) == []
 

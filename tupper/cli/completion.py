@@ -18,7 +18,7 @@ CONTAINER_ARGS = {
     ("kill", "names"), ("update", "name"), ("port", "name"), ("rm", "names"), ("exec", "name"), ("shell", "name"), ("logs", "name"),
     ("component upgrade", "container"),
 }
-IMAGE_ARGS = {("image rm", "name")}
+IMAGE_ARGS = {("image rm", "name"), ("pool set", "image"), ("pool rm", "image")}
 SPEC_ARGS = {("run", "spec"), ("image build", "definition")}
 
 # The root: --root on the command line, $TUPPER_ROOT, `root` in the config file, /var/lib/tupper.

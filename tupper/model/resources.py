@@ -146,7 +146,7 @@ def parse_value(key: str, value: Any, where: str) -> Any:
 def from_text(text: str) -> Any:
     """A value given as text (a command line, D-Bus a{ss}) as TOML would give it: digits are a number."""
     text = text.strip()
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdigit() else text  # '¹' is a digit to isdigit(), not to int()
 
 
 def parse_mapping(data: dict[str, Any], where: str, *, base: Resources | None = None) -> Resources:
