@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import uuid
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,33 @@ def test_a_spec_that_needs_a_boot_starts_cold_even_with_a_pool(tupper, names, po
     assert run.returncode == 0, run.stderr
     assert "booting cold" in run.stderr and "volumes" in run.stderr, run.stderr
     assert member in [c["name"] for c in _pool(tupper)["containers"]], "the pool container was not taken"
+
+
+def test_a_claimed_container_gets_its_secrets_env_ports_and_limits(tupper, names, pool, tmp_path, store_root):
+    member = pool(1)["containers"][0]["name"]
+    leader = _leader(store_root, member)
+    secret = f"s-{uuid.uuid4().hex[:8]}"
+    value = f"VALUE-{uuid.uuid4().hex}"
+    assert tupper("secret", "set", secret, input=value).returncode == 0
+    try:
+        comp = write_component(
+            tmp_path / "svc", "svc",
+            {"svc.service": "[Service]\nType=exec\nExecStart=/bin/sh -c 'echo started $$GREETING; exec sleep infinity'\nLoadCredential=token\n"},
+            extra='secrets = ["token"]\n')
+        name = names("sec")
+        spec = tmp_path / "sec.toml"
+        spec.write_text(f'name = "{name}"\nimage = "{IMAGE}"\n[resources]\nmemory_max = "300M"\npids_max = 200\n'
+                        f'[[components]]\npath = "{comp}"\nenv = {{ GREETING = "hi there" }}\n[secrets]\ntoken = "{secret}"\n'
+                        '[[network.ports]]\ncontainer = 8080\n')
+        result = tupper.json("run", spec)
+        assert result["leader_pid"] == leader, "it was a claim"
+        assert tupper("exec", name, "--", "/bin/cat", "/run/credentials/svc.service/token", check=True).stdout == value
+        assert "started hi there" in tupper("logs", name, check=True).stdout
+        assert result["ports"] and "8080" in result["ports"][0]
+        limits = tupper.json("inspect", name)["resources"]
+        assert limits["memory_max"] == 300 << 20 and limits["pids_max"] == 200
+        cgroups = tupper.json("inspect", name)["cgroups"]
+        pids = Path(cgroups["pids"]) / "pids.max" if "pids" in cgroups else Path(cgroups["unified"]) / "pids.max"
+        assert pids.read_text().strip() == "200", "the limit is in the container's cgroup"
+    finally:
+        tupper("secret", "rm", secret)

@@ -49,6 +49,9 @@ class FakeBus:
         seq = self.states.get(name) or [UnitState(name, "inactive", "dead")]
         return seq.pop(0) if len(seq) > 1 else seq[0]
 
+    def active_state(self, name: str) -> str:
+        return self.unit_state(name).active_state
+
     def has_job(self, name: str) -> bool:
         return name in self.jobs
 

@@ -77,6 +77,8 @@ class SystemdBus(Protocol):
 
     def unit_state(self, name: str) -> UnitState: ...
 
+    def active_state(self, name: str) -> str: ...
+
     def has_job(self, name: str) -> bool: ...
 
     def power_off(self) -> None: ...
@@ -164,6 +166,9 @@ class ContainerBus:
             result = _s(self._get(path, SERVICE, b"Result", b"s"))
             main_pid = int(self._get(path, SERVICE, b"MainPID", b"u"))
         return UnitState(name, active, sub, result, main_pid, enter, leave)
+
+    def active_state(self, name: str) -> str:
+        return _s(self._get(path_encode(b"/org/freedesktop/systemd1/unit", name.encode()), UNIT, b"ActiveState", b"s"))
 
     def has_job(self, name: str) -> bool:
         path = path_encode(b"/org/freedesktop/systemd1/unit", name.encode())
