@@ -41,7 +41,8 @@ from sdk import PAYLOAD_MB, measure_sdk_build, measure_upgrade
 from tupper.cli.client import Client
 from tupper.container import cgroups
 from tupper.errors import TupperError
-from tupper.runtime.runtime import INOTIFY_SYSCTL, INOTIFY_WANTED
+from tupper.progress import Progress
+from tupper.runtime import limits
 
 REPO = Path(__file__).resolve().parent.parent
 TUPPER = REPO / ".venv/bin/tupper"  # --cli changes it
@@ -486,9 +487,9 @@ def write_doc(results: dict) -> None:
 def preflight() -> None:
     if os.geteuid() != 0:
         sys.exit("bench: needs root (systemd-nspawn, btrfs)")
-    # tupper raises fs.inotify.max_user_instances itself when it boots a container; raise it for the baseline too.
-    if int(INOTIFY_SYSCTL.read_text()) < INOTIFY_WANTED:
-        INOTIFY_SYSCTL.write_text(str(INOTIFY_WANTED))
+    # tupper raises the kernel limits itself when it boots a container (inotify instances above all); for the baseline too.
+    for problem in limits.prepare(Progress(), 20):
+        print(f"bench: {problem}", file=sys.stderr)
     # The CLI's bytecode, as an installed tupper has it (PYTHONDONTWRITEBYTECODE would leave every call compiling).
     subprocess.run([str(REPO / ".venv/bin/python"), "-m", "compileall", "-q", str(REPO / "tupper")], check=True)
 
