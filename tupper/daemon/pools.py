@@ -32,6 +32,7 @@ class PoolKeeper:
         self.stopping = threading.Event()
         self.failures: dict[str, int] = {}
         self.retry_at: dict[str, float] = {}
+        self.last_error: str | None = None
         self.thread = threading.Thread(target=self._loop, name="pool-keeper", daemon=True)
 
     def start(self) -> None:
@@ -61,9 +62,13 @@ class PoolKeeper:
                 for name in self.runtime.drain_pool(image):
                     log.info("pool %s: removed %s", image, name)
             wanted = [i for i in self.runtime.pool_wants() if self.retry_at.get(i, 0.0) <= time.monotonic()]
-        except (TupperError, OSError) as exc:
-            log.error("pools: %s", exc.message if isinstance(exc, TupperError) else exc)
+        except (TupperError, OSError) as exc:  # a bad tupperd.toml, a full store: said once, until it changes
+            said = f"pools: {exc.message if isinstance(exc, TupperError) else exc}"
+            if said != self.last_error:
+                log.error("%s", said)
+                self.last_error = said
             return False
+        self.last_error = None
         if not wanted:
             return False
         while self.busy() and not self.stopping.is_set():
