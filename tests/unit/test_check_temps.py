@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 from tupper import durable
 from tupper.runtime.check import stale_temps
@@ -32,3 +33,22 @@ def test_temps_of_gone_writers_are_found_and_live_ones_and_root_file_systems_are
     assert set(stale_temps(tmp_path)) == set(left)
     durable.write_json(tmp_path / "networks.json", {"a": 1})  # a complete write leaves nothing behind
     assert set(stale_temps(tmp_path)) == set(left)
+
+
+
+def test_a_zombie_writer_is_gone(tmp_path):
+    """A SIGKILLed tupperd is a zombie until dbus-daemon reaps it; its successor recovers meanwhile."""
+    p = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{p.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    (tmp_path / "containers/web").mkdir(parents=True)
+    left = tmp_path / f"containers/web/.record.json.{p.pid}.tmp"
+    left.write_text("{")
+    try:
+        assert stale_temps(tmp_path) == [left]
+    finally:
+        p.wait()

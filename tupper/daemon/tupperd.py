@@ -141,6 +141,9 @@ class Job:
 Due = tuple["Watched", int, str, Tracker, float]  # a check due: container, its health generation, component, tracker, delay
 
 
+REFILL_DELAY = 0.2  # seconds after a run before the pool keeper may boot a replacement
+
+
 class Daemon:
     def __init__(self, runtime: Runtime, bus: api.TupperBus) -> None:
         self.runtime = runtime
@@ -708,7 +711,8 @@ class Daemon:
             return result.to_json()
         finally:
             self.creating.discard(spec.name)
-            self.pools.poke()  # a claim took one: refill
+            # A claim took one: refill, once the answer has gone out (the boot would compete with it).
+            self.loop.call_later(REFILL_DELAY, self.pools.poke)
 
     async def start(self, name: str) -> str:
         w = self._watched(name)
@@ -902,7 +906,10 @@ class Daemon:
         self._detach(w)
         # Wait for whoever is operating on the container (a stop, a restart) to finish first.
         async with w.lock:
-            rec = self.runtime.record(w.name)
+            try:
+                rec = self.runtime.record(w.name)
+            except NotFound:
+                return  # removed (rm --force killed it): nothing is left to supervise
             # The monitor records nspawn's exit status right after it exits; give it a moment.
             deadline = time.monotonic() + 2.0
             while rec.exit_info() is None and proc.pid_alive(rec.monitor_pid) and time.monotonic() < deadline:

@@ -6,12 +6,12 @@ operation still under way owns (a live owner pid) is ever reported: that is work
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import attrs
 
+from tupper import proc
 from tupper.container import cgroups, nspawn
 from tupper.errors import NotFound, TupperError
 from tupper.runtime import records
@@ -112,7 +112,9 @@ def stale_temps(root: Path) -> list[Path]:
     for pattern in TEMP_PLACES:
         for path in sorted(root.glob(pattern)):
             m = _TEMP.match(path.name)
-            if m and path.is_file() and not path.is_symlink() and not os.path.exists(f"/proc/{m.group(1)}"):
+            # A zombie writer is gone too: a SIGKILLed tupperd is one until dbus-daemon reaps it, and its
+            # successor may be recovering by then.
+            if m and path.is_file() and not path.is_symlink() and not proc.pid_alive(int(m.group(1))):
                 out.append(path)
     return out
 
