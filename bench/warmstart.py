@@ -462,12 +462,13 @@ class BusLog:
 # its stderr, the private bus's log: TRACE, thread, depth (-1: a coroutine on the event loop), name,
 # CLOCK_MONOTONIC start (the same clock as this script's time.monotonic), seconds.
 TRACED = {
-    "tupper.daemon.tupperd:Daemon": ("run_file", "_run", "_track"),
+    "tupper.daemon.tupperd:Daemon": ("run_file", "_run", "_track", "_attach", "_set_state", "_job_done", "_follow_units"),
+    "tupper.daemon.api:ContainerInterface": ("publish",),
     "tupper.model.spec": ("load",),
     "tupper.runtime.runtime:Runtime": ("run", "claim", "records", "_check_name_free", "_check_units_do_not_shadow_the_image",
-                                       "_check_secrets", "_check_network", "_take_from_pool", "_configure_claimed", "_make_cgroups",
+                                       "_check_secrets", "_check_network", "_take_from_pool", "_sync_claim", "_configure_claimed", "_make_cgroups",
                                        "_make_mount_points", "_settle_units", "_wait_units"),
-    "tupper.runtime.pools": ("cold_reasons", "fsync_rename"),
+    "tupper.runtime.pools": ("cold_reasons",),
     "tupper.runtime.records:Record": ("save", "end"),
     "tupper.store.networks:Networks": ("rename",),
     "tupper.container.mountns": ("set_hostname", "replace_mount"),

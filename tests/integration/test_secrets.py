@@ -80,7 +80,7 @@ def test_service_reads_its_credential_0400_and_rotation_keeps_the_container(tupp
     new_value = f"NEW-{uuid.uuid4().hex}"
     p = tupper("secret", "set", sname, input=new_value)
     assert p.returncode == 0, p.stderr
-    assert f"{name}/dbuser.service: restart done" in p.stdout
+    assert f"{name}/dbuser.service: restart done" in p.stdout, (p.stdout, p.stderr)
     assert exec_out(tupper, name, "cat", "/run/credentials/dbuser.service/db_password") == new_value
     assert tupper.json("status", name)["leader_pid"] == leader, "the container was not restarted"
 
@@ -97,7 +97,7 @@ def test_reload_policy_refreshes_the_value_and_reloads_without_a_restart(tupper,
     main_pid = tupper.json("status", name)["units"][0]["main_pid"]
     new_value = f"NEW-{uuid.uuid4().hex}"
     p = tupper("secret", "set", sname, input=new_value)
-    assert f"{name}/reloader.service: reload done" in p.stdout
+    assert f"{name}/reloader.service: reload done" in p.stdout, (p.stdout, p.stderr)
     assert exec_out(tupper, name, "cat", "/run/credentials/reloader.service/token") == new_value
     assert exec_out(tupper, name, "stat", "-c", "%a", "/run/credentials/reloader.service/token") == "400\n"
     assert tupper.json("status", name)["units"][0]["main_pid"] == main_pid, "reloaded, not restarted"

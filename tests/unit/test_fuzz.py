@@ -855,8 +855,8 @@ class StandInRuntime:
         except KeyError:
             raise NotFound(f"no container {name!r}") from None
 
-    def records(self) -> list:
-        return list(self._records.values())
+    def records(self, only=None) -> list:
+        return [r for name, r in self._records.items() if only is None or only(name)]
 
     def shutdown_order(self) -> list:
         return []

@@ -52,6 +52,7 @@ class Client:
         self.handlers: list = []
         self._buf = bytearray()
         self._fds: list[int] = []  # descriptors received and not yet claimed by a message
+        self._unanswered: set[int] = set()  # calls sent without waiting (Hello, AddMatch): an error reply still raises
         try:
             self.sock = _connect(address)
             self._authenticate()
@@ -68,7 +69,7 @@ class Client:
         if not reply.startswith(b"OK "):
             raise ValueError(f"the bus refused authentication: {reply.decode(errors='replace')}")
         self._line()  # AGREE_UNIX_FD, or ERROR: then only exec (which passes fds) cannot work
-        self._reply(hello)
+        self._unanswered.add(hello)  # its reply (our unique name) comes before the first call's
 
     def _line(self) -> bytes:
         while b"\r\n" not in self._buf:
@@ -139,6 +140,7 @@ class Client:
             msg = self._receive()
             if msg.message_type in (METHOD_RETURN, ERROR) and msg.reply_serial == serial:
                 return msg
+            self._settle(msg)
             for fd in msg.unix_fds:  # nobody asked for these
                 os.close(fd)
             if msg.message_type == SIGNAL:
@@ -160,10 +162,17 @@ class Client:
             raise _error(reply)
         return reply.body, reply.unix_fds
 
+    def _settle(self, msg: Message) -> None:
+        """The reply to a call sent without waiting: an error raises (as if the call had waited)."""
+        if msg.message_type in (METHOD_RETURN, ERROR) and msg.reply_serial in self._unanswered:
+            self._unanswered.discard(msg.reply_serial)
+            if msg.message_type == ERROR:
+                raise _error(msg)
+
     def subscribe(self, rule: str, handler) -> None:
-        """Receive signals matching `rule` (a D-Bus match rule) while calls run."""
-        self.call("AddMatch", "s", [rule], path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-                  destination="org.freedesktop.DBus")
+        """Receive signals matching `rule` (a D-Bus match rule) while calls run. Not waited for: the bus
+        handles messages in order, so the match holds before the next call is handled."""
+        self._unanswered.add(self._send("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule]))
         self.handlers.append(handler)
 
     def wait_forever(self) -> None:
@@ -171,6 +180,7 @@ class Client:
         try:
             while True:
                 msg = self._receive()
+                self._settle(msg)
                 if msg.message_type == SIGNAL:
                     for handler in self.handlers:
                         handler(msg)

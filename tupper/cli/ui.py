@@ -6,9 +6,13 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from tupper.progress import Progress
+
+# typing only for checkers: importing it costs every CLI call ~5 ms here (as in cli/backends.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SLOW_STEP = 2.0  # seconds: a step still running then gets a line of its own where there is no terminal
 STEP_HEARTBEAT = 10.0  # ... and another, with its latest update, this often while it runs

@@ -142,6 +142,10 @@ Due = tuple["Watched", int, str, Tracker, float]  # a check due: container, its 
 
 
 REFILL_DELAY = 0.2  # seconds after a run before the pool keeper may boot a replacement
+# Seconds after a start before tupperd subscribes to the container's unit changes (and looks at its OOM
+# counters): the start's answer goes out first. A change in between is caught: _follow_units reads the
+# units' states once subscribed.
+FOLLOW_DELAY = 0.05
 
 
 class Daemon:
@@ -251,7 +255,8 @@ class Daemon:
         if w is None:
             w = Watched(rec.name, api.ContainerInterface(self, rec.name))
             self.watched[rec.name] = w
-            self.bus.export(api.container_path(rec.name), w.iface)
+            with w.iface.holding(rec):  # the export's InterfacesAdded carries every property
+                self.bus.export(api.container_path(rec.name), w.iface)
             if announce:
                 self.manager.ContainerAdded(rec.name, api.container_path(rec.name))
         w.state = rec.state()
@@ -316,11 +321,18 @@ class Daemon:
         if started:
             w.oom = self.runtime.oom_counter(rec)
             self._start_health(w, rec, healthy=True)
-            self._set_state(w)
-            self._check_oom(w)
-            task = asyncio.ensure_future(self._follow_units(w, rec, fd))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._set_state(w, rec)
+            generation = w.health_generation
+
+            def follow() -> None:  # once the answer to the start has gone out: it waits for none of this
+                if w.pidfd != fd or w.health_generation != generation:
+                    return  # stopped (or re-attached) in between
+                self._check_oom(w)
+                task = asyncio.ensure_future(self._follow_units(w, rec, fd))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+            self.loop.call_later(FOLLOW_DELAY, follow)
             return
         await self._follow_units(w, rec, fd)
         if w.pidfd != fd:
@@ -539,12 +551,14 @@ class Daemon:
             raise NotFound(f"no container {name!r}", hint="see `tupper ps`")
         return self.runtime.record(name)
 
-    def state_of(self, name: str) -> str:
-        rec = self.get(name)
+    def state_of(self, name: str, rec: Record | None = None) -> str:
+        """`rec`: its record, if the caller has just read it."""
+        rec = rec if rec is not None and name in self.watched else self.get(name)
         return self._state(self.watched[name], rec)
 
-    def health_of(self, name: str) -> dict[str, str]:
-        self.get(name)
+    def health_of(self, name: str, rec: Record | None = None) -> dict[str, str]:
+        if rec is None or name not in self.watched:
+            self.get(name)
         return {h.component: h.state for h in self.watched[name].health_view()}
 
     def _state(self, w: Watched, rec: Record) -> str:
@@ -565,7 +579,7 @@ class Daemon:
         if state != w.state:
             w.state = state
             self.manager.ContainerStateChanged(w.name, state)
-        w.iface.publish()  # State, LeaderPID, StartedAt, addresses…: whatever changed with it
+        w.iface.publish(rec)  # State, LeaderPID, StartedAt, addresses…: whatever changed with it
         return state
 
     @contextlib.contextmanager
@@ -706,8 +720,9 @@ class Daemon:
                 if spec.name not in self.watched:
                     await self._close_agent(spec.name)
                 raise
-            w = await self._track(self.runtime.record(spec.name), started=True)
-            self._set_state(w)
+            rec = self.runtime.record(spec.name)
+            w = await self._track(rec, started=True)
+            self._set_state(w, rec)
             return result.to_json()
         finally:
             self.creating.discard(spec.name)

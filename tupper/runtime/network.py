@@ -226,6 +226,8 @@ class Plumbing:
     def check_ports(self, name: str, ports: tuple[Port, ...], where: str) -> tuple[Port, ...]:
         """The ports with a host port picked where the spec left it to tupper; exit 2 where another
         running container publishes one of them already, or a process of the host listens on it."""
+        if not ports:
+            return ()  # no record to read
         others = [(rec.name, q) for rec in self.records() if rec.name != name and holds_address(rec) for q in rec.network.ports]
         out: builtins.list[Port] = []
         for i, p in enumerate(ports):

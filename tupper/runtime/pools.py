@@ -15,7 +15,6 @@ the names, the listing; the runtime (tupper.runtime.runtime) boots and claims th
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
@@ -159,7 +158,3 @@ def views(configured: dict[str, int], members: list[Record]) -> list[PoolView]:
 def is_pool_name(name: str) -> bool:
     return name.startswith(PREFIX)
 
-
-def fsync_rename(old: Path, new: Path) -> None:
-    os.rename(old, new)
-    durable.fsync_dir(new.parent)

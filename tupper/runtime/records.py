@@ -164,8 +164,9 @@ class Record:
                     out[unit] = creds
         return out
 
-    def save(self) -> None:
-        write_json(self.dir / RECORD, self.to_disk())
+    def save(self, *, sync: bool = True) -> None:
+        """sync=False: see durable.write_json (the caller makes it durable later)."""
+        write_json(self.dir / RECORD, self.to_disk(), sync=sync)
 
     def component(self, name: str) -> ComponentEntry | None:
         return next((c for c in self.components if c.name == name), None)

@@ -159,9 +159,12 @@ class Runtime:
         check_name(name, "container name")
         return Record.load(self._dir(name))
 
-    def records(self) -> list[Record]:
+    def records(self, only=None) -> list[Record]:
+        """Every container's record; `only(directory name)`: those whose directory it accepts (read no other)."""
         out = []
         for d in sorted(self.store.containers_dir.iterdir()):
+            if only is not None and not only(d.name):
+                continue
             try:
                 out.append(Record.load(d))
             except (NotFound, ValueError, KeyError, TypeError):
@@ -667,14 +670,19 @@ class Runtime:
         A poll asks each unit's ActiveState only (one call each: a unit that is starting answers late,
         and the whole state is six); the whole states are read once, at the end."""
         deadline = time.monotonic() + timeout
+        booted = False  # systemd left initializing/starting: it never goes back, so it is not asked again
+        said = -1
         while True:
             active = {u: bus.active_state(u) for u in units}
             up = sum(a == "active" for a in active.values())
-            progress.update(f"{up}/{len(units)} active")
+            if up != said:  # said when it changes, not at every look (through tupperd, each is a signal)
+                progress.update(f"{up}/{len(units)} active")
+                said = up
             if up == len(units):
                 return [bus.unit_state(u) for u in units], []
             failed = [u for u, a in active.items() if a == "failed"]
-            if not failed and bus.system_state() not in ("initializing", "starting"):
+            booted = booted or (not failed and bus.system_state() not in ("initializing", "starting"))
+            if not failed and booted:
                 # Boot is over: a unit that is neither active nor on its way will not start (e.g. a
                 # dependency failed, so its job was cancelled). Its state is read again once its job is
                 # known to be gone: the job may have run between the two reads (a claimed pool
@@ -946,7 +954,8 @@ class Runtime:
 
     def pool_members(self, image: str | None = None) -> list[Record]:
         """The pools' containers (of one image), ready, booting or broken."""
-        return [r for r in self.records() if r.pool and (image is None or r.pool == image)]
+        # A pool container's directory has a pool name until it is claimed (renamed): no other record is read.
+        return [r for r in self.records(pools.is_pool_name) if r.pool and (image is None or r.pool == image)]
 
     def list_pools(self) -> list[pools.PoolView]:
         return pools.views(pools.load(self.store.root), self.pool_members())
@@ -1031,7 +1040,7 @@ class Runtime:
         published ports; then its units are started through its systemd without a daemon-reload where
         systemd never loaded their names (see docs/pools.md). A claim that fails half-way, or whose
         units fail, destroys the container: it never goes back into the pool."""
-        if not any(r.pool == spec.image for r in self.records()):
+        if not self.pool_members(spec.image):
             return None
         why = pools.cold_reasons(spec, systemd_host=self.host.systemd, cgroup_kind=cgroups.Layout.detect().kind)
         if why:
@@ -1063,13 +1072,19 @@ class Runtime:
     def _take_from_pool(self, spec: Spec, network: NetworkSpec) -> Record | None:
         """Under the network and store locks: the oldest ready pool container of the spec's image becomes
         the spec's container (record, directory, address), owned by this process (phase `creating`: a
-        claim cut short is undone by `recover`, like a run)."""
+        claim cut short is undone by `recover`, like a run).
+
+        These writes are not fsynced here: a killed tupperd leaves them in the page cache, where its
+        successor reads them, which is all that a container that still runs needs. They only matter on
+        disk after a power cut, when no container runs; _sync_claim makes them durable while the
+        container's systemd starts the units, before the run answers. A power cut before that leaves a
+        state that the journal (ext4) or the transaction (btrfs) of the store orders like the writes: the
+        pool container (dead: drained) or the claim cut short (removed)."""
         net = self.net
         with net.lock():
             with self.store.lock():
                 self._check_name_free(spec)
-                ready = sorted((r for r in self.records() if r.pool == spec.image and pools.member_state(r) == "ready"),
-                               key=lambda r: r.started_at)
+                ready = sorted((r for r in self.pool_members(spec.image) if pools.member_state(r) == "ready"), key=lambda r: r.started_at)
                 if not ready:
                     return None
                 rec = ready[0]
@@ -1079,11 +1094,16 @@ class Runtime:
                 for key, value in self._spec_fields(spec, network, []).items():
                     setattr(rec, key, value)
                 rec.started_at = rec.created_at
-                rec.save()
-                pools.fsync_rename(rec.dir, self._dir(spec.name))
+                rec.save(sync=False)
+                os.rename(rec.dir, self._dir(spec.name))
                 rec.dir = self._dir(spec.name)
-            net.networks.rename(old, spec.name)
+            net.networks.rename(old, spec.name, sync=False)
         return rec
+
+    def _sync_claim(self, rec: Record) -> None:
+        """What _take_from_pool wrote, on disk: the record, its directory's new name, the address's new owner."""
+        networks = self.net.networks.path
+        durable.sync(rec.dir / records.RECORD, rec.dir, self.store.containers_dir, networks, networks.parent)
 
     def _configure_claimed(self, rec: Record, spec: Spec, keep_failed: bool, progress: Progress) -> list[UnitState]:
         from tupper.container import mountns
@@ -1098,7 +1118,6 @@ class Runtime:
             for source, target in binds:
                 mountns.replace_mount(rec.leader_pid, source, target)
             unitfiles.write(rec.rootfs, unitfiles.plan(spec))
-            self.net.publish(rec)  # its published ports, its name in every /etc/hosts
         bus = self.connect_bus(rec.leader_pid, timeout=5.0, alive=rec.alive)
         try:
             # systemd reads a unit file when a name is first referred to; one it has never seen is loaded
@@ -1106,6 +1125,11 @@ class Runtime:
             if bus.loaded([unitfiles.TARGET, *rec.units]):
                 bus.reload()
             bus.start_unit(unitfiles.TARGET)
+            # While its systemd starts them (~20 ms): the claim made durable, its published ports, its name in
+            # every /etc/hosts (as in a cold start, where this is done while systemd boots: in place before
+            # the run is reported done).
+            self._sync_claim(rec)
+            self.net.publish(rec)
             return self._settle_units(rec, bus, keep_failed, progress)
         finally:
             bus.close()

@@ -57,8 +57,8 @@ class Networks:
         data.setdefault("allocations", {})
         return data
 
-    def _write(self, data: dict) -> None:
-        durable.write_json(self.path, data, 0o600)
+    def _write(self, data: dict, *, sync: bool = True) -> None:
+        durable.write_json(self.path, data, 0o600, sync=sync)
 
     def list(self) -> list[Network]:
         return [Network.from_json(n, self.tag) for _, n in sorted(self._read()["networks"].items())]
@@ -136,15 +136,16 @@ class Networks:
                 self._write(data)
             return left
 
-    def rename(self, old: str, new: str) -> None:
-        """The addresses of container `old` are `new`'s now (a warm pool's container claimed under its name)."""
+    def rename(self, old: str, new: str, *, sync: bool = True) -> None:
+        """The addresses of container `old` are `new`'s now (a warm pool's container claimed under its name).
+        sync=False: durable once the caller has called durable.sync(self.path, self.path.parent)."""
         with self.lock():
             data = self._read()
             moved = [allocs for allocs in data["allocations"].values() if old in allocs]
             for allocs in moved:
                 allocs[new] = allocs.pop(old)
             if moved:
-                self._write(data)
+                self._write(data, sync=sync)
 
     def allocations(self) -> Iterator[tuple[str, str, ipaddress.IPv4Address]]:
         """(network, container, address) of every allocation."""
