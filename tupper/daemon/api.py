@@ -14,6 +14,7 @@ root or in the admin group; others get org.freedesktop.DBus.Error.AccessDenied.
 """
 # No `from __future__ import annotations`: dbus-next reads the signature strings from the annotations.
 
+import array
 import asyncio
 import contextlib
 import grp
@@ -21,9 +22,11 @@ import json
 import logging
 import os
 import pwd
+import socket
 
 from dbus_next import BusType, Message, MessageType
 from dbus_next.aio import MessageBus
+from dbus_next.aio.message_bus import _MessageWriter
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, method, signal
 
@@ -108,6 +111,45 @@ def os_error(exc: OSError) -> TupperError:
     return Failed(f"{exc.strerror or exc}{where}", hint=hint)
 
 
+class _PatientWriter(_MessageWriter):
+    """dbus-next 0.2.3's writer takes a full socket (EAGAIN, when dbus-daemon reads slower than tupperd
+    writes: 50 runs at once, each with its signals) for a lost connection, and tupperd then exited with
+    every container's call unanswered. This one waits for the socket to be writable again. Otherwise as
+    dbus-next's write_callback: one message at a time, its descriptors with its first bytes."""
+
+    def write_callback(self):
+        try:
+            while True:
+                if self.buf is None:
+                    if self.messages.qsize() == 0:
+                        self.loop.remove_writer(self.fd)
+                        return
+                    buf, unix_fds, fut = self.messages.get_nowait()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
+                        self.offset += self.sock.sendmsg([self.buf[self.offset:]], ancdata)
+                        self.unix_fds = None
+                    else:
+                        self.offset += self.sock.send(self.buf[self.offset:])
+                except (BlockingIOError, InterruptedError):
+                    return  # still registered as the writer: called again once the socket can take more
+                if self.offset >= len(self.buf):
+                    self.buf = None
+                    if self.fut is not None and not self.fut.done():
+                        self.fut.set_result(None)
+                else:
+                    return
+        except Exception as e:  # noqa: BLE001 - as dbus-next: the connection is lost
+            if self.fut is not None and not self.fut.done():
+                self.fut.set_exception(e)
+            self.bus._finalize(e)
+
+
 class TupperBus(MessageBus):
     """A MessageBus that checks the caller of @privileged methods before dispatching them, and that
     owns the file descriptors a call brings: they are closed when its reply (or error) is sent, on
@@ -116,6 +158,7 @@ class TupperBus(MessageBus):
     def __init__(self, *args, admin_group: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.admin_group = admin_group
+        self._writer.__class__ = _PatientWriter
 
     def _send_reply(self, msg):
         send_reply = super()._send_reply(msg)
