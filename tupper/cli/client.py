@@ -148,14 +148,20 @@ class Client:
                     handler(msg)
 
     def call(self, member: str, signature: str = "", body: list | None = None, *, path: str = MANAGER_PATH,
-             interface: str = MANAGER_IFACE, unix_fds: list[int] | None = None, destination: str = BUS_NAME) -> list:
-        return self.call_fds(member, signature, body, path=path, interface=interface, unix_fds=unix_fds, destination=destination)[0]
+             interface: str = MANAGER_IFACE, unix_fds: list[int] | None = None, destination: str = BUS_NAME,
+             meanwhile=None) -> list:
+        return self.call_fds(member, signature, body, path=path, interface=interface, unix_fds=unix_fds, destination=destination,
+                             meanwhile=meanwhile)[0]
 
     def call_fds(self, member: str, signature: str = "", body: list | None = None, *, path: str = MANAGER_PATH,
                  interface: str = MANAGER_IFACE, unix_fds: list[int] | None = None,
-                 destination: str = BUS_NAME) -> tuple[list, list[int]]:
-        """call, and the descriptors the reply carries (the caller's to close)."""
-        reply = self._reply(self._send(destination, path, interface, member, signature, body, unix_fds))
+                 destination: str = BUS_NAME, meanwhile=None) -> tuple[list, list[int]]:
+        """call, and the descriptors the reply carries (the caller's to close). `meanwhile()`: work of the
+        caller's done once the call is sent, while tupperd works on it."""
+        serial = self._send(destination, path, interface, member, signature, body, unix_fds)
+        if meanwhile is not None:
+            meanwhile()
+        reply = self._reply(serial)
         if reply.message_type == ERROR:
             for fd in reply.unix_fds:
                 os.close(fd)
@@ -189,18 +195,20 @@ class Client:
 
     # ---- the verbs ----------------------------------------------------------------------------
 
-    def run(self, spec_path: str, name: str | None, keep_failed: bool, wait: bool = True, cold: bool = False) -> dict:
+    def run(self, spec_path: str, name: str | None, keep_failed: bool, wait: bool = True, cold: bool = False,
+            meanwhile=None) -> dict:
         """Run answers at once with the job; Wait answers when it has ended (with the run's result, or
-        its error). wait=False: only the job, as {name, job}. cold: RunWith's option (no warm pool)."""
+        its error). wait=False: only the job, as {name, job}. cold: RunWith's option (no warm pool).
+        meanwhile: as call's, once Wait is sent (while the container starts)."""
         if cold:
             options = {"keep_failed": ("b", keep_failed), "cold": ("b", True)}
             container, job = self.call("RunWith", "ssa{sv}", [spec_path, name or "", options])
         else:
             container, job = self.call("Run", "ssb", [spec_path, name or "", keep_failed])
-        return self.wait(job) if wait else {"container": container, "job": job}
+        return self.wait(job, meanwhile) if wait else {"container": container, "job": job}
 
-    def wait(self, job: str) -> dict:
-        return _plain("a{sv}", self.call("Wait", path=job, interface=JOB_IFACE)[0])
+    def wait(self, job: str, meanwhile=None) -> dict:
+        return _plain("a{sv}", self.call("Wait", path=job, interface=JOB_IFACE, meanwhile=meanwhile)[0])
 
     def _job_verb(self, member: str, signature: str, body: list, wait: bool) -> str:
         job = self.call(member, signature, body)[0]

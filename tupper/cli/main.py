@@ -912,17 +912,19 @@ def cmd_update(args, backend) -> int:
 
 
 def cmd_run(args, backend) -> int:
-    import json
-
     from tupper.cli.ui import table
 
     if not args.wait:
         if args.direct:
             raise InvalidInput("run --no-wait: only tupperd takes jobs; --direct does the work in this process (drop one of them)")
         taken = backend.run(args.spec, args.name, args.keep_failed, _progress(args), wait=False, cold=args.cold)
+        import json
+
         print(json.dumps(taken, indent=2) if args.json else f"job {taken['job']} runs {taken['container']}")
         return 0
     result = backend.run(args.spec, args.name, args.keep_failed, _progress(args), cold=args.cold)
+    import json  # through tupperd, imported already while the container started (DaemonBackend.run)
+
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
