@@ -18,25 +18,16 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import BENCH_ROOT, _clean_env, backend_root, ensure_image, mounted, own_root
+from helpers import timed_direct as tupper
 
 REPO = Path(__file__).resolve().parent.parent
 STORE = own_root("TUPPER_BENCH_ROOT", BENCH_ROOT)
 STORES = {"btrfs": STORE, "overlay": backend_root(STORE, "overlay")}
-
-
-def tupper(root: Path, *args) -> float:
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(root), *map(str, args)], capture_output=True, text=True,
-                       env=_clean_env(), cwd=REPO)
-    if p.returncode != 0:
-        raise SystemExit(f"tupper --root {root} {' '.join(map(str, args))}: {p.stderr}")
-    return time.monotonic() - t0
 
 
 def main() -> int:

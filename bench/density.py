@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from baseline import CGROUP_PARENT, NSPAWN_RUN, RawContainer
-from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, backend_root, ensure_image, mounted, own_root
+from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, backend_root, ensure_image, mounted, own_root, timed_cli
 
 from tupper.container import cgroups, firewall
 from tupper.progress import Progress
@@ -77,17 +77,7 @@ KINDS = ("monitor", "nspawn", "container")
 
 def tupper(*args: str) -> tuple[float, str]:
     """Run the tupper CLI; return (wall seconds, stdout). Raises when it fails."""
-    t0 = time.perf_counter()
-    # Its own session: Ctrl-C reaches only this script, which lets tupper finish and then cleans up.
-    p = subprocess.Popen([str(TUPPER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = p.communicate()
-    except KeyboardInterrupt:
-        p.communicate()
-        raise
-    elapsed = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"tupper {' '.join(args)} exited {p.returncode}: {stderr.strip()}")
+    elapsed, stdout, _ = timed_cli(TUPPER, *args)
     return elapsed, stdout
 
 

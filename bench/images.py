@@ -26,21 +26,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import BENCH_ROOT, _clean_env, ensure_image, own_root
+from helpers import BENCH_ROOT, ensure_image, own_root
+from helpers import timed_direct as tupper
 
 REPO = Path(__file__).resolve().parent.parent
 STORE = own_root("TUPPER_BENCH_ROOT", BENCH_ROOT)
 SECOND = Path(f"{STORE}-images")
 IMAGE = "debian-bookworm"
-
-
-def tupper(root: Path, *args) -> float:
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(root), *map(str, args)], capture_output=True, text=True,
-                       env=_clean_env(), cwd=REPO)
-    if p.returncode != 0:
-        raise SystemExit(f"tupper {' '.join(map(str, args))}: {p.stderr}")
-    return time.monotonic() - t0
 
 
 def sh(command: str) -> float:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from baseline import NSPAWN_RUN, RawContainer
-from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
+from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root, timed_cli
 from isolation import measure_health_cpu, measure_limits_start
 from network import measure_forward_rps, measure_network_start
 from sdk import PAYLOAD_MB, measure_sdk_build, measure_upgrade
@@ -77,18 +77,8 @@ def summary(values: list[float]) -> dict:
 
 
 def tupper(*args: str, expect: int = 0) -> tuple[float, str]:
-    """Run the tupper CLI; return (wall seconds, stdout). Raises when it does not exit with `expect`."""
-    t0 = time.perf_counter()
-    # Its own session: Ctrl-C reaches only this script, which lets tupper finish and then cleans up.
-    p = subprocess.Popen([str(TUPPER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = p.communicate()
-    except KeyboardInterrupt:
-        p.communicate()
-        raise
-    elapsed = time.perf_counter() - t0
-    if p.returncode != expect:
-        raise RuntimeError(f"tupper {' '.join(args)} exited {p.returncode}: {stderr.strip()}")
+    """Run the tupper CLI; return (wall seconds, stdout). Raises when it fails."""
+    elapsed, stdout, _ = timed_cli(TUPPER, *args, expect=expect)
     return elapsed, stdout
 
 

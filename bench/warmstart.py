@@ -61,7 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from baseline import CGROUP_PARENT, NSPAWN_RUN, RawContainer
-from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root
+from helpers import BENCH_ROOT, PrivateBus, UserStateGuard, ensure_image, mounted, own_root, timed_cli
 
 from tupper.container import cgroups, firewall
 from tupper.progress import Progress
@@ -104,18 +104,7 @@ def summary(values: list[float]) -> dict:
 
 def tupper(*args: str, expect: int = 0, timeout: float | None = None) -> tuple[float, str, str]:
     """The tupper CLI as a subprocess: (wall seconds, stdout, stderr); raises unless it exits with `expect`."""
-    t0 = time.perf_counter()
-    # Its own session: Ctrl-C reaches only this script, which lets tupper finish and then cleans up.
-    p = subprocess.Popen([str(TUPPER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = p.communicate(timeout=timeout)
-    except KeyboardInterrupt:
-        p.communicate()
-        raise
-    elapsed = time.perf_counter() - t0
-    if p.returncode != expect:
-        raise RuntimeError(f"tupper {' '.join(args)} exited {p.returncode}: {stderr.strip()}")
-    return elapsed, stdout, stderr
+    return timed_cli(TUPPER, *args, expect=expect, timeout=timeout)
 
 
 def loadavg() -> str:

@@ -60,6 +60,37 @@ def _clean_env(**extra: str) -> dict:
     return env
 
 
+# ---- the benchmarks' CLI calls, timed ------------------------------------------------------------
+
+
+def timed_cli(tupper: Path, *args: str, expect: int = 0, timeout: float | None = None) -> tuple[float, str, str]:
+    """The tupper CLI `tupper` as a subprocess: (wall seconds, stdout, stderr); raises unless it exits
+    with `expect`. In a session of its own: Ctrl-C reaches only the caller, which lets tupper finish and
+    then cleans up."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([str(tupper), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except KeyboardInterrupt:
+        p.communicate()
+        raise
+    elapsed = time.perf_counter() - t0
+    if p.returncode != expect:
+        raise RuntimeError(f"tupper {' '.join(args)} exited {p.returncode}: {stderr.strip()}")
+    return elapsed, stdout, stderr
+
+
+def timed_direct(root: Path, *args) -> float:
+    """`python -m tupper --direct --root ROOT ARGS` with this interpreter: wall seconds; exits the
+    benchmark with tupper's error when it fails."""
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(root), *map(str, args)], capture_output=True, text=True,
+                       env=_clean_env(), cwd=REPO)
+    if p.returncode != 0:
+        raise SystemExit(f"tupper --root {root} {' '.join(map(str, args))}: {p.stderr}")
+    return time.monotonic() - t0
+
+
 # ---- the base image, once per machine ------------------------------------------------------------
 
 
