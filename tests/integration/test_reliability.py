@@ -440,6 +440,8 @@ def test_sigkill_of_tupperd_at_random_moments_leaves_every_container_whole(tuppe
     spec.write_text(f'[[components]]\nname = "{comp}"\nversion = "1.0.0"\n[[components]]\npath = "{SERVICES / "hello"}"\n'
                     f'[[components]]\npath = "{cred}"\n[secrets]\nkey = "{secret}"\n')
     ops = ["run"] * 40 + ["stop"] * 15 + ["rm"] * 20 + ["upgrade"] * 15 + ["rotate"] * 10
+    if only := os.environ.get("TUPPER_CRASH_OPS"):  # e.g. "run,rotate": cut only these (to chase one failure)
+        ops = [op for op in ops if op in only.split(",")]
     ops = ops[:KILLS] if KILLS < len(ops) else ops + ["run"] * (KILLS - len(ops))
     rng.shuffle(ops)
     alive_names: list[str] = []
@@ -468,7 +470,11 @@ def test_sigkill_of_tupperd_at_random_moments_leaves_every_container_whole(tuppe
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(rng.uniform(0, span))
             os.kill(pid, signal.SIGKILL)
-            cli.communicate(timeout=120)
+            try:
+                cli.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"kill {i} during {op} {target}: tupper {' '.join(map(str, argv))} still waits 120 s after the kill\n"
+                            + _stuck(bus, cli, store_root))
             wait_for(lambda pid=pid: not alive(pid), 10, "tupperd to die")
             outcome = _check_consistent(tupper, store_root, f"kill {i} during {op} {target}")
             outcomes[op] = outcomes.get(op, 0) + 1
@@ -489,6 +495,20 @@ def test_sigkill_of_tupperd_at_random_moments_leaves_every_container_whole(tuppe
     assert sum(outcomes.values()) == len(ops) >= KILLS
     left = system_snapshot(store_root, only=PREFIX)
     assert (left["subvolumes"], left["nspawn"], left["cgroups"], left["nspawn_dirs"]) == ([], [], [], []), left
+
+
+def _stuck(bus, cli: subprocess.Popen, store_root: Path) -> str:
+    """What a CLI call that never returned was waiting for: the stacks of the CLI and of every tupperd
+    on the test store, and the end of tupperd's log (the test bus's stderr). Kills the CLI."""
+    lines = []
+    daemons = subprocess.run(["pgrep", "-f", f"tupper.daemon --root {store_root}"], capture_output=True, text=True).stdout.split()
+    for what, pid in [("the CLI", str(cli.pid))] + [("tupperd", p) for p in daemons]:
+        dump = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", pid], capture_output=True, text=True)
+        lines.append(f"---- {what} ({pid}):\n{dump.stdout or dump.stderr}")
+    lines.append("---- the test bus's log (tupperd's stderr), last 80 lines:\n" + "\n".join(bus.log.read_text().splitlines()[-80:]))
+    cli.kill()
+    cli.communicate()
+    return "\n".join(lines)
 
 
 def _check_consistent(tupper, store_root: Path, when: str) -> dict[str, str]:

@@ -1,7 +1,10 @@
 """Talking to the systemd inside a container, over its own system bus: the one adapter for it.
 
 Blocking calls (properties, unit methods, jobs waited for, transient exec units) go through pystemd's
-sd-bus binding, the one place pystemd is imported; asyncio callers use asyncio.to_thread. The one
+sd-bus binding, the one place pystemd is imported; asyncio callers use asyncio.to_thread. pystemd keeps
+Python's GIL while sd-bus blocks (sd_bus_call, sd_bus_wait), which stops every other thread, tupperd's
+event loop and its secrets agent with them: waits here poll the bus's descriptor instead (_wait_bus),
+and only calls systemd answers at once (it replies to a job method when the job is queued) block. The one
 asynchronous piece, UnitWatch (tupperd follows unit state changes as they happen), uses dbus-next on
 tupperd's event loop, imported only there. D-Bus names stay as systemd spells them; bytes become str here.
 """
@@ -9,6 +12,7 @@ tupperd's event loop, imported only there. D-Bus names stay as systemd spells th
 from __future__ import annotations
 
 import os
+import select
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -272,7 +276,7 @@ def _start_transient(bus: DBusAddress, unit: str, props: dict[bytes, object]) ->
     _wait_exit (a quick command can end before the reply comes back)."""
     path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
     bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
-    bus.match_signal(SD, path, PROPERTIES, b"PropertiesChanged", _ignore)
+    _add_match(bus, f"type='signal',sender='{SD.decode()}',path='{path.decode()}',interface='{PROPERTIES.decode()}',member='PropertiesChanged'")
     args = apply_signature(b"ss", [unit.encode(), b"fail"])
     # AddRef (what `systemd-run --wait` sends; pystemd's table lacks it): this connection holds the unit
     # until it closes, so an ended unit is not collected before its exit code is read.
@@ -282,6 +286,32 @@ def _start_transient(bus: DBusAddress, unit: str, props: dict[bytes, object]) ->
     bus.call_method(SD, SD_PATH, MANAGER, b"StartTransientUnit", args)
 
 
+def _add_match(bus: DBusAddress, rule: str) -> None:
+    """Have the bus route signals matching `rule` to us, with no callback: sd_bus_process then hands
+    each one back (see _drain), so a drained queue is known to be empty."""
+    bus.call_method(b"org.freedesktop.DBus", b"/org/freedesktop/DBus", b"org.freedesktop.DBus", b"AddMatch",
+                    apply_signature(b"s", [rule.encode()]))
+
+
+def _drain(bus: DBusAddress, on_message: Callable | None = None) -> None:
+    """Take every message sd-bus has read or can read now, each to `on_message`: those read while a
+    call waited for its reply sit in sd-bus's queue, where polling the socket cannot see them. With
+    no match callbacks, only an empty queue makes sd_bus_process return no message."""
+    while not (msg := bus.process()).is_empty():
+        if on_message is not None:
+            on_message(msg)
+
+
+def _wait_bus(bus: DBusAddress, seconds: float) -> None:
+    """After _drain: wait until a message arrives or `seconds` pass, as sd_bus_wait but without the
+    GIL. pystemd's wait holds it, and a thread waiting there for a unit's job (which may need
+    tupperd's secrets agent, on the event loop) left the loop a few milliseconds a second: each
+    credential delivery took 15-30 s, a rotation over four containers over two minutes."""
+    poller = select.poll()
+    poller.register(bus.get_fd(), select.POLLIN)
+    poller.poll(max(0, int(seconds * 1000)))  # releases the GIL
+
+
 def _wait_exit(bus: DBusAddress, path: bytes) -> int:
     """Wait until the unit's process has ended; its exit code (128 + the signal if it was killed)."""
     while True:
@@ -289,9 +319,8 @@ def _wait_exit(bus: DBusAddress, path: bytes) -> int:
         sub = _s(bus.get_property(SD, path, UNIT, b"SubState", b"s"))
         if not (job and job[0]) and sub in _FINISHED:
             break
-        bus.wait(500_000)  # µs; a signal or any message ends it early
-        while not bus.process().is_empty():
-            pass
+        _drain(bus)  # the signals only wake the wait; the state is read as properties
+        _wait_bus(bus, 0.5)
     code = int(bus.get_property(SD, path, SERVICE, b"ExecMainCode", b"i"))
     status = int(bus.get_property(SD, path, SERVICE, b"ExecMainStatus", b"i"))
     # ExecMainCode is a CLD_* value: 1 exited (status = exit code), 2 killed / 3 dumped (status = signal).
@@ -347,10 +376,6 @@ def run_shell(leader: int, unit: str, props: dict[bytes, object], started: Calla
         bus.close()
 
 
-def _ignore(*_args, **_kwargs) -> None:
-    """Signal callback: the signal only has to wake the wait; state is read as properties."""
-
-
 def _unload(bus: DBusAddress, unit: str, path: bytes) -> None:
     """Leave nothing behind in the container: stop an exited unit, reset a failed one (both unload it)."""
     try:
@@ -370,10 +395,11 @@ def run_job(leader: int, unit: str, method: str, timeout: float) -> str:
         raise ValueError(method)
     results: dict[str, str] = {}
 
-    def removed(msg, error=None, userdata=None) -> None:
-        msg.process_reply(False)
-        _id, job, _unit, result = msg.body
-        results[_s(job)] = _s(result)
+    def removed(msg) -> None:
+        if msg.is_signal(MANAGER, b"JobRemoved"):
+            msg.process_reply(False)
+            _id, job, _unit, result = msg.body
+            results[_s(job)] = _s(result)
 
     bus = DBusAddress(f"unix:path={bus_socket(leader)}".encode())
     bus.open()
@@ -381,21 +407,21 @@ def run_job(leader: int, unit: str, method: str, timeout: float) -> str:
         try:
             # Subscribe + the match first: a quick job can end before the reply to its method comes back.
             bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
-            bus.match_signal(SD, SD_PATH, MANAGER, b"JobRemoved", removed)
+            _add_match(bus, f"type='signal',sender='{SD.decode()}',path='{SD_PATH.decode()}',interface='{MANAGER.decode()}',member='JobRemoved'")
             reply = bus.call_method(SD, SD_PATH, MANAGER, method.encode(), apply_signature(b"ss", [unit.encode(), b"replace"]))
         except DBusBaseError as exc:
             raise Failed(f"the container's systemd refused {method}({unit}): {_why(exc)}") from None
         body = reply.body  # pystemd unwraps a single return value: the job's object path, as bytes
         job = _s(body if isinstance(body, bytes) else body[0])
         deadline = time.monotonic() + timeout
-        while job not in results:
+        while True:
+            _drain(bus, removed)  # JobRemoved may have come before the method's reply
+            if job in results:
+                return results[job]
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Failed(f"{unit}: {method} did not finish within {timeout:.0f}s")
-            bus.wait(int(min(left, 1.0) * 1_000_000))
-            while not bus.process().is_empty():
-                pass
-        return results[job]
+            _wait_bus(bus, min(left, 1.0))
     finally:
         bus.close()
 
