@@ -6,6 +6,7 @@ process (a `sleep`), so liveness is the runtime's own /proc check."""
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import attrs
@@ -16,7 +17,7 @@ from tupper import proc
 from tupper.container import nspawn
 from tupper.container.systemd import UnitState
 from tupper.errors import Failed
-from tupper.progress import SILENT
+from tupper.progress import SILENT, Progress
 from tupper.runtime.records import ComponentEntry, Record
 from tupper.runtime.runtime import Runtime
 
@@ -186,3 +187,38 @@ def test_stop_kills_a_container_that_ignores_power_off_after_its_timeout(world, 
     assert bus.calls == ["PowerOff"]
     assert nspawn_proc.wait(timeout=5) == -9
     assert Record.load(rec.dir).phase == "stopped" and stopped.state() == "stopped"
+
+
+class Notes(Progress):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def test_a_boot_waits_for_a_free_boot_slot_and_says_so(world):
+    rt, _bus, rec = world
+    rt.boots = threading.BoundedSemaphore(1)
+    rt.boots.acquire()  # another container is booting
+    progress, entered = Notes(), threading.Event()
+
+    def boot() -> None:
+        with rt._boot_slot(progress):
+            entered.set()
+
+    t = threading.Thread(target=boot)
+    t.start()
+    assert not entered.wait(0.3), "it booted while no slot was free"
+    assert progress.notes == ["other containers are booting; this one waits for one of them"]
+    rt.boots.release()  # that boot ended
+    assert entered.wait(5)
+    t.join(5)
+    assert rt.boots.acquire(blocking=False), "the slot was not given back"
+
+
+def test_starting_a_running_container_takes_no_boot_slot(world):
+    rt, _bus, rec = world
+    rt.boots = threading.BoundedSemaphore(1)
+    rt.boots.acquire()  # none free: a start that wanted one would wait for ever
+    assert rt.start(rec) == []  # it runs already (its "nspawn" is alive): nothing to boot

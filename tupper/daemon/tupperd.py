@@ -144,9 +144,9 @@ Due = tuple["Watched", int, str, Tracker, float]  # a check due: container, its 
 
 REFILL_DELAY = 0.2  # seconds after a run before the pool keeper may boot a replacement
 WORKERS = 128  # threads for blocking calls (see serve)
-# Containers booting at once; the others wait their turn (said as progress). All at once is slower: 50
-# systemd boots sharing two CPUs with tupperd's Python finished together, later than in batches
-# (docs/benchmarks.md, "Cold start at scale").
+# Containers booting at once (Runtime.boots); the others wait their turn (said as progress); a claim from a
+# warm pool boots nothing and never waits. All at once is slower: 50 systemd boots sharing two CPUs with
+# tupperd's Python finished together, later than in batches (docs/benchmarks.md, "Cold start at scale").
 BOOTS = max(4, 3 * (os.cpu_count() or 1))
 # Seconds after a start before tupperd subscribes to the container's unit changes (and looks at its OOM
 # counters): the start's answer goes out first. A change in between is caught: _follow_units reads the
@@ -162,7 +162,6 @@ class Daemon:
         self.manager = api.ManagerInterface(self)
         self.watched: dict[str, Watched] = {}
         self.creating: set[str] = set()
-        self.boots = asyncio.Semaphore(BOOTS)  # container starts under way at once (runs and starts)
         self.tasks: set[asyncio.Task] = set()  # background work that must not be collected half-way
         self.secrets = SecretStore(runtime.store)
         self.agents: dict[str, Agent] = {}
@@ -716,8 +715,7 @@ class Daemon:
                     unit: {c: grants[c] for c in use.component.secrets}
                     for use in spec.components if use.component.secrets for unit in use.component.service_units})
             try:
-                async with self._boot_slot(progress):
-                    result = await asyncio.to_thread(self.runtime.run, spec, keep_failed=keep_failed, progress=progress, cold=cold)
+                result = await asyncio.to_thread(self.runtime.run, spec, keep_failed=keep_failed, progress=progress, cold=cold)
             except RunFailed as exc:
                 if exc.kept:
                     await self._track(self.runtime.record(spec.name))
@@ -752,17 +750,9 @@ class Daemon:
     async def _start(self, w: Watched, progress: Progress) -> None:
         rec = self.runtime.record(w.name)
         with self._transition(w, "starting"):
-            async with self._boot_slot(progress):
-                await asyncio.to_thread(self.runtime.start, rec, progress=progress)
+            await asyncio.to_thread(self.runtime.start, rec, progress=progress)
         await self._attach(w, self.runtime.record(w.name), started=True)
         self._set_state(w)
-
-    @contextlib.asynccontextmanager
-    async def _boot_slot(self, progress: Progress):
-        if self.boots.locked():
-            progress.note(f"{BOOTS} containers are starting; this one waits for one of them")
-        async with self.boots:
-            yield
 
     async def restart(self, name: str, timeout: float | None) -> str:
         """stop, then start (a stopped container is just started): what `systemctl restart` is to a unit."""
@@ -995,7 +985,7 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
     # at once waited for a free one, and 6 long `exec`s left none for anything else.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="tupperd"))
     store = Store.open(root)
-    runtime = Runtime(store)
+    runtime = Runtime(store, boots=threading.BoundedSemaphore(BOOTS))
     for note in limits.prepare(Progress(), sum(r.alive() for r in runtime.records())):  # open files above all: tupperd holds some per container
         log.warning("%s", note)
     try:

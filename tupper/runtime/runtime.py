@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import stat
+import threading
 import time
 import uuid
 from pathlib import Path, PurePosixPath
@@ -149,6 +150,8 @@ class Runtime:
     connect_bus: Connect = ContainerBus.connect
     # tupperd's monitor spawner (tupper.runtime.spawner); elsewhere the monitor is forked from this process.
     spawner: Spawner | None = None
+    # Boots under way at once, for every caller of this Runtime (tupperd sets it: BOOTS); None: no limit.
+    boots: threading.BoundedSemaphore | None = None
 
     # ---- containers on disk -------------------------------------------------------------------
 
@@ -501,6 +504,24 @@ class Runtime:
         if rec.interrupted() or rec.phase == "removing":
             raise Busy(f"container {rec.name!r} is left half-done by an interrupted {rec.phase}",
                        hint=f"`tupper store check --repair` finishes it, or `tupper rm {rec.name}`")
+        with self._boot_slot(progress):
+            return self._boot(rec, keep_failed=keep_failed, progress=progress, first=first)
+
+    @contextlib.contextmanager
+    def _boot_slot(self, progress: Progress):
+        """One of `boots` for the time of a boot (a claim takes none: it boots nothing)."""
+        if self.boots is None:
+            yield
+            return
+        if not self.boots.acquire(blocking=False):
+            progress.note("other containers are booting; this one waits for one of them")
+            self.boots.acquire()
+        try:
+            yield
+        finally:
+            self.boots.release()
+
+    def _boot(self, rec: Record, *, keep_failed: bool, progress: Progress, first: bool) -> list[UnitState]:
         if not first:
             rec.begin("starting")
         rec.machine = ""  # this boot is made under its own name (a claimed pool container's was the pool's)
