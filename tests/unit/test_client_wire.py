@@ -6,7 +6,7 @@ import pytest
 from dbus_next import Variant
 from dbus_next._private.marshaller import Marshaller
 
-from tupper.cli import client
+from tupper import dbuswire as client
 
 CASES = [
     ("s", ["hello"]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import attrs
@@ -31,6 +32,7 @@ class FakeBus:
     system: list[str] = attrs.Factory(lambda: ["running"])
     jobs: set[str] = attrs.Factory(set)
     calls: list[str] = attrs.Factory(list)
+    looks: list[str] = attrs.Factory(list)  # watch, read (ActiveState) and wait, in order
     on_power_off: object = None
     closed: bool = False
 
@@ -51,10 +53,18 @@ class FakeBus:
         return seq.pop(0) if len(seq) > 1 else seq[0]
 
     def active_state(self, name: str) -> str:
+        self.looks.append(f"read {name}")
         return self.unit_state(name).active_state
 
     def has_job(self, name: str) -> bool:
         return name in self.jobs
+
+    def watch(self, units: list[str], *, jobs: bool = True) -> None:
+        self.looks.append(f"watch {' '.join(units)}")
+
+    def wait_change(self, timeout: float) -> None:
+        self.looks.append(f"wait {timeout}")
+        time.sleep(min(timeout, 0.001))  # a systemd whose every next answer is news
 
     def power_off(self) -> None:
         self.calls.append("PowerOff")
@@ -104,6 +114,16 @@ def test_units_that_all_become_active_are_a_successful_start(world):
                   "web.socket": [_unit("web.socket", "active", "listening")], "db.service": [_unit("db.service", "active")]}
     states, failures = rt._wait_units(rec, bus, rec.units, 5.0, SILENT)
     assert failures == [] and [s.active_state for s in states] == ["active"] * 3
+
+
+def test_units_are_watched_before_their_states_are_first_read_and_waited_for_between_looks(world):
+    """A change between the first read and the subscription would be missed until the next look."""
+    rt, bus, rec = world
+    bus.states = {"web.service": [_unit("web.service", "activating", "start"), _unit("web.service", "active")],
+                  "web.socket": [_unit("web.socket", "active", "listening")], "db.service": [_unit("db.service", "active")]}
+    rt._wait_units(rec, bus, rec.units, 5.0, SILENT, longest=0.25)
+    reads = [f"read {u}" for u in rec.units]
+    assert bus.looks == [f"watch {' '.join(rec.units)}", *reads, "wait 0.25", *reads]
 
 
 def test_a_failed_unit_fails_the_start_with_its_result(world, monkeypatch):

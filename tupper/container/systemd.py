@@ -23,6 +23,7 @@ from pystemd.dbusexc import DBusBaseError
 from pystemd.dbuslib import DBusAddress, apply_signature, path_encode
 from pystemd.systemd1.unit_signatures import signature_array
 
+from tupper import dbuswire
 from tupper.errors import Failed
 
 SD = b"org.freedesktop.systemd1"
@@ -33,6 +34,7 @@ SERVICE = b"org.freedesktop.systemd1.Service"
 JOB_METHODS = ("StartUnit", "StopUnit", "RestartUnit", "ReloadUnit")
 PROPERTIES = b"org.freedesktop.DBus.Properties"
 _FINISHED = ("exited", "failed", "dead")
+CALL_TIMEOUT = 25.0  # seconds a call to a container's systemd may wait for its answer (sd-bus's default)
 
 
 @attrs.frozen
@@ -62,6 +64,15 @@ def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _wire_why(exc: Exception) -> str:
+    """A dbuswire failure in a few words: the error reply's text, or what the socket said."""
+    if isinstance(exc, dbuswire.BusError):
+        return exc.text
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {CALL_TIMEOUT:.0f}s"
+    return str(exc) or type(exc).__name__
+
+
 def _why(exc: Exception) -> str:
     """pystemd's error without its wrapping ("[err -2]: b'Unit x not found.'" -> "Unit x not found.")."""
     message = getattr(exc, "err_message", None)
@@ -85,6 +96,10 @@ class SystemdBus(Protocol):
 
     def has_job(self, name: str) -> bool: ...
 
+    def watch(self, units: list[str], *, jobs: bool = True) -> None: ...
+
+    def wait_change(self, timeout: float) -> None: ...
+
     def power_off(self) -> None: ...
 
     def stop_unit(self, name: str) -> None: ...
@@ -103,13 +118,19 @@ Connect = Callable[..., SystemdBus]
 
 
 class ContainerBus:
-    """One connection to one container's system bus, shared by every call for that container."""
+    """One connection to one container's system bus, shared by every call for that container. It is
+    tupper.dbuswire's (its waits are socket reads, without the GIL), not pystemd's: a booting systemd
+    answers late, and pystemd keeps the GIL while it waits: 60-70 ms a call at boot (measured with six
+    boots at once), in which tupperd's event loop and every other start stood still."""
 
-    def __init__(self, leader: int) -> None:
+    def __init__(self, leader: int, timeout: float = CALL_TIMEOUT) -> None:
         self.leader = leader
-        self.address = f"unix:path={bus_socket(leader)}".encode()
-        self._bus = DBusAddress(self.address)
-        self._bus.open()
+        self.address = f"unix:path={bus_socket(leader)}"
+        self._conn = dbuswire.Connection(self.address, timeout=timeout)
+        self._conn.handlers.append(self._on_signal)
+        self._news = 0  # signals come in since the last wait_change
+        self._watched: set[str] = set()  # units whose changes systemd sends us (watch, wait_change)
+        self._subscribed = self._jobs = False
 
     @classmethod
     def connect(cls, leader: int, timeout: float = 30.0, alive=None) -> ContainerBus:
@@ -122,18 +143,21 @@ class ContainerBus:
             if bus_socket(leader).exists():
                 bus = None
                 try:
-                    bus = cls(leader)
+                    # Bounded by a second a try (dbus-daemon may not run yet behind its socket), so
+                    # that alive() and the deadline are looked at.
+                    bus = cls(leader, timeout=max(0.05, min(1.0, deadline - time.monotonic())))
                     bus.system_state()
+                    bus._conn.sock.settimeout(CALL_TIMEOUT)
                     return bus
-                except Exception as exc:  # noqa: BLE001 - pystemd raises several kinds while dbus starts
+                except (Failed, OSError, ValueError) as exc:
                     last = exc
                     if bus is not None:
-                        bus.close()  # pystemd does not close a bus when it is collected
+                        bus.close()
             time.sleep(0.01)
         raise Failed(f"the container's system bus did not answer within {timeout:.0f}s ({last})")
 
     def close(self) -> None:
-        self._bus.close()
+        self._conn.close()
 
     def __enter__(self) -> ContainerBus:
         return self
@@ -141,60 +165,92 @@ class ContainerBus:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _on_signal(self, _msg) -> None:
+        self._news += 1
+
     # ---- properties ----------------------------------------------------------------------------
 
-    def _get(self, path: bytes, iface: bytes, prop: bytes, sig: bytes):
+    def _get(self, path: str, iface: str, prop: str):
         try:
-            return self._bus.get_property(SD, path, iface, prop, sig)
-        except DBusBaseError as exc:
-            raise Failed(f"the container's systemd did not answer {_s(prop)}: {_why(exc)}") from None
+            (value,) = self._conn.call("Get", "ss", [iface, prop], path=path, interface=PROPERTIES.decode(), destination=SD.decode())
+            return value[1]  # the variant's value
+        except (dbuswire.BusError, OSError, ValueError) as exc:
+            raise Failed(f"the container's systemd did not answer {prop}: {_wire_why(exc)}") from None
 
-    def _call(self, method: bytes, sig: bytes = b"", *args):
+    def _call(self, method: str, sig: str = "", *args) -> list:
         try:
-            return self._bus.call_method(SD, SD_PATH, MANAGER, method, apply_signature(sig, list(args)) if sig else [])
-        except DBusBaseError as exc:
-            what = f"{_s(method)}({', '.join(_s(a) for a in args)})"
-            raise Failed(f"the container's systemd refused {what}: {_why(exc)}") from None
+            return self._conn.call(method, sig, list(args), path=SD_PATH.decode(), interface=MANAGER.decode(), destination=SD.decode())
+        except (dbuswire.BusError, OSError, ValueError) as exc:
+            what = f"{method}({', '.join(map(str, args))})"
+            raise Failed(f"the container's systemd refused {what}: {_wire_why(exc)}") from None
 
     def system_state(self) -> str:
-        return _s(self._get(SD_PATH, MANAGER, b"SystemState", b"s"))
+        return self._get(SD_PATH.decode(), MANAGER.decode(), "SystemState")
 
     def unit_state(self, name: str) -> UnitState:
-        path = path_encode(b"/org/freedesktop/systemd1/unit", name.encode())
-        active = _s(self._get(path, UNIT, b"ActiveState", b"s"))
-        sub = _s(self._get(path, UNIT, b"SubState", b"s"))
-        enter = int(self._get(path, UNIT, b"ActiveEnterTimestampMonotonic", b"t"))
-        leave = int(self._get(path, UNIT, b"InactiveExitTimestampMonotonic", b"t"))
+        path, unit = unit_object_path(name), UNIT.decode()
+        active = self._get(path, unit, "ActiveState")
+        sub = self._get(path, unit, "SubState")
+        enter = int(self._get(path, unit, "ActiveEnterTimestampMonotonic"))
+        leave = int(self._get(path, unit, "InactiveExitTimestampMonotonic"))
         result, main_pid = "", 0
         if name.endswith(".service"):
-            result = _s(self._get(path, SERVICE, b"Result", b"s"))
-            main_pid = int(self._get(path, SERVICE, b"MainPID", b"u"))
+            result = self._get(path, SERVICE.decode(), "Result")
+            main_pid = int(self._get(path, SERVICE.decode(), "MainPID"))
         return UnitState(name, active, sub, result, main_pid, enter, leave)
 
     def active_state(self, name: str) -> str:
-        return _s(self._get(path_encode(b"/org/freedesktop/systemd1/unit", name.encode()), UNIT, b"ActiveState", b"s"))
+        return self._get(unit_object_path(name), UNIT.decode(), "ActiveState")
 
     def has_job(self, name: str) -> bool:
-        path = path_encode(b"/org/freedesktop/systemd1/unit", name.encode())
-        job = self._get(path, UNIT, b"Job", b"(uo)")
+        job = self._get(unit_object_path(name), UNIT.decode(), "Job")  # (uo): (0, "/") where there is none
         return bool(job and job[0])
+
+    def watch(self, units: list[str], *, jobs: bool = True) -> None:
+        """Have systemd send us the changes of `units`, the end of its boot (StartupFinished) and, with
+        `jobs`, the end of every job, for wait_change: call it before reading the states whose change
+        is to be waited for."""
+        manager = f"type='signal',sender='{SD.decode()}',path='{SD_PATH.decode()}',interface='{MANAGER.decode()}'"
+        if not self._subscribed:
+            self._call("Subscribe")
+            self._conn.add_match(f"{manager},member='StartupFinished'")
+            self._subscribed = True
+        if jobs and not self._jobs:
+            self._conn.add_match(f"{manager},member='JobRemoved'")
+            self._jobs = True
+        for unit in sorted(set(units) - self._watched):
+            self._conn.add_match(f"type='signal',sender='{SD.decode()}',path='{unit_object_path(unit)}',"
+                                 f"interface='{PROPERTIES.decode()}',member='PropertiesChanged'")
+            self._watched.add(unit)
+
+    def wait_change(self, timeout: float) -> None:
+        """Until systemd announces a change of a watched unit or the end of a job, or `timeout` passes;
+        at once where such news came in since the last wait (while calls waited for their replies).
+        Polling the states every few milliseconds was a call each."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._news and (left := deadline - time.monotonic()) > 0:
+                self._conn.wait_message(left)
+        except (dbuswire.BusError, OSError, ValueError) as exc:
+            raise Failed(f"the container's system bus failed: {_wire_why(exc)}") from None
+        self._news = 0
 
     # ---- methods -------------------------------------------------------------------------------
 
     def power_off(self) -> None:
-        self._call(b"PowerOff")
+        self._call("PowerOff")
 
     def stop_unit(self, name: str) -> None:
-        self._call(b"StopUnit", b"ss", name.encode(), b"replace")
+        self._call("StopUnit", "ss", name, "replace")
 
     def restart_unit(self, name: str) -> None:
-        self._call(b"RestartUnit", b"ss", name.encode(), b"replace")
+        self._call("RestartUnit", "ss", name, "replace")
 
     def reload(self) -> None:
-        self._call(b"Reload")
+        self._call("Reload")
 
     def start_unit(self, name: str) -> None:
-        self._call(b"StartUnit", b"ss", name.encode(), b"replace")
+        self._call("StartUnit", "ss", name, "replace")
 
     def loaded(self, names: list[str]) -> list[str]:
         """Which of `names` systemd holds in memory now (loaded, or a stub for a name something referred
@@ -204,9 +260,8 @@ class ContainerBus:
             return []
         if any(c in name for name in names for c in "*?[\\"):
             return list(names)
-        reply = self._call(b"ListUnitsByPatterns", b"asas", [], [n.encode() for n in names])
-        body = reply.body  # pystemd unwraps a single return value: the array itself
-        found = {_s(entry[0]) for entry in (body if isinstance(body, list) else body[0])}
+        (units,) = self._call("ListUnitsByPatterns", "asas", [], list(names))
+        found = {entry[0] for entry in units}
         return [n for n in names if n in found]
 
 

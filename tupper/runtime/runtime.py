@@ -580,8 +580,7 @@ class Runtime:
         """Wait for the container's units to be active and its components healthy; record it running.
         On a failure it is stopped (unless `keep_failed`), recorded `failed`, and RunFailed raised."""
         with progress.step(f"Starting {len(rec.units)} unit(s)"):
-            # A claim's units start in a booted container within milliseconds: look more often than during a boot.
-            states, failures = self._wait_units(rec, bus, rec.units, rec.start_timeout, progress, 0.002 if rec.machine else 0.01)
+            states, failures = self._wait_units(rec, bus, rec.units, rec.start_timeout, progress)
         unhealthy: list[HealthFailure] = []
         if not failures and (checked := [c for c in rec.components if c.health]):
             with progress.step(f"Waiting for {len(checked)} health check(s)"):
@@ -677,19 +676,24 @@ class Runtime:
 
     @staticmethod
     def _wait_booted(rec: Record, bus: SystemdBus) -> None:
-        """Until the container's systemd has finished booting (a pool container is ready then)."""
+        """Until the container's systemd has finished booting (a pool container is ready then): woken by
+        its StartupFinished, asked at least every 0.1 s (the boot's own jobs do not wake it)."""
+        bus.watch([], jobs=False)
         deadline = time.monotonic() + rec.start_timeout
         while (state := bus.system_state()) in ("initializing", "starting"):
             if not rec.alive():
                 raise Failed(f"{rec.name}: the container exited while it booted")
             if time.monotonic() > deadline:
                 raise Failed(f"{rec.name}: systemd is still {state} after {rec.start_timeout:.0f}s")
-            time.sleep(0.01)
+            bus.wait_change(0.1)
 
-    def _wait_units(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress, interval: float = 0.01):
+    def _wait_units(self, rec: Record, bus: SystemdBus, units: list[str], timeout: float, progress: Progress, longest: float = 0.1):
         """Until every unit is active (their states), or some failed (their states and the failures).
-        A poll asks each unit's ActiveState only (one call each: a unit that is starting answers late,
-        and the whole state is six); the whole states are read once, at the end."""
+        The states are read when systemd announces a change (bus.watch, subscribed before the first
+        read: no change is missed), and at least every `longest` seconds. A look asks each unit's
+        ActiveState only (one call each: a unit that is starting answers late, and the whole state is
+        six); the whole states are read once, at the end."""
+        bus.watch(units)
         deadline = time.monotonic() + timeout
         booted = False  # systemd left initializing/starting: it never goes back, so it is not asked again
         said = -1
@@ -716,7 +720,7 @@ class Runtime:
                 return states, [self._failure(rec, s) for s in states if s.name in failed]
             if not rec.alive():
                 raise Failed(f"{rec.name}: the container exited while its units were starting")
-            time.sleep(interval)
+            bus.wait_change(longest)
 
     def _wait_healthy(self, rec: Record, checked: list[ComponentEntry], progress: Progress) -> list[HealthFailure]:
         """Readiness: each checked component's check, often at first, until it passes once or its
