@@ -68,3 +68,20 @@ def test_a_thread_waiting_for_a_command_leaves_the_others_running(slow_container
     assert result == 0
     assert took >= SLOW
     assert beats >= _expected_beats(took), f"{beats} beats of 10 ms in {took:.1f}s: the wait held the GIL"
+
+
+def test_wait_change_wakes_when_a_watched_unit_changes(slow_container):
+    """Not at its timeout: a start that waits for its units learns of each change as systemd announces it."""
+    with systemd.ContainerBus.connect(slow_container) as bus:
+        bus.watch(["slow.service"])
+        assert bus.active_state("slow.service") == "active"
+        bus.wait_change(0)  # what came in so far (NameAcquired, …)
+        bus.restart_unit("slow.service")
+        states, start = [], time.monotonic()
+        while (state := bus.active_state("slow.service")) != "active" or not states:
+            states.append(state)
+            bus.wait_change(30)
+            assert time.monotonic() - start < 15, f"no change announced: {states}"
+        took = time.monotonic() - start
+    assert "activating" in states
+    assert SLOW <= took < SLOW + 5, f"active after {took:.1f}s: the last wait ran to its timeout"
