@@ -167,6 +167,10 @@ class Connection:
             raise self._error(reply)
         return reply.body, reply.unix_fds
 
+    def set_timeout(self, timeout: float | None) -> None:
+        """Seconds any one read or write may wait from now on (None: no limit)."""
+        self.sock.settimeout(timeout)
+
     def _error(self, reply: Message) -> Exception:
         """The exception an error reply raises: BusError here (the CLI's Client maps tupperd's names)."""
         return BusError(reply.error_name or "", _error_text(reply))

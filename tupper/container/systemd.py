@@ -1,12 +1,14 @@
 """Talking to the systemd inside a container, over its own system bus: the one adapter for it.
 
-Blocking calls (properties, unit methods, jobs waited for, transient exec units) go through pystemd's
-sd-bus binding, the one place pystemd is imported; asyncio callers use asyncio.to_thread. pystemd keeps
-Python's GIL while sd-bus blocks (sd_bus_call, sd_bus_wait), which stops every other thread, tupperd's
-event loop and its secrets agent with them: waits here poll the bus's descriptor instead (_wait_bus),
-and only calls systemd answers at once (it replies to a job method when the job is queued) block. The one
-asynchronous piece, UnitWatch (tupperd follows unit state changes as they happen), uses dbus-next on
-tupperd's event loop, imported only there. D-Bus names stay as systemd spells them; bytes become str here.
+Python's GIL must stay free while a call waits: tupperd's event loop, which also serves every
+container's secrets agent, runs beside the threads that call here. pystemd keeps the GIL while sd-bus
+blocks (sd_bus_call, sd_bus_wait), so ContainerBus (properties and unit methods) speaks over
+tupper.dbuswire, whose waits are socket reads; pystemd, imported only here, carries the jobs waited for
+and the transient exec units, whose waits poll the bus's descriptor (_wait_bus) and whose calls systemd
+answers at once (it replies to a job method when the job is queued). asyncio callers use
+asyncio.to_thread. The one asynchronous piece, UnitWatch (tupperd follows unit state changes as they
+happen), uses dbus-next on tupperd's event loop, imported only there. D-Bus names stay as systemd spells
+them; bytes become str here.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ def bus_socket(leader: int) -> Path:
 
 def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _rule(path: str | bytes, interface: bytes, member: str) -> str:
+    """The match rule for systemd's signal `member` of `interface` on the object `path`."""
+    return f"type='signal',sender='{SD.decode()}',path='{_s(path)}',interface='{interface.decode()}',member='{member}'"
 
 
 def _wire_why(exc: Exception) -> str:
@@ -147,7 +154,7 @@ class ContainerBus:
                     # that alive() and the deadline are looked at.
                     bus = cls(leader, timeout=max(0.05, min(1.0, deadline - time.monotonic())))
                     bus.system_state()
-                    bus._conn.sock.settimeout(CALL_TIMEOUT)
+                    bus._conn.set_timeout(CALL_TIMEOUT)
                     return bus
                 except (Failed, OSError, ValueError) as exc:
                     last = exc
@@ -210,17 +217,15 @@ class ContainerBus:
         """Have systemd send us the changes of `units`, the end of its boot (StartupFinished) and, with
         `jobs`, the end of every job, for wait_change: call it before reading the states whose change
         is to be waited for."""
-        manager = f"type='signal',sender='{SD.decode()}',path='{SD_PATH.decode()}',interface='{MANAGER.decode()}'"
         if not self._subscribed:
             self._call("Subscribe")
-            self._conn.add_match(f"{manager},member='StartupFinished'")
+            self._conn.add_match(_rule(SD_PATH, MANAGER, "StartupFinished"))
             self._subscribed = True
         if jobs and not self._jobs:
-            self._conn.add_match(f"{manager},member='JobRemoved'")
+            self._conn.add_match(_rule(SD_PATH, MANAGER, "JobRemoved"))
             self._jobs = True
         for unit in sorted(set(units) - self._watched):
-            self._conn.add_match(f"type='signal',sender='{SD.decode()}',path='{unit_object_path(unit)}',"
-                                 f"interface='{PROPERTIES.decode()}',member='PropertiesChanged'")
+            self._conn.add_match(_rule(unit_object_path(unit), PROPERTIES, "PropertiesChanged"))
             self._watched.add(unit)
 
     def wait_change(self, timeout: float) -> None:
@@ -331,7 +336,7 @@ def _start_transient(bus: DBusAddress, unit: str, props: dict[bytes, object]) ->
     _wait_exit (a quick command can end before the reply comes back)."""
     path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
     bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
-    _add_match(bus, f"type='signal',sender='{SD.decode()}',path='{path.decode()}',interface='{PROPERTIES.decode()}',member='PropertiesChanged'")
+    _add_match(bus, _rule(path, PROPERTIES, "PropertiesChanged"))
     args = apply_signature(b"ss", [unit.encode(), b"fail"])
     # AddRef (what `systemd-run --wait` sends; pystemd's table lacks it): this connection holds the unit
     # until it closes, so an ended unit is not collected before its exit code is read.
@@ -462,7 +467,7 @@ def run_job(leader: int, unit: str, method: str, timeout: float) -> str:
         try:
             # Subscribe + the match first: a quick job can end before the reply to its method comes back.
             bus.call_method(SD, SD_PATH, MANAGER, b"Subscribe", [])
-            _add_match(bus, f"type='signal',sender='{SD.decode()}',path='{SD_PATH.decode()}',interface='{MANAGER.decode()}',member='JobRemoved'")
+            _add_match(bus, _rule(SD_PATH, MANAGER, "JobRemoved"))
             reply = bus.call_method(SD, SD_PATH, MANAGER, method.encode(), apply_signature(b"ss", [unit.encode(), b"replace"]))
         except DBusBaseError as exc:
             raise Failed(f"the container's systemd refused {method}({unit}): {_why(exc)}") from None
