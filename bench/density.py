@@ -6,13 +6,15 @@ N idle containers of examples/hello.toml (density-000, density-001, …) are sta
 benchmark's own tupperd (a private dbus-daemon, the store $TUPPER_BENCH_ROOT, default
 /var/lib/tupper-bench, as bench/run.py does), `--batch` at a time. Then, with all N up and settled:
 
-- PSS per container (/proc/PID/smaps_rollup) of everything tupper and nspawn run for it: the
-  tupper-monitor process, systemd-nspawn, and every process in the container's cgroups (its systemd,
+- PSS per container (/proc/PID/smaps_rollup) of everything tupper and nspawn run for it:
+  systemd-nspawn and every process in the container's cgroups (its systemd,
   journald, dbus, logind, the component's service), summed over the N containers and divided by N;
   also its split into anonymous and file-backed pages, and which programs inside weigh most;
 - tupperd's RSS and PSS with 0 containers (fresh, then after one container was started and removed:
   its lazy imports done), N/2, N, and after they are all removed: the growth per container;
-- the spawner process (tupper.runtime.spawner), counted once;
+- the store's keeper (tupper.runtime.keeper, the parent of every container's nspawn), counted once and
+  shared out like tupperd (a tupper-monitor per container, where an older tupper runs them, is counted
+  per container);
 - `tupper ps` wall time with N running (median of 5), and with none running, each with how busy the
   CPUs were meanwhile (other work on the machine shows there).
 
@@ -288,19 +290,29 @@ def tupper_units(names_: list[str], cgroup_parent: str) -> list[Members]:
         info = json.loads(tupper("inspect", "--json", name)[1])
         if not info.get("nspawn_pid"):
             raise RuntimeError(f"{name} does not run (state {info.get('state')})")
-        units.append(Members(name, info.get("monitor_pid"), info["nspawn_pid"], cgroup_parent))
+        monitor = info.get("monitor_pid")
+        if monitor and not cmdline(monitor).startswith("tupper-monitor "):
+            monitor = None  # the store's keeper, shared by every container: counted with tupperd
+        units.append(Members(name, monitor, info["nspawn_pid"], cgroup_parent))
     return units
 
 
 def daemon_memory(bus: PrivateBus) -> dict:
-    """tupperd's and its spawner's memory (kB), the spawner found as tupperd's child running tupper.runtime.spawner
-    (its command line says "tupper-spawner" once it has set its process title)."""
+    """tupperd's and the store's keeper's memory (kB), the keeper found by its process title."""
     pid = bus.tupperd_pid()
     if pid is None:
         raise RuntimeError("no tupperd on the benchmark's bus")
-    spawners = [p for p in processes("spawner") if ppid(p) == pid]
-    spawner = smaps(spawners[0]) if spawners else None
-    return {"pid": pid, "tupperd": smaps(pid), "threads": threads(pid), "spawner": spawner, "spawner_pid": spawners[0] if spawners else None}
+    titles = {f"tupper-keeper {root}" for root in ROOTS.values()}
+    keepers = [p for p in processes("tupper-keeper ") if cmdline(p) in titles]
+    keeper = smaps(keepers[0]) if keepers else None
+    return {"pid": pid, "tupperd": smaps(pid), "threads": threads(pid), "keeper": keeper, "keeper_pid": keepers[0] if keepers else None}
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def threads(pid: int) -> int:
@@ -459,11 +471,11 @@ def table(results: dict) -> str:
     total_t, total_r = per_container_total(t), per_container_total(r)
     ok = total_t / 1024 <= TARGETS["per_container_mb"]
     d = results["tupperd"]
-    share = (d[str(n)]["tupperd"]["pss"] + (d[str(n)]["spawner"] or {}).get("pss", 0)) / n
+    share = (d[str(n)]["tupperd"]["pss"] + (d[str(n)]["keeper"] or {}).get("pss", 0)) / n
     lines = [
         f"| per container, {n} idle (PSS, MB) | tupper | raw nspawn | tupper / raw | target |",
         "|---|---:|---:|---:|---|",
-        f"| tupper-monitor | {mb(tk['monitor']['pss'])} | - | - | |",
+        *([f"| tupper-monitor | {mb(tk['monitor']['pss'])} | - | - | |"] if "monitor" in tk else []),
         f"| systemd-nspawn | {mb(tk['nspawn']['pss'])} | {mb(rk['nspawn']['pss'])} | {tk['nspawn']['pss'] / rk['nspawn']['pss']:.2f} | |",
         f"| the container's processes ({t['processes_per_container']['container']:.0f}) | {mb(tk['container']['pss'])} | "
         f"{mb(rk['container']['pss'])} | {tk['container']['pss'] / rk['container']['pss']:.2f} | |",
@@ -471,7 +483,7 @@ def table(results: dict) -> str:
         f"{'met' if ok else 'MISSED'} |",
         f"| total, fewest / most of the {n} | {mb(t['total_kb']['min'])} / {mb(t['total_kb']['max'])} | "
         f"{mb(r['total_kb']['min'])} / {mb(r['total_kb']['max'])} | | |",
-        f"| with tupperd + spawner's PSS shared out (/ {n}) | {mb(total_t + share)} | {mb(total_r)} | {(total_t + share) / total_r:.2f} | |",
+        f"| with tupperd + keeper's PSS shared out (/ {n}) | {mb(total_t + share)} | {mb(total_r)} | {(total_t + share) / total_r:.2f} | |",
         f"| start {n}, {results['batch']} at a time (s) | {results['tupper_start_s']:.1f} | {results['raw_start_s']:.1f} | "
         f"{results['tupper_start_s'] / results['raw_start_s']:.2f} | |",
         f"| remove {n}, {results['batch']} at a time (s) | {results['tupper_rm_s']:.1f} | {results['raw_rm_s']:.1f} | "
@@ -483,11 +495,11 @@ def table(results: dict) -> str:
           for kind, label in (("monitor", "tupper-monitor"), ("nspawn", "systemd-nspawn"), ("container", "the container's processes"))),
         f"| total | {split(merged(tk))} | {split(merged(rk))} |",
         "",
-        "| containers running | tupperd RSS (MB) | tupperd PSS | tupperd threads | spawner RSS | spawner PSS |",
+        "| containers running | tupperd RSS (MB) | tupperd PSS | tupperd threads | keeper RSS | keeper PSS |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label, m in d.items():
-        s = m["spawner"] or {"rss": 0, "pss": 0}
+        s = m["keeper"] or {"rss": 0, "pss": 0}
         lines.append(f"| {label} | {mb(m['tupperd']['rss'])} | {mb(m['tupperd']['pss'])} | {m['threads']} | {mb(s['rss'])} | {mb(s['pss'])} |")
     g = results["tupperd_growth_kb"]
     rss_n = d[str(n)]["tupperd"]["rss"] / 1024

@@ -251,22 +251,37 @@ def test_a_second_tupperd_on_the_same_store_refuses_to_start(tupper, bus):
 # ---- faults of the pieces ---------------------------------------------------------------------------------------
 
 
-def test_sigkill_of_the_monitor_leaves_the_container_running_controllable_and_its_exit_recorded(tupper, names):
-    name = names()
+def test_sigkill_of_the_keeper_leaves_the_containers_running_controllable_and_their_exits_recorded(tupper, names):
+    """The store's keeper parents every container's nspawn: killed, its containers run on (reparented),
+    the next start starts a new keeper, which adopts them: when one ends by itself, its exit is recorded
+    (status unknown) and what it leaves is cleaned up, with no tupper command run."""
+    name, later = names(), names()
     tupper("run", HELLO, "--name", name, check=True)
     rec = record(tupper.root, name)
-    assert Path(f"/proc/{rec['monitor_pid']}/cmdline").read_text().rstrip("\0") == f"tupper-monitor {name}", "ps says what the monitor is"
-    os.kill(rec["monitor_pid"], signal.SIGKILL)
-    wait_for(lambda: not alive(rec["monitor_pid"]), 5, "the monitor to die")
+    keeper = rec["monitor_pid"]
+    assert Path(f"/proc/{keeper}/cmdline").read_text().rstrip("\0") == f"tupper-keeper {tupper.root}", "ps says what the keeper is"
+    assert int(Path(f"/proc/{rec['nspawn_pid']}/stat").read_text().rsplit(")", 1)[1].split()[1]) == keeper
+    os.kill(keeper, signal.SIGKILL)
+    wait_for(lambda: not alive(keeper), 5, "the keeper to die")
     assert tupper.json("status", name)["state"] == "running"
     assert tupper("exec", name, "--", "true").returncode == 0
-    tupper("stop", name, check=True)
+    tupper("run", HELLO, "--name", later, check=True)
+    assert record(tupper.root, later)["monitor_pid"] not in (0, keeper), "a new keeper for the next start"
+    cdir = tupper.root / "containers" / name
+    assert "tupper-keeper: adopted" in (cdir / "console.log").read_text(), "the new keeper adopted the orphan"
+    # It ends by itself; nobody runs a tupper command on it: the adopting keeper records it and cleans up.
+    tupper("exec", name, "--", "systemctl", "poweroff")
+    wait_for(lambda: (cdir / "exit.json").is_file(), 20, "the adopting keeper to record the exit")
+    assert json.loads((cdir / "exit.json").read_text())["returncode"] is None  # only a parent sees the status
     assert not alive(rec["leader_pid"])
-    assert tupper.json("status", name)["state"] == "stopped"
-    assert (tupper.root / "containers" / name / "exit.json").is_file(), "the exit is recorded without the monitor"
-    tupper("rm", name, check=True)
-    left = system_snapshot(tupper.root, only=name)
-    assert (left["subvolumes"], left["nspawn"], left["cgroups"], left["nspawn_dirs"]) == ([], [], [], [])
+    wait_for(lambda: system_snapshot(tupper.root, only=name)["cgroups"] == [], 10, "its cgroups to be removed")
+    assert tupper.json("status", name)["state"] == "exited"
+    tupper("stop", later, check=True)
+    assert tupper.json("status", later)["state"] == "stopped"
+    tupper("rm", "--force", name, later, check=True)
+    for gone in (name, later):
+        left = system_snapshot(tupper.root, only=gone)
+        assert (left["subvolumes"], left["nspawn"], left["cgroups"], left["nspawn_dirs"]) == ([], [], [], [])
 
 
 def test_sigkill_of_nspawn_records_the_exit_and_rm_leaves_nothing(tupper, names):

@@ -41,7 +41,6 @@ from tupper.progress import Progress
 from tupper.runtime import limits, shells
 from tupper.runtime.records import Record
 from tupper.runtime.runtime import OOMCounter, RunFailed, Runtime, UpdateResult
-from tupper.runtime.spawner import Spawner
 from tupper.runtime.status import ComponentHealth, ContainerStatus, UnitStatus, container_state
 from tupper.store.secrets import SecretStore
 from tupper.store.store import Store
@@ -989,9 +988,9 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
     for note in limits.prepare(Progress(), sum(r.alive() for r in runtime.records())):  # open files above all: tupperd holds some per container
         log.warning("%s", note)
     try:
-        runtime.spawner = Spawner()  # forks the monitors: a small process, where tupperd is a big one
-    except (OSError, TupperError) as exc:
-        log.warning("cannot start the monitor spawner (%s): tupperd forks monitors itself", exc)
+        runtime.keeper.hold()  # up before the first start, and while tupperd runs
+    except TupperError as exc:
+        log.warning("the store's keeper process: %s (each start tries again)", exc)
     try:
         bus = await api.connect_system_bus(admin_group)
         daemon = Daemon(runtime, bus)
@@ -1010,11 +1009,10 @@ async def serve(root: Path | None, admin_group: str | None) -> None:
         await asyncio.to_thread(daemon.pools.stop)
         if daemon.kmsg is not None:
             daemon.kmsg.close()
-        # Containers keep running: their monitors are not our children, and the next tupperd adopts them.
+        # Containers keep running: their nspawns are the keeper's children, and the next tupperd adopts them.
         log.info("tupperd exiting; %d container(s) left running", sum(1 for w in daemon.watched.values() if w.pidfd is not None))
     finally:
-        if runtime.spawner is not None:
-            runtime.spawner.close()
+        runtime.keeper.release()
 
 
 def _few_malloc_arenas() -> None:

@@ -28,7 +28,7 @@ __all__ = ["HOST", "LIMITS", "Host", "Limit", "Plan", "Raise", "Reading", "expla
 
 # What one booted container of examples/hello.toml costs, measured here (Debian 12, systemd 252, 2 CPUs;
 # tests/integration/test_scale.py prints it): just after boot, 10-12 inotify instances (its systemd 8,
-# dbus-daemon and logind 1 each, its tupper-monitor 1-2) and 38-42 watches; 16 tasks; about 400 file
+# dbus-daemon and logind 1 each, the keeper's 1-2 for it) and 38-42 watches; 16 tasks; about 400 file
 # handles kernel-wide. The budgets leave room for components that watch or fork more.
 INSTANCES_PER_CONTAINER = 12
 WATCHES_PER_CONTAINER = 100

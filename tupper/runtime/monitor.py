@@ -1,18 +1,15 @@
-"""Process supervision of one container: the monitor that owns systemd-nspawn, and waiting on processes.
+"""What watching over a container takes, used by the store's keeper (tupper.runtime.keeper, the parent
+of every container's systemd-nspawn) and by the runtime: the start gate, finding PID 1, waiting on
+processes, placing component processes in their cgroups (v1), the last step after nspawn's exit.
 
-`spawn` forks the monitor (twice, its own session, so it is nobody's child and survives tupperd and
-the CLI); it starts nspawn, replies with both pids, waits for nspawn, records its exit in the
-container's directory and removes what nspawn leaves (cgroups where tupper made them, runtime dirs).
-`ps` shows it as `tupper-monitor NAME`.
+(A monitor process per container did all of this before the keeper: hence the name.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import select
-import signal
 import subprocess
 import threading
 import time
@@ -20,18 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tupper import proc
-from tupper.container import cgroups, mountns, nspawn
-from tupper.errors import Failed, NotFound, TupperError
+from tupper.container import cgroups
+from tupper.errors import Failed, NotFound
 from tupper.runtime import records
 
 GATE_TIMEOUT = 120.0  # seconds nspawn may wait at a gate (Gate) before the start is called off
 
 
 class Gate:
-    """Work that must be done before nspawn runs, done while the monitor is being made: `spawn(...,
-    gate=g.fd)` forks the monitor and nspawn's process, which joins its cgroups and then waits here
-    until `work()` (run in a thread of this process) has returned; only then is nspawn executed. Where
-    `work()` raises, nspawn is never executed, `spawn` fails, and `join()` raises work's exception.
+    """Work that must be done before nspawn runs, done while the keeper is asked to start it:
+    `Keeper.spawn(..., gate=g.fd)` hands the gate to the keeper, which starts nspawn's process once
+    `work()` (run in a thread of this process) has returned. Where `work()` raises, nspawn is never
+    started, `spawn` fails, and `join()` raises work's exception.
     Use it as a context manager: on leaving, the thread is waited for and the pipe closed."""
 
     def __init__(self, work: Callable[[], None]) -> None:
@@ -68,37 +65,6 @@ class Gate:
             os.close(self._r)
 
 
-def _pass(gate: int) -> None:
-    """In nspawn's process before exec: wait for the gate's "go"."""
-    if not select.select([gate], [], [], GATE_TIMEOUT)[0]:
-        raise OSError(errno.ETIMEDOUT, "the container's network was not ready in time")
-    if os.read(gate, 1) != b"1":
-        raise OSError(errno.ECANCELED, "the start was called off")
-
-
-def spawn(name: str, cdir: Path, argv: list[str], console: Path, cgroup: str | None,
-          on_exit: Callable[[Path], None] | None = None, gate: int | None = None) -> tuple[int, int]:
-    """Start the monitor of container `name` running `argv` (nspawn); (monitor pid, nspawn pid).
-    `gate`: a Gate's fd: nspawn is executed once the gate opens (see Gate)."""
-    import setproctitle  # noqa: F401 - imported here, once, not in each monitor (it imports logging: 20 ms in a fresh one)
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setsid()
-            if os.fork() == 0:
-                run_monitor(name, cdir, argv, w, console, cgroup, on_exit, gate)
-            os._exit(0)
-        except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
-            os._exit(1)
-    os.close(w)
-    os.waitpid(pid, 0)
-    with os.fdopen(r) as f:
-        return parse_reply(f.read())
-
-
 def parse_reply(text: str) -> tuple[int, int]:
     """The monitor's reply: "MONITOR_PID NSPAWN_PID", or why nspawn could not be started."""
     reply = text.split()
@@ -107,23 +73,25 @@ def parse_reply(text: str) -> tuple[int, int]:
     return int(reply[0]), int(reply[1])
 
 
-def after_exit(store_root: str, cdir: Path) -> None:
-    """The monitor's last step when nspawn exited: where no tupper process is stopping or removing
-    the container (it ended by itself: poweroff inside, a crash), its network goes now."""
+def after_exit(store_root: str, cdir: Path) -> subprocess.Popen | None:
+    """The keeper's last step when nspawn exited: where no tupper process is stopping or removing
+    the container (it ended by itself: poweroff inside, a crash), its network goes now (the process
+    doing it is returned: the keeper reaps it)."""
     try:
         rec = records.Record.load(cdir)
     except (NotFound, ValueError, KeyError, TypeError):
         rec = None
     if rec is not None and rec.phase in ("stopping", "removing", "starting", "creating") and rec.owner_alive():
-        return  # that process releases it
+        return None  # that process releases it
     if rec is not None and rec.network.mode == "private":
         import sys
 
         # A fresh process (see tupper.runtime.network.main), bounded in time, not waited for: the
-        # monitor ends now, so that whoever waits for it (a recovering tupperd holding the store's
-        # lock) is not kept waiting by a sync that needs that lock.
-        proc.popen(["timeout", "60", sys.executable, "-m", "tupper.runtime.network", "--root", store_root, "sync"],
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # keeper answers whoever waits for this container now (a recovering tupperd holding the
+        # store's lock is not kept waiting by a sync that needs that lock).
+        return proc.popen(["timeout", "60", sys.executable, "-m", "tupper.runtime.network", "--root", store_root, "sync"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return None
 
 
 def find_leader(nspawn_pid: int, alive: Callable[[], bool], console: Path, timeout: float = 10.0) -> int:
@@ -279,33 +247,6 @@ def _has_subdirs(path: str) -> bool:
         return False
 
 
-def _wait(p: subprocess.Popen, placer: Placer | None) -> int:
-    """nspawn's exit status; meanwhile, the placer's sweeps."""
-    if placer is None:
-        return p.wait()
-    fd = os.pidfd_open(p.pid)
-    watch = placer.watch
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if watch is not None:
-            poller.register(watch.fileno(), select.POLLIN)
-        interval = (PLACE_INTERVAL_WATCHED if watch is not None else PLACE_INTERVAL) * 1000
-        placer.sweep()
-        while True:
-            ready = {f for f, _ in poller.poll(interval)}
-            if fd in ready:
-                break
-            if watch is not None and watch.fileno() in ready:
-                watch.drain()
-            placer.sweep()
-    finally:
-        os.close(fd)
-        if watch is not None:
-            watch.close()
-    return p.wait()
-
-
 def held_dir(fd: int) -> Path:
     """A path that reaches the directory open at `fd` in this process, wherever it has been renamed to."""
     return Path(f"/proc/{os.getpid()}/fd/{fd}")
@@ -318,78 +259,3 @@ def still_in(fd: int, parent: str) -> bool:
     except OSError:
         return False
     return os.path.dirname(where) == parent.rstrip("/")
-
-
-def run_monitor(name: str, cdir: Path, argv: list[str], reply_fd: int, console: Path, cgroup: str | None,
-             on_exit: Callable[[Path], None] | None, gate: int | None = None) -> None:
-    """The monitor process (forked twice, its own session): the parent of nspawn until it exits."""
-    code = 1
-    try:
-        # `ps` says what this is (it is a fork of tupperd or of the CLI, and would show as one).
-        from setproctitle import setproctitle
-
-        setproctitle(f"tupper-monitor {name}")
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        # Keep nothing of the caller's open: a pipe held here would keep the caller's reader waiting.
-        low = 3
-        for keep in sorted({reply_fd} | ({gate} if gate is not None else set())):
-            os.closerange(low, keep)
-            low = keep + 1
-        os.closerange(low, 65536)
-        # The container's directory, held open: a container claimed from a warm pool is renamed while it
-        # runs, and everything below reaches its directory through this descriptor, wherever it now is.
-        containers = str(cdir.parent)
-        dir_fd = os.open(cdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        boot_dir = cdir
-        cdir = held_dir(dir_fd)
-
-        writable = [str(boot_dir.parent.parent), "/run", *nspawn.writable_sources(argv)]
-
-        def before_exec() -> None:  # in nspawn's process
-            if cgroup:
-                cgroups.join(name, parent=cgroup)
-            if gate is not None:
-                _pass(gate)
-            mountns.confine(writable, private_under=containers, keep=str(boot_dir))  # see mountns.confine
-
-        out = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            p = proc.popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                close_fds=True,
-                preexec_fn=before_exec,
-            )
-        except (OSError, TupperError, subprocess.SubprocessError) as exc:
-            os.write(reply_fd, f"error: {exc}".encode())
-            os._exit(1)
-        if gate is not None:
-            os.close(gate)
-        os.write(reply_fd, f"{os.getpid()} {p.pid}\n".encode())
-        os.close(reply_fd)
-        placer = Placer(name, cdir, cgroup, out) if cgroup and cgroups.Layout.detect().kind != "v2" else None
-        rc = _wait(p, placer)
-        if still_in(dir_fd, containers):  # not removed (renamed to the trash) meanwhile
-            try:
-                records.mark_exit(cdir, rc)
-            except OSError:  # a full store: the clean-up below matters more
-                pass
-        if cgroup:
-            cgroups.remove(name, parent=cgroup)
-        nspawn.remove_runtime_dirs(name)
-        if on_exit is not None:
-            try:
-                on_exit(cdir)
-            except Exception as exc:  # noqa: BLE001 - the next tupper command's sync catches up
-                with contextlib.suppress(OSError):
-                    os.write(out, f"tupper-monitor: network clean-up failed: {exc}\n".encode())
-        code = 0
-    finally:
-        os._exit(code)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import signal
@@ -31,10 +30,10 @@ from tupper.model.resources import Resources
 from tupper.model.spec import Spec, check_name
 from tupper.progress import SILENT, Progress
 from tupper.runtime import limits, monitor, pools, records, shells
+from tupper.runtime.keeper import Keeper
 from tupper.runtime.live import LiveChanges
 from tupper.runtime.network import Plumbing
 from tupper.runtime.records import ComponentEntry, Record, VolumeEntry
-from tupper.runtime.spawner import Spawner, SpawnerGone
 from tupper.runtime.stats import ContainerStats, Pressure, Usage
 from tupper.runtime.status import ComponentHealth, ContainerStatus
 from tupper.store.images import ImageDef, Images, find_definition
@@ -148,8 +147,9 @@ class Runtime:
     serves_secrets: bool = False
     # How the runtime reaches a container's systemd (a fake in tests/unit/test_runtime.py).
     connect_bus: Connect = ContainerBus.connect
-    # tupperd's monitor spawner (tupper.runtime.spawner); elsewhere the monitor is forked from this process.
-    spawner: Spawner | None = None
+    # The store's keeper, the parent of every container's nspawn (tupper.runtime.keeper); reached on first use.
+    keeper: Keeper = attrs.field(default=attrs.Factory(
+        lambda self: Keeper(self.store.root, self.store.run_dir, None if self.host.systemd else self.store.cgroup_parent), takes_self=True))
     # Boots under way at once, for every caller of this Runtime (tupperd sets it: BOOTS); None: no limit.
     boots: threading.BoundedSemaphore | None = None
 
@@ -651,20 +651,8 @@ class Runtime:
             progress.note(f"{rec.name}: {note}")
 
     def _start(self, rec: Record, argv: list[str], gate: int | None = None) -> None:
-        """Fork the monitor that owns nspawn (see tupper.runtime.monitor), from tupperd's spawner where it
-        has one (tupper.runtime.spawner); record the processes and PID 1."""
-        cgroup = None if self.host.systemd else self.store.cgroup_parent
-        console, root = rec.dir / "console.log", str(self.store.root)
-        spawned = None
-        if self.spawner is not None:
-            try:
-                spawned = self.spawner.spawn(rec.name, rec.dir, argv, console, cgroup, root, gate)
-            except SpawnerGone as exc:
-                log.warning("the monitor spawner is gone (%s): tupperd forks monitors itself from now on", exc)
-                self.spawner = None
-        if spawned is None:
-            spawned = monitor.spawn(rec.name, rec.dir, argv, console, cgroup, on_exit=functools.partial(monitor.after_exit, root), gate=gate)
-        rec.monitor_pid, rec.nspawn_pid = spawned
+        """Start nspawn under the store's keeper (tupper.runtime.keeper); record the processes and PID 1."""
+        rec.monitor_pid, rec.nspawn_pid = self.keeper.spawn(rec.name, rec.dir, argv, rec.dir / "console.log", self.keeper.cgroup, gate)
         rec.nspawn_starttime = proc.pid_starttime(rec.nspawn_pid) or 0
         rec.started_at = time.time()
         try:
@@ -834,18 +822,23 @@ class Runtime:
         self._wait_monitor(rec)
 
     def _wait_monitor(self, rec: Record, timeout: float = 5.0) -> None:
-        if rec.monitor_pid:
+        """After nspawn exited: until the process that parented it (the keeper; a monitor process per
+        container in tupper before 2026-12) has recorded its exit and cleaned up, or the keeper that
+        adopted it where that process was killed."""
+        if rec.monitor_pid and proc.pid_alive(rec.monitor_pid) and not self.keeper.parents(rec.monitor_pid):
             monitor.wait_exit(rec.monitor_pid, lambda: proc.pid_alive(rec.monitor_pid), time.monotonic() + timeout)
+        else:
+            self.keeper.wait(rec.nspawn_pid, timeout)
         self.reap(rec)
 
     def reap(self, rec: Record) -> None:
-        """After nspawn exited: what its monitor does last (the exit recorded, cgroups and nspawn's
-        runtime dirs removed), done here when the monitor was killed before it could."""
+        """After nspawn exited: what its keeper does last (the exit recorded, cgroups and nspawn's
+        runtime dirs removed), done here when the keeper was killed before it could."""
         if rec.alive() or (rec.monitor_pid and proc.pid_alive(rec.monitor_pid)):
             return
         if rec.nspawn_pid and rec.exit_info() is None and rec.dir.exists():
             with contextlib.suppress(OSError):
-                records.mark_exit(rec.dir, None, note="its monitor was killed: the exit status is unknown")
+                records.mark_exit(rec.dir, None, note="its keeper process was killed: the exit status is unknown")
         if not self.host.systemd:
             cgroups.remove(rec.boot_name, parent=self.store.cgroup_parent)
         nspawn.remove_runtime_dirs(rec.boot_name)
