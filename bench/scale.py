@@ -14,7 +14,8 @@ boots started at once.
 
 The ratio tupper / raw is printed for each round (target ≤ 1.2); rounds alternate which kind goes first.
 The two kinds never run together: each kind's containers are removed before the other starts, then the
-machine is left `--pause` seconds (btrfs deletes removed snapshots in the background). No warm pool
+machine is left `--pause` seconds, and then until btrfs has deleted the removed snapshots (`btrfs subvolume
+sync`: its cleaner would otherwise run through the next kind's boots) and the CPUs are quiet (both shown). No warm pool
 may be set in the bench store (the runs are --cold anyway; a pool's refills would boot beside them).
 
 Kernel limits: tupper.runtime.limits raises, before a start, fs.inotify.max_user_instances and
@@ -127,6 +128,26 @@ class Threads:
         self.stop.set()
         self.thread.join()
         return self.most
+
+
+def settle(say: Callable[[str], None], quiet: float = 0.15, longest: float = 120.0) -> dict:
+    """Before each kind starts: btrfs has deleted what the other kind removed (`btrfs subvolume sync`: its
+    cleaner otherwise works in the background through the next kind's boots), and the CPUs are quiet
+    (busy below `quiet` over a second), at most `longest` seconds; how long that took is reported."""
+    import subprocess
+
+    began = time.monotonic()
+    subprocess.run(["btrfs", "subvolume", "sync", str(STORE)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=longest, check=False)
+    synced = time.monotonic() - began
+    while True:
+        before = cpu_times()
+        time.sleep(1.0)
+        busy = busy_since(before)
+        if busy < quiet or time.monotonic() - began > longest:
+            break
+    out = {"btrfs_sync_s": round(synced, 1), "settled_s": round(time.monotonic() - began, 1), "busy_then": round(busy, 2)}
+    say(f"settled: btrfs cleaned up in {synced:.1f} s, CPUs {busy:.0%} busy after {out['settled_s']:.1f} s")
+    return out
 
 
 def at_once(jobs: list[Callable[[], object]]) -> tuple[float, list[float], list[BaseException]]:
@@ -251,7 +272,9 @@ def main() -> int:
             for n, kind in enumerate(order):
                 if n:
                     time.sleep(args.pause)
+                calm = settle(say)
                 got[kind] = (tupper_round if kind == "tupper" else raw_round)(bench, args.count, r, say)
+                got[kind]["settle"] = calm
             got["ratio"] = got["tupper"]["wall"] / got["raw"]["wall"]
             say(f"round {r}: tupper {got['tupper']['wall']:.2f} s / raw {got['raw']['wall']:.2f} s = {got['ratio']:.2f}")
             rounds.append(got)
