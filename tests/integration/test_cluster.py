@@ -1,0 +1,144 @@
+"""The three-node test cluster (tests/cluster/testcluster.py, `make cluster`): real Corosync and
+Pacemaker, each node in namespaces of its own; the suite's own cluster ("t"), never `make cluster`'s.
+A node's loss moves a replica to the third node; `down` leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+from helpers import BACKENDS, REPO
+
+SCRIPT = [sys.executable, str(REPO / "tests/cluster/testcluster.py")]
+ENV = {**os.environ, "TUPPER_CLUSTER": "t"}
+FIRST_BACKEND = (os.environ.get("TUPPER_TEST_BACKENDS") or ",".join(BACKENDS)).split(",")[0].strip()
+
+pytestmark = pytest.mark.skipif(shutil.which("corosync") is None or shutil.which("pacemakerd") is None,
+                                reason="corosync and pacemaker are not installed (make setup installs them)")
+
+
+def cluster(*args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*SCRIPT, *args], capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def tupper_on(node: int, *args: str) -> subprocess.CompletedProcess:
+    """The tupper CLI inside a node: its store, its bus, its tupperd."""
+    return crm(node, sys.executable, "-m", "tupper", *args)
+
+
+def crm(node: int, *argv: str) -> subprocess.CompletedProcess:
+    return cluster("run", str(node), *argv, timeout=60)
+
+
+def placement(node: int, rsc: str) -> list[str]:
+    """The nodes where the instances of clone `rsc` run, as node `node` sees it (crm_mon's XML)."""
+    p = crm(node, "crm_mon", "--output-as=xml")
+    if p.returncode != 0:
+        return []
+    root = ET.fromstring(p.stdout)
+    return sorted(n.get("name", "") for r in root.iterfind(f"resources/clone[@id='{rsc}']/resource")
+                  if r.get("active") == "true" and r.get("role") == "Started" for n in r.iterfind("node"))
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (got := check()):
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def up(store_root, backend):
+    if backend != FIRST_BACKEND:
+        pytest.skip("the test cluster runs once (its nodes' stores are overlay stores of their own either way)")
+    p = cluster("up", env={"TUPPER_CLUSTER_IMAGE_STORE": str(store_root)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    state = {"up": True}
+    yield state
+    if state["up"]:
+        cluster("down")
+
+
+def test_three_nodes_in_namespaces_form_a_quorate_cluster_without_fencing(up):
+    p = crm(1, "crm_mon", "--output-as=xml")
+    assert p.returncode == 0, p.stderr
+    root = ET.fromstring(p.stdout)
+    assert sorted(n.get("name") for n in root.iterfind("nodes/node") if n.get("online") == "true") == ["node1", "node2", "node3"]
+    assert root.find("summary/current_dc").get("with_quorum") == "true"
+    assert root.find("summary/cluster_options").get("stonith-enabled") == "false"
+    # Each node is its own host name in its own network: the stack of node2 answers on node2.
+    assert crm(2, "hostname").stdout.strip() == "node2"
+    assert "10.99.19.2/24" in crm(2, "ip", "-br", "addr", "show", "eth0").stdout
+
+
+def clone_xml(rsc: str, agent: str, params: dict[str, str], replicas: int = 2) -> str:
+    """A clone of `replicas` instances, at most one per node (anti-affinity), of an OCF agent."""
+    provider, kind = agent.split(":")
+    nv = "".join(f'<nvpair id="{rsc}-p-{k}" name="{k}" value="{v}"/>' for k, v in params.items())
+    return (f'<clone id="{rsc}-clone"><meta_attributes id="{rsc}-clone-meta">'
+            f'<nvpair id="{rsc}-clone-max" name="clone-max" value="{replicas}"/>'
+            f'<nvpair id="{rsc}-clone-node-max" name="clone-node-max" value="1"/></meta_attributes>'
+            f'<primitive id="{rsc}" class="ocf" provider="{provider}" type="{kind}">'
+            + (f'<instance_attributes id="{rsc}-params">{nv}</instance_attributes>' if nv else "")
+            + f'<operations><op id="{rsc}-start" name="start" interval="0s" timeout="120s"/>'
+            f'<op id="{rsc}-stop" name="stop" interval="0s" timeout="90s"/>'
+            f'<op id="{rsc}-mon" name="monitor" interval="2s" timeout="30s"/></operations></primitive></clone>')
+
+
+def remove_clone(node: int, rsc: str) -> None:
+    assert crm(node, "crm_resource", "--resource", f"{rsc}-clone", "--meta", "--set-parameter", "target-role",
+               "--parameter-value", "Stopped").returncode == 0
+    wait_for(lambda: placement(node, f"{rsc}-clone") == [], 120, f"{rsc} to stop everywhere")
+    assert crm(node, "cibadmin", "--delete", "--xml-text", f'<clone id="{rsc}-clone"/>').returncode == 0
+
+
+def test_a_clone_of_two_replicas_runs_them_on_two_nodes(up):
+    assert crm(1, "cibadmin", "--create", "--scope", "resources", "--xml-text", clone_xml("d", "pacemaker:Dummy", {})).returncode == 0
+    nodes = wait_for(lambda: (n := placement(1, "d-clone")) and len(n) == 2 and n, 60, "two replicas")
+    assert len(set(nodes)) == 2  # one per node: the clone's anti-affinity
+    remove_clone(1, "d")
+
+
+def test_a_lost_nodes_tupper_container_is_started_on_the_third_node(up, capsys):
+    """ocf:tupper:container under Pacemaker: two replicas of examples/hello.toml, each in its node's store
+    through its node's tupperd; node loss (its cluster stack, tupperd and containers SIGKILLed) makes
+    Pacemaker start the lost replica on the third node, its units active."""
+    spec = REPO / "examples/hello.toml"
+    p = crm(1, "cibadmin", "--create", "--scope", "resources", "--xml-text", clone_xml("web", "tupper:container", {"spec": str(spec)}))
+    assert p.returncode == 0, p.stderr
+    first = wait_for(lambda: (n := placement(1, "web-clone")) and len(n) == 2 and n, 120, "two replicas of web")
+    for name in first:
+        status = json.loads(tupper_on(int(name[-1]), "status", "web", "--json").stdout)
+        assert status["state"] == "running" and all(u["active_state"] == "active" for u in status["units"])
+    lost = int(first[0][-1])
+    survivor = next(n for n in (1, 2, 3) if f"node{n}" in first and n != lost)
+    third = ({"node1", "node2", "node3"} - set(first)).pop()
+    began = time.monotonic()
+    assert cluster("kill", str(lost)).returncode == 0
+    wait_for(lambda: third in placement(survivor, "web-clone"), 120, "the lost replica to start on the third node")
+    took = time.monotonic() - began
+    status = json.loads(tupper_on(int(third[-1]), "status", "web", "--json").stdout)
+    assert status["state"] == "running" and all(u["active_state"] == "active" for u in status["units"])
+    with capsys.disabled():
+        print(f"\n  failover of a tupper container from node{lost} to {third}, units active: {took:.1f} s (token 1 s)")
+    remove_clone(survivor, "web")
+    for n in (1, 2, 3):
+        if n != lost:
+            assert json.loads(tupper_on(n, "ps", "--json").stdout) == []  # stop removed them
+
+
+def test_down_leaves_no_process_namespace_link_or_state(up):
+    p = cluster("down")
+    up["up"] = False
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "no process, namespace, link or state left" in p.stdout
+    assert not [x for x in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n") if x.startswith("tupper-tn")]
+    assert "tupper-tbr" not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout

@@ -1,0 +1,180 @@
+"""The OCF resource agent's logic (tupper/cli/ocf.py): what tupper's states mean to Pacemaker, the
+parameters, the meta-data, and start/stop/monitor against a stand-in for the tupper CLI (the real one,
+under ocf-tester and a real tupperd: tests/integration/test_ocf.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tupper.cli import ocf
+from tupper.cli.ocf import Agent, Cli, OcfCode
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = REPO / "examples/hello.toml"
+
+
+@pytest.mark.parametrize(("state", "code"), [
+    (None, OcfCode.NOT_RUNNING),
+    ("stopped", OcfCode.NOT_RUNNING),
+    ("exited", OcfCode.NOT_RUNNING),
+    ("created", OcfCode.NOT_RUNNING),
+    ("running", OcfCode.SUCCESS),
+    ("starting", OcfCode.SUCCESS),
+    ("degraded", OcfCode.ERR_GENERIC),
+    ("failed", OcfCode.ERR_GENERIC),
+    ("crash-loop", OcfCode.ERR_GENERIC),
+    ("stopping", OcfCode.ERR_GENERIC),
+])
+def test_tuppers_states_mean_to_pacemaker(state, code):
+    verdict = ocf.monitor_verdict(state, "failed unit(s): web.service" if state == "degraded" else "")
+    assert verdict.code == code
+    if code == OcfCode.ERR_GENERIC:
+        assert state in verdict.reason  # what crm_mon shows as the failure's exit reason
+    if state == "degraded":
+        assert "web.service" in verdict.reason
+
+
+def test_the_container_name_is_the_parameter_else_the_instance_without_colons():
+    assert ocf.container_name({"OCF_RESKEY_name": "db", "OCF_RESOURCE_INSTANCE": "x"}) == "db"
+    assert ocf.container_name({"OCF_RESOURCE_INSTANCE": "web:1"}) == "web-1"
+
+
+def test_the_stop_timeout_is_the_parameter_else_pacemakers_less_a_margin():
+    assert ocf.stop_timeout({"OCF_RESKEY_stop_timeout": "5"}) == 5.0
+    assert ocf.stop_timeout({"OCF_RESKEY_CRM_meta_timeout": "90000"}) == 80.0
+    assert ocf.stop_timeout({"OCF_RESKEY_CRM_meta_timeout": "12000"}) == 10.0  # at least 10 s
+    assert ocf.stop_timeout({}) == ocf.DEFAULT_STOP_TIMEOUT
+
+
+def test_a_monitor_with_no_interval_is_a_probe():
+    assert ocf.is_probe({"__OCF_ACTION": "monitor", "OCF_RESKEY_CRM_meta_interval": "0"})
+    assert ocf.is_probe({"__OCF_ACTION": "monitor"})
+    assert not ocf.is_probe({"__OCF_ACTION": "monitor", "OCF_RESKEY_CRM_meta_interval": "10000"})
+
+
+def test_meta_data_names_every_parameter_and_action_in_ocf_1_0_order():
+    text = ocf.meta_data()
+    assert '<!DOCTYPE resource-agent SYSTEM "ra-api-1.dtd">' in text
+    root = ET.fromstring(text.split("\n", 2)[2])  # past the declaration and the doctype
+    assert root.tag == "resource-agent" and root.get("name") == "container"
+    assert [c.tag for c in root] == ["version", "longdesc", "shortdesc", "parameters", "actions"]  # the DTD's order
+    params = {p.get("name"): p for p in root.find("parameters")}
+    assert set(params) == {"spec", "name", "stop_timeout", "root", "direct"}
+    assert params["spec"].get("required") == "1"
+    for p in params.values():
+        assert [c.tag for c in p] == ["longdesc", "shortdesc", "content"]
+    actions = {a.get("name"): a for a in root.find("actions")}
+    assert set(actions) == {"start", "stop", "monitor", "validate-all", "meta-data"}
+    assert all(a.get("timeout") for a in actions.values())
+
+
+class FakeTupper:
+    """The tupper CLI as the agent calls it, over a dict of container states."""
+
+    def __init__(self, containers: dict[str, str] | None = None, run_fails: bool = False, stop_fails: bool = False) -> None:
+        self.containers = dict(containers or {})
+        self.run_fails, self.stop_fails = run_fails, stop_fails
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+        args = argv[3:]  # past python -m tupper
+        self.calls.append(args)
+        verb = args[0]
+        name = args[-1] if verb == "rm" else args[1]  # rm --force NAME; status NAME --json; stop NAME --timeout T
+
+        def done(code: int = 0, out: str = "", err: str = "") -> subprocess.CompletedProcess:
+            return subprocess.CompletedProcess(argv, code, out, err)
+
+        if verb == "status":
+            if name not in self.containers:
+                return done(2, err=f"tupper: no container {name!r}\n")
+            return done(out=json.dumps({"name": name, "state": self.containers[name], "units": []}))
+        if verb == "run":
+            name = args[args.index("--name") + 1]
+            if self.run_fails:
+                self.containers[name] = "failed"
+                return done(1, err="tupper: unit web.service failed\n")
+            self.containers[name] = "running"
+            return done(out="{}")
+        if verb == "stop":
+            if self.stop_fails:
+                return done(1, err="tupper: PowerOff failed\n")
+            self.containers[name] = "stopped"
+            return done()
+        if verb == "kill":
+            self.containers[name] = "failed"
+            return done()
+        if verb == "rm":
+            self.containers.pop(name, None)
+            return done()
+        raise AssertionError(f"unexpected call {args}")
+
+
+def agent(fake: FakeTupper, spec: Path = HELLO, **env: str) -> Agent:
+    return Agent({"OCF_RESOURCE_INSTANCE": "web", "OCF_RESKEY_spec": str(spec), **env}, Cli(run=fake))
+
+
+def test_start_runs_the_spec_and_a_second_start_changes_nothing():
+    fake = FakeTupper()
+    assert agent(fake).start().code == OcfCode.SUCCESS
+    assert fake.containers == {"web": "running"}
+    assert ["run", str(HELLO), "--name", "web", "--json"] in fake.calls
+    runs = sum(c[0] == "run" for c in fake.calls)
+    assert agent(fake).start().code == OcfCode.SUCCESS
+    assert sum(c[0] == "run" for c in fake.calls) == runs  # already running: left as it is
+
+
+def test_start_replaces_a_stopped_or_failed_container_of_that_name():
+    fake = FakeTupper({"web": "crash-loop"})
+    assert agent(fake).start().code == OcfCode.SUCCESS
+    assert [c[0] for c in fake.calls if c[0] in ("rm", "run")] == ["rm", "run"]
+
+
+def test_a_failed_run_is_a_generic_failure_with_tuppers_reason():
+    fake = FakeTupper(run_fails=True)
+    verdict = agent(fake).start()
+    assert verdict.code == OcfCode.ERR_GENERIC and "web.service failed" in verdict.reason
+
+
+def test_stop_stops_and_removes_and_a_second_stop_succeeds():
+    fake = FakeTupper({"web": "running"})
+    assert agent(fake, OCF_RESKEY_stop_timeout="7").stop().code == OcfCode.SUCCESS
+    assert fake.containers == {}
+    assert ["stop", "web", "--timeout", "7"] in fake.calls
+    assert agent(fake).stop().code == OcfCode.SUCCESS
+
+
+def test_a_stop_that_fails_kills_then_removes():
+    fake = FakeTupper({"web": "running"}, stop_fails=True)
+    assert agent(fake).stop().code == OcfCode.SUCCESS
+    assert [c[0] for c in fake.calls if c[0] in ("stop", "kill", "rm")] == ["stop", "kill", "rm"]
+
+
+def test_validate_tells_a_spec_missing_here_from_a_bad_one(tmp_path):
+    fake = FakeTupper()
+    assert agent(fake).validate().code == OcfCode.SUCCESS
+    assert agent(fake, tmp_path / "nope.toml").validate().code == OcfCode.ERR_INSTALLED  # maybe on another node
+    bad = tmp_path / "bad.toml"
+    bad.write_text('image = "debian-bookworm"\nrestart = "sometimes"\n')
+    verdict = agent(fake, bad).validate()
+    assert verdict.code == OcfCode.ERR_CONFIGURED and "bad.toml" in verdict.reason
+    assert agent(fake, OCF_RESKEY_name="no/slash").validate().code == OcfCode.ERR_CONFIGURED
+    assert agent(fake, OCF_RESKEY_stop_timeout="soon").validate().code == OcfCode.ERR_CONFIGURED
+    assert fake.calls == []  # validating runs nothing
+
+
+def test_actions_and_exit_codes_of_main(capsys):
+    assert ocf.main(["meta-data"], {}) == OcfCode.SUCCESS
+    assert "resource-agent" in capsys.readouterr().out
+    assert ocf.main(["promote"], {}) == OcfCode.ERR_UNIMPLEMENTED
+    assert ocf.main([], {}) == OcfCode.ERR_UNIMPLEMENTED
+    # A probe where tupper is missing: nothing of ours runs here. Elsewhere: not installed.
+    missing = {"OCF_TESTER_FAIL_HAVE_BINARY": "1", "OCF_RESOURCE_INSTANCE": "web", "OCF_RESKEY_spec": str(HELLO)}
+    assert ocf.main(["monitor"], {**missing, "OCF_RESKEY_CRM_meta_interval": "0"}) == OcfCode.NOT_RUNNING
+    assert ocf.main(["monitor"], {**missing, "OCF_RESKEY_CRM_meta_interval": "10000"}) == OcfCode.ERR_INSTALLED
+    assert "ocf-exit-reason:tupper did not answer" in capsys.readouterr().err
