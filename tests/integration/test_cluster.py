@@ -107,6 +107,57 @@ def test_a_clone_of_two_replicas_runs_them_on_two_nodes(up):
     remove_clone(1, "d")
 
 
+def containers(node: int) -> dict[str, int]:
+    """The tupper containers running on a node: {name: leader PID}."""
+    return {c["name"]: c["leader_pid"] for c in json.loads(tupper_on(node, "ps", "--json").stdout)}
+
+
+def fleet_status(node: int = 1) -> dict[str, dict]:
+    p = tupper_on(node, "fleet", "status", "--json")
+    assert p.returncode == 0, p.stderr
+    return {r["service"]: r for r in json.loads(p.stdout)}
+
+
+def epoch() -> str:
+    return ET.fromstring(crm(1, "cibadmin", "--query").stdout).get("epoch", "")
+
+
+def test_fleet_apply_is_idempotent_changes_only_what_changed_and_rm_removes(up, tmp_path):
+    spec = REPO / "examples/hello.toml"
+    path = tmp_path / "fleet.toml"
+    text = (f'[[service]]\nname = "db"\nspec = "{spec}"\n\n'
+            f'[[service]]\nname = "web"\nspec = "{spec}"\nreplicas = 2\nafter = ["db"]\n')
+    path.write_text(text)
+    first = tupper_on(1, "fleet", "apply", str(path), "--json")
+    assert first.returncode == 0, first.stderr
+    assert {(c["action"], c["id"]) for c in json.loads(first.stdout)} == {
+        ("create", "tupper.db.clone"), ("create", "tupper.web.clone"), ("create", "tupper.web.after.db")}
+    status = wait_for(lambda: (s := fleet_status()) and s["web"]["running"] == 2 and s["db"]["running"] == 1 and s, 120,
+                      "web's two replicas and db's one")
+    assert len(set(status["web"]["nodes"])) == 2  # one per node
+    web_nodes = [int(n[-1]) for n in status["web"]["nodes"]]
+    leaders = {n: containers(n)["web"] for n in web_nodes}
+
+    before = epoch()
+    again = tupper_on(1, "fleet", "apply", str(path))
+    assert again.returncode == 0 and "nothing to change" in again.stdout
+    assert epoch() == before  # not one write to the cluster's configuration
+
+    path.write_text(text.replace("replicas = 2", "replicas = 1"))
+    lower = tupper_on(2, "fleet", "apply", str(path), "--json")  # any node
+    assert [(c["action"], c["id"]) for c in json.loads(lower.stdout)] == [("replace", "tupper.web.clone")]
+    wait_for(lambda: fleet_status()["web"]["running"] == 1 and sum("web" in containers(n) for n in web_nodes) == 1, 120,
+             "exactly one web replica to stop")
+    kept = next(n for n in web_nodes if "web" in containers(n))
+    assert containers(kept)["web"] == leaders[kept]  # the other one was not touched
+    assert fleet_status()["db"]["running"] == 1
+
+    gone = tupper_on(1, "fleet", "rm", str(path))
+    assert gone.returncode == 0, gone.stderr
+    assert fleet_status() == {}
+    wait_for(lambda: all(containers(n) == {} for n in (1, 2, 3)), 60, "the containers to be stopped and removed")
+
+
 def test_a_lost_nodes_tupper_container_is_started_on_the_third_node(up, capsys):
     """ocf:tupper:container under Pacemaker: two replicas of examples/hello.toml, each in its node's store
     through its node's tupperd; node loss (its cluster stack, tupperd and containers SIGKILLed) makes

@@ -436,7 +436,14 @@ _COMMANDS = {
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret, "volume": lambda sub: _volumes().add_volume(sub), "cp": lambda sub: _volumes().add_cp(sub),
     "prune": lambda sub: _volumes().add_prune(sub), "pool": lambda sub: _pools().add_pool(sub),
+    "fleet": lambda sub: _fleet().add_fleet(sub),
 }
+
+
+def _fleet():
+    from tupper.cli import fleet
+
+    return fleet
 
 
 def _pools():
@@ -639,6 +646,8 @@ def dispatch(args) -> int:
         return _volumes().cmd_cp(args, lambda: _runtime(args))
     if cmd == "prune":
         return _volumes().cmd_prune(args, lambda: _backend(args))
+    if cmd == "fleet":
+        return _fleet().cmd_fleet(args)
     if cmd == "image":
         return cmd_image(args)
     if cmd == "store":
