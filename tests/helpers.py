@@ -578,3 +578,39 @@ def bash_complete(script: Path, line: str, root: Path | None = None, env: dict |
     p = subprocess.run(["bash", "-c", _COMPLETE, "complete", str(script), line], capture_output=True, text=True, env=full_env, timeout=30)
     assert p.returncode == 0, p.stderr
     return [w for w in p.stdout.splitlines() if w]
+
+
+class DirectStore:
+    """The CLI on a store of its own (--direct: no tupperd serves it), made with `backend` (None: open as is)."""
+
+    def __init__(self, root: Path, backend: str | None = None) -> None:
+        self.root = root
+        if backend is not None:
+            self("store", "init", "--backend", backend, check=True)
+
+    def __call__(self, *args, check: bool = False, input: bytes | None = None) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(self.root), *map(str, args)], capture_output=True,
+                           timeout=600, cwd=REPO, env=_clean_env(), input=input)
+        if check and p.returncode != 0:
+            raise AssertionError(f"tupper {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.decode(errors='replace')}")
+        return p
+
+    def images(self) -> dict[str, dict]:
+        return {i["name"]: i for i in json.loads(self("image", "ls", "--json", check=True).stdout)}
+
+    def leftovers(self) -> list[str]:
+        """What an import may leave: subvolumes or files in images/ that are not a published image, scratch."""
+        names = set(self.images())
+        out = [p.name for p in (self.root / "images").iterdir()
+               if not p.name.startswith(".") and p.name.removesuffix(".json") not in names]
+        out += [p.name for p in (self.root / "tmp").iterdir()]
+        return out
+
+    def destroy(self) -> None:
+        for c in json.loads(self("ps", "--json").stdout or "[]"):
+            self("rm", "-f", c["name"])
+        for n in json.loads(self("network", "ls", "--json").stdout or "[]"):
+            self("network", "rm", n["name"])
+        self("store", "unmount")
+        subprocess.run(["rm", "-rf", str(self.root)], check=False)
+        Path(f"{self.root}.img").unlink(missing_ok=True)

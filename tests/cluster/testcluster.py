@@ -47,6 +47,7 @@ HOST_VETH = f"tupper-{CLUSTER}n{{}}h"
 PRIVATE_DIRS = ("etc/corosync", "var/lib/corosync", "var/log/corosync", "var/lib/pacemaker", "var/log/pacemaker")
 UP_TIMEOUT = 90.0
 IMAGE = "debian-bookworm"  # the image every node's store gets
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sh(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
@@ -98,6 +99,9 @@ for d in {dirs}; do mkdir -p "$D/$d" "/$d"; mount --bind "$D/$d" "/$d"; done
 # store, the host's.
 mkdir -p /run/dbus "$D/no-activation"
 mount --bind "$D/no-activation" /usr/share/dbus-1/system-services
+# Pacemaker's ocf:tupper:container is this tree's agent, whatever `make setup` installed on the host.
+mkdir -p /usr/lib/ocf/resource.d/tupper
+mount --bind "$D/ocf" /usr/lib/ocf/resource.d/tupper
 dbus-daemon --system --fork
 "$TUPPERD" >>"$D/tupperd.log" 2>&1 &
 mkdir -p /var/lib/pacemaker/cib /var/lib/pacemaker/pengine /var/lib/pacemaker/cores /var/lib/pacemaker/blackbox \\
@@ -193,6 +197,10 @@ def _up() -> None:
             (d / sub).mkdir(parents=True, exist_ok=True)
         (d / "etc/corosync/corosync.conf").write_text(corosync_conf())
         (d / "node.sh").write_text(NODE_SH.format(dirs=" ".join(PRIVATE_DIRS)))
+        (d / "ocf").mkdir(exist_ok=True)
+        agent = d / "ocf/container"
+        agent.write_text((REPO / "ocf/container.in").read_text().replace("@PYTHON@", sys.executable))
+        agent.chmod(0o755)
         log = open(d / "node.log", "ab")
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8", "TUPPER_ROOT": str(node_store(n))}
         # nsenter, not `ip netns exec`: that mounts a new /sys, without the cgroup hierarchies nspawn needs.

@@ -10,10 +10,11 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 import xml.etree.ElementTree as ET
 
 import pytest
-from helpers import BACKENDS, REPO
+from helpers import BACKENDS, IMAGE, REPO, DirectStore, write_component
 
 SCRIPT = [sys.executable, str(REPO / "tests/cluster/testcluster.py")]
 ENV = {**os.environ, "TUPPER_CLUSTER": "t"}
@@ -156,6 +157,45 @@ def test_fleet_apply_is_idempotent_changes_only_what_changed_and_rm_removes(up, 
     assert gone.returncode == 0, gone.stderr
     assert fleet_status() == {}
     wait_for(lambda: all(containers(n) == {} for n in (1, 2, 3)), 60, "the containers to be stopped and removed")
+
+
+def test_a_source_directory_brings_the_image_and_the_component_to_each_node(up, store_root, tmp_path):
+    """A service whose spec needs an image layer and a component package that no node has: `source` in the
+    fleet file makes the agent fetch both (the layer onto the nodes' base image) on each node Pacemaker
+    picks, checked by digest, before the container starts there; the third node gets nothing."""
+    here = DirectStore(store_root)
+    tag = uuid.uuid4().hex[:6]
+    layer, component = f"t-src-{tag}", f"src{tag}"
+    source = tmp_path / "source"
+    source.mkdir()
+    (tmp_path / "layer.toml").write_text(f'name = "{layer}"\nfrom = "{IMAGE}"\n[build]\nsteps = ["echo {tag} > /etc/tupper-src"]\n')
+    here("image", "build", tmp_path / "layer.toml", check=True)
+    try:
+        here("image", "export", layer, "--parent", IMAGE, "-o", source / f"{layer}.timg", check=True)
+        comp = write_component(tmp_path / component, component, {f"{component}.service": "[Service]\nExecStart=/bin/sleep infinity\n"})
+        here("sdk", "build", comp, "-o", source, check=True)
+        spec = tmp_path / "src.toml"
+        spec.write_text(f'image = "{layer}"\n[[components]]\nname = "{component}"\n')
+        fleet = tmp_path / "fleet.toml"
+        fleet.write_text(f'[[service]]\nname = "src"\nspec = "{spec}"\nreplicas = 2\nsource = "{source}"\n')
+        p = tupper_on(1, "fleet", "apply", str(fleet))
+        assert p.returncode == 0, p.stderr
+        status = wait_for(lambda: (s := fleet_status()) and s.get("src", {}).get("running") == 2 and s, 180, "src's two replicas")
+        ran = sorted(int(n[-1]) for n in status["src"]["nodes"])
+        want = here.images()[layer]["tree_digest"]
+        for n in ran:
+            images = {i["name"]: i for i in json.loads(tupper_on(n, "image", "ls", "--json").stdout)}
+            assert images[layer]["tree_digest"] == want and images[layer]["parent"] == IMAGE  # the same tree on every node
+            installed = json.loads(tupper_on(n, "component", "ls", "--json").stdout)
+            assert [(c["name"], c["version"], c["used_by"]) for c in installed] == [(component, "1.0.0", ["src"])]
+            st = json.loads(tupper_on(n, "status", "src", "--json").stdout)
+            assert st["state"] == "running" and [u["active_state"] for u in st["units"]] == ["active"]
+        third = ({1, 2, 3} - set(ran)).pop()
+        assert layer not in {i["name"] for i in json.loads(tupper_on(third, "image", "ls", "--json").stdout)}  # fetched where it runs
+        assert tupper_on(1, "fleet", "rm", str(fleet)).returncode == 0
+        wait_for(lambda: all(containers(n) == {} for n in (1, 2, 3)), 60, "the containers to be stopped and removed")
+    finally:
+        here("image", "rm", layer)
 
 
 def test_a_lost_nodes_tupper_container_is_started_on_the_third_node(up, capsys):

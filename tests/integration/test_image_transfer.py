@@ -7,51 +7,14 @@ refused with exit 2 and leaves nothing in the store."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from helpers import REPO, _clean_env
+from helpers import REPO
+from helpers import DirectStore as Store
 
 IMAGE = "debian-bookworm"
-
-
-class Store:
-    """The CLI on a store of its own (--direct: no tupperd serves it)."""
-
-    def __init__(self, root: Path, backend: str | None = None) -> None:
-        self.root = root
-        if backend is not None:
-            self("store", "init", "--backend", backend, check=True)
-
-    def __call__(self, *args, check: bool = False, input: bytes | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run([sys.executable, "-m", "tupper", "--direct", "--root", str(self.root), *map(str, args)], capture_output=True,
-                           timeout=600, cwd=REPO, env=_clean_env(), input=input)
-        if check and p.returncode != 0:
-            raise AssertionError(f"tupper {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.decode(errors='replace')}")
-        return p
-
-    def images(self) -> dict[str, dict]:
-        return {i["name"]: i for i in json.loads(self("image", "ls", "--json", check=True).stdout)}
-
-    def leftovers(self) -> list[str]:
-        """What an import may leave: subvolumes or files in images/ that are not a published image, scratch."""
-        names = set(self.images())
-        out = [p.name for p in (self.root / "images").iterdir()
-               if not p.name.startswith(".") and p.name.removesuffix(".json") not in names]
-        out += [p.name for p in (self.root / "tmp").iterdir()]
-        return out
-
-    def destroy(self) -> None:
-        for c in json.loads(self("ps", "--json").stdout or "[]"):
-            self("rm", "-f", c["name"])
-        for n in json.loads(self("network", "ls", "--json").stdout or "[]"):
-            self("network", "rm", n["name"])
-        self("store", "unmount")
-        subprocess.run(["rm", "-rf", str(self.root)], check=False)
-        Path(f"{self.root}.img").unlink(missing_ok=True)
 
 
 OTHER = {"btrfs": "overlay", "overlay": "btrfs"}

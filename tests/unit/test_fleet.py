@@ -18,6 +18,7 @@ spec = "/srv/web.toml"
 replicas = 2
 prefer = { node1 = 100, node3 = "never" }
 stop_timeout = 20
+source = "/srv/tupper"
 
 [[service]]
 name = "db"
@@ -41,7 +42,8 @@ def test_a_fleet_file_gives_services_with_their_defaults():
     assert f.names() == ["web", "db", "app"]
     web, db, app = f.services
     assert (web.replicas, web.anti_affinity, web.prefer, web.stop_timeout) == (2, True, (("node1", 100), ("node3", None)), 20.0)
-    assert (db.replicas, db.after, db.prefer) == (1, (), ())
+    assert web.source == "/srv/tupper"
+    assert (db.replicas, db.after, db.prefer, db.source) == (1, (), (), None)
     assert app.after == ("db", "web")
 
 
@@ -56,6 +58,7 @@ def test_a_fleet_file_gives_services_with_their_defaults():
     ('[[service]]\nname = "a"\nspec = "/s.toml"\nafter = ["b"]\n[[service]]\nname = "b"\nspec = "/s.toml"\nafter = ["a"]\n', "in a circle: a -> b -> a"),
     ('[[service]]\nname = "a"\nspec = "/s.toml"\n[[service]]\nname = "a"\nspec = "/t.toml"\n', "named twice"),
     ('[[services]]\nname = "a"\n', "f.toml: services: unknown key"),
+    ('[[service]]\nname = "web"\nspec = "/s.toml"\nsource = "srv"\n', "f.toml: service[0].source: 'srv': an absolute path"),
 ])
 def test_bad_fleet_files_name_the_file_and_the_key(text, where):
     with pytest.raises(InvalidInput) as exc:
@@ -80,7 +83,7 @@ def test_a_service_is_a_clone_of_the_tupper_agent_with_its_constraints():
     prim = clone.find("primitive")
     assert (prim.get("class"), prim.get("provider"), prim.get("type")) == ("ocf", "tupper", "container")
     params = {nv.get("name"): nv.get("value") for nv in prim.iterfind("instance_attributes/nvpair")}
-    assert params == {"spec": "/srv/web.toml", "name": "web", "stop_timeout": "20"}
+    assert params == {"spec": "/srv/web.toml", "name": "web", "stop_timeout": "20", "source": "/srv/tupper"}
     assert {op.get("name") for op in prim.iterfind("operations/op")} == {"start", "stop", "monitor"}
     cons = {c.get("id"): c.attrib for c in fleet.constraints(web)}
     assert cons["tupper.web.on.node1"]["score"] == "100" and cons["tupper.web.on.node3"]["score"] == "-INFINITY"

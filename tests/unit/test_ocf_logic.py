@@ -13,6 +13,7 @@ import pytest
 
 from tupper.cli import ocf
 from tupper.cli.ocf import Agent, Cli, OcfCode
+from tupper.errors import Exists, NotFound
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples/hello.toml"
@@ -64,7 +65,7 @@ def test_meta_data_names_every_parameter_and_action_in_ocf_1_0_order():
     assert root.tag == "resource-agent" and root.get("name") == "container"
     assert [c.tag for c in root] == ["version", "longdesc", "shortdesc", "parameters", "actions"]  # the DTD's order
     params = {p.get("name"): p for p in root.find("parameters")}
-    assert set(params) == {"spec", "name", "stop_timeout", "root", "direct"}
+    assert set(params) == {"spec", "name", "stop_timeout", "source", "root", "direct"}
     assert params["spec"].get("required") == "1"
     for p in params.values():
         assert [c.tag for c in p] == ["longdesc", "shortdesc", "content"]
@@ -76,10 +77,23 @@ def test_meta_data_names_every_parameter_and_action_in_ocf_1_0_order():
 class FakeTupper:
     """The tupper CLI as the agent calls it, over a dict of container states."""
 
-    def __init__(self, containers: dict[str, str] | None = None, run_fails: bool = False, stop_fails: bool = False) -> None:
+    def __init__(self, containers: dict[str, str] | None = None, run_fails: bool = False, stop_fails: bool = False,
+                 store: str = "complete", fetch_code: int = 0) -> None:
         self.containers = dict(containers or {})
         self.run_fails, self.stop_fails = run_fails, stop_fails
+        # the node's store against the spec and the source: complete, lacking (the source has the rest),
+        # missing (neither has it), differs (another component of that version here)
+        self.store, self.fetch_code = store, fetch_code
         self.calls: list[list[str]] = []
+        self.looks: list[tuple[Path, Path | None]] = []
+
+    def look(self, spec: Path, source: Path | None, root: str | None) -> bool:
+        self.looks.append((spec, source))
+        if self.store == "missing" or (self.store == "lacking" and source is None):
+            raise NotFound("components[0].name: component db 1.0 is not installed here")
+        if self.store == "differs":
+            raise Exists("component db 1.0 in this store (sha256:a) is not the one in /srv/tupper/db-1.0.tupper (sha256:b)")
+        return self.store == "lacking"
 
     def __call__(self, argv: list[str], timeout: float | None) -> subprocess.CompletedProcess:
         args = argv[3:]  # past python -m tupper
@@ -106,6 +120,10 @@ class FakeTupper:
                 return done(1, err="tupper: PowerOff failed\n")
             self.containers[name] = "stopped"
             return done()
+        if verb == "fetch":
+            if self.fetch_code == 0:
+                self.store = "complete"
+            return done(self.fetch_code, out="[]" if self.fetch_code == 0 else "", err="" if self.fetch_code == 0 else "tupper: no space left\n")
         if verb == "kill":
             self.containers[name] = "failed"
             return done()
@@ -116,7 +134,7 @@ class FakeTupper:
 
 
 def agent(fake: FakeTupper, spec: Path = HELLO, **env: str) -> Agent:
-    return Agent({"OCF_RESOURCE_INSTANCE": "web", "OCF_RESKEY_spec": str(spec), **env}, Cli(run=fake))
+    return Agent({"OCF_RESOURCE_INSTANCE": "web", "OCF_RESKEY_spec": str(spec), **env}, Cli(run=fake), look=fake.look)
 
 
 def test_start_runs_the_spec_and_a_second_start_changes_nothing():
@@ -166,6 +184,37 @@ def test_validate_tells_a_spec_missing_here_from_a_bad_one(tmp_path):
     assert agent(fake, OCF_RESKEY_name="no/slash").validate().code == OcfCode.ERR_CONFIGURED
     assert agent(fake, OCF_RESKEY_stop_timeout="soon").validate().code == OcfCode.ERR_CONFIGURED
     assert fake.calls == []  # validating runs nothing
+
+
+def test_validate_says_what_this_node_lacks_and_what_the_source_brings(tmp_path):
+    source = {"OCF_RESKEY_source": "/srv/tupper"}
+    missing = agent(FakeTupper(store="missing"), **source).validate()
+    assert missing.code == OcfCode.ERR_INSTALLED and "not installed here" in missing.reason  # this node only
+    assert agent(FakeTupper(store="lacking")).validate().code == OcfCode.ERR_INSTALLED  # no source: the store alone
+    differs = agent(FakeTupper(store="differs"), **source).validate()
+    assert differs.code == OcfCode.ERR_INSTALLED and "is not the one in" in differs.reason
+    fake = FakeTupper(store="lacking")
+    assert agent(fake, **source).validate().code == OcfCode.SUCCESS  # the source has the rest
+    assert fake.looks == [(HELLO, Path("/srv/tupper"))] and fake.calls == []  # looked, nothing fetched
+
+
+def test_start_with_a_source_fetches_before_it_runs():
+    fake = FakeTupper(store="lacking")
+    assert agent(fake, OCF_RESKEY_source="/srv/tupper").start().code == OcfCode.SUCCESS
+    verbs = [c[0] for c in fake.calls if c[0] in ("fetch", "run")]
+    assert verbs == ["fetch", "run"]
+    assert ["fetch", str(HELLO), "--source", "/srv/tupper", "--json"] in fake.calls
+    plain = FakeTupper()
+    assert agent(plain).start().code == OcfCode.SUCCESS
+    assert not any(c[0] == "fetch" for c in plain.calls)  # no source: nothing to fetch
+
+
+@pytest.mark.parametrize(("code", "ocf_code"), [(2, OcfCode.ERR_INSTALLED), (1, OcfCode.ERR_GENERIC)])
+def test_a_failed_fetch_fails_the_start_before_anything_runs(code, ocf_code):
+    fake = FakeTupper(store="lacking", fetch_code=code)
+    verdict = agent(fake, OCF_RESKEY_source="/srv/tupper").start()
+    assert verdict.code == ocf_code and "no space left" in verdict.reason
+    assert not any(c[0] == "run" for c in fake.calls) and fake.containers == {}
 
 
 def test_actions_and_exit_codes_of_main(capsys):

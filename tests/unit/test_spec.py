@@ -358,3 +358,28 @@ def test_labels_are_kept_in_order_and_bad_keys_and_values_name_the_key(tmp_path)
                       ('team = "a\\nb"', "labels.team")):
         message = load_error(spec_file(tmp_path, f'name = "w"\n[labels]\n{body}\n[[components]]\npath = "hello"\n'))
         assert f"spec.toml: {key}:" in message, message
+
+
+# ---- what a spec needs in the store (tupper fetch) -------------------------------------------------
+
+
+def test_needs_names_the_image_and_the_installed_components_only(tmp_path):
+    c = component(tmp_path, "local")
+    path = spec_file(tmp_path, f'image = "web-layer"\n[[components]]\npath = "{c}"\n[[components]]\nname = "db"\nversion = "1.2.0"\n'
+                               '[[components]]\nname = "cache"\n')
+    image, needed = specmod.needs(path)
+    assert image == "web-layer"
+    assert [(n.name, n.version) for n in needed] == [("db", "1.2.0"), ("cache", None)]
+    assert needed[0].where == f"{path}: components[1].name"
+    assert specmod.needs(spec_file(tmp_path, "", "bare.toml")) == (specmod.DEFAULT_IMAGE, [])
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ('image = "../x"\n', "spec.toml: image: invalid image name"),
+    ('[[components]]\nname = "Db!"\n', "spec.toml: components[0].name: invalid component name"),
+    ('[[components]]\nname = "db"\nversion = "1 2"\n', "spec.toml: components[0].version: invalid version"),
+])
+def test_needs_refuses_what_load_would(tmp_path, text, where):
+    with pytest.raises(InvalidInput) as info:
+        specmod.needs(spec_file(tmp_path, text))
+    assert where in info.value.message

@@ -436,8 +436,14 @@ _COMMANDS = {
     "logs": _add_logs, "image": _add_image, "store": _add_store, "sdk": _add_sdk, "component": _add_component,
     "secret": _add_secret, "volume": lambda sub: _volumes().add_volume(sub), "cp": lambda sub: _volumes().add_cp(sub),
     "prune": lambda sub: _volumes().add_prune(sub), "pool": lambda sub: _pools().add_pool(sub),
-    "fleet": lambda sub: _fleet().add_fleet(sub),
+    "fetch": lambda sub: _fetch().add_fetch(sub), "fleet": lambda sub: _fleet().add_fleet(sub),
 }
+
+
+def _fetch():
+    from tupper.cli import fetch
+
+    return fetch
 
 
 def _fleet():
@@ -648,6 +654,8 @@ def dispatch(args) -> int:
         return _volumes().cmd_prune(args, lambda: _backend(args))
     if cmd == "fleet":
         return _fleet().cmd_fleet(args)
+    if cmd == "fetch":
+        return _fetch().cmd_fetch(args, _store(args), _progress(args))
     if cmd == "image":
         return cmd_image(args)
     if cmd == "store":

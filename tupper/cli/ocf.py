@@ -68,6 +68,11 @@ PARAMETERS = (
     Param("stop_timeout", "integer", "stop timeout (s)",
           "Seconds a clean stop (PowerOff) may take before the container is killed. Default: the stop "
           "action's timeout less 10 s (at least 10), else 60."),
+    Param("source", "string", "image and package directory",
+          "A directory, at this path on every node (a shared mount), of image streams (IMAGE.timg, from tupper image "
+          "export) and component packages (NAME-VERSION.tupper). Before a start, what the spec needs and the node's store "
+          "lacks is imported or installed from it, and what the store has is compared with it by digest (tupper fetch). "
+          "Default: none; the node's store must hold the image and the components already."),
     Param("root", "string", "store root",
           "The tupper store on the node (tupper --root). Default: tupper's own default."),
     Param("direct", "boolean", "without tupperd",
@@ -204,10 +209,22 @@ def exit_reason(text: str) -> None:
     print(f"{prefix}{text}", file=sys.stderr, flush=True)
 
 
+def look_in_store(spec: Path, source: Path | None, root: str | None) -> bool:
+    """Whether `source` has something the spec needs that the node's store lacks (looked at, not fetched:
+    validate-all changes nothing); NotFound where neither has it (without a source: where the store lacks
+    the image or a component), Exists where they differ (tupper.store.source)."""
+    from tupper.store.source import Source
+    from tupper.store.store import Store
+
+    store = Store.open(Path(root) if root else None, create=False)
+    return any(b.action != "present" for b in Source(store, source, fetch=False).spec(spec))
+
+
 @attrs.define
 class Agent:
     env: Mapping[str, str]
     cli: Cli
+    look: Callable[[Path, Path | None, str | None], bool] = look_in_store
 
     @property
     def name(self) -> str:
@@ -215,7 +232,7 @@ class Agent:
 
     def validate(self) -> Verdict:
         """The parameters and the spec, checked as `tupper run` would check them."""
-        from tupper.errors import TupperError
+        from tupper.errors import Exists, NotFound, TupperError
         from tupper.model import spec as specmod
 
         spec = self.env.get("OCF_RESKEY_spec", "")
@@ -235,8 +252,13 @@ class Agent:
         if not path.is_file():
             # Not here, maybe elsewhere: a hard error on this node only (ERR_INSTALLED), not everywhere.
             return Verdict(OcfCode.ERR_INSTALLED, f"spec {spec} is not on this node")
+        source = self.env.get("OCF_RESKEY_source", "")
         try:
+            if self.look(path, Path(source) if source else None, self.cli.root):
+                return Verdict(OcfCode.SUCCESS)  # the rest is checked once they are here: by fetch, then by run
             specmod.load(path, self.name, resolve=self._resolver())
+        except (NotFound, Exists) as exc:  # this node lacks it, or holds another one: elsewhere may do
+            return Verdict(OcfCode.ERR_INSTALLED, exc.message)
         except TupperError as exc:
             return Verdict(OcfCode.ERR_CONFIGURED, exc.message)
         return Verdict(OcfCode.SUCCESS)
@@ -247,8 +269,7 @@ class Agent:
             from tupper.runtime.runtime import Runtime
             from tupper.store.store import Store
 
-            root = Path(self.cli.root) if self.cli.root else None
-            return Runtime(Store.open(root, create=False)).resolve_component(name, version, where)
+            return Runtime(Store.open(Path(self.cli.root) if self.cli.root else None, create=False)).resolve_component(name, version, where)
         return resolve
 
     def monitor(self) -> Verdict:
@@ -264,6 +285,11 @@ class Agent:
             return Verdict(OcfCode.SUCCESS)
         if state is not None:  # stopped, failed, crash-looping: what Pacemaker starts is a fresh one
             self.cli.call("rm", "--force", self.name, timeout=120)
+        if self.env.get("OCF_RESKEY_source"):
+            p = self.cli.call("fetch", self.env["OCF_RESKEY_spec"], "--source", self.env["OCF_RESKEY_source"], "--json", timeout=None)
+            if p.returncode != 0:  # 2: the source lacks it or differs from this store (this node only); else try again
+                reason = _last_line(p.stderr) or f"`tupper fetch` exited with {p.returncode}"
+                return Verdict(OcfCode.ERR_INSTALLED if p.returncode == 2 else OcfCode.ERR_GENERIC, reason)
         p = self.cli.call("run", self.env["OCF_RESKEY_spec"], "--name", self.name, "--json", timeout=None)
         if p.returncode != 0:
             reason = _last_line(p.stderr) or f"`tupper run` exited with {p.returncode}"

@@ -12,6 +12,7 @@ this module only says what the CIB should hold; tupper.cli.fleet puts it there w
     prefer = { node1 = 100 }      # node preferences: a score per node, or "never"
     after = ["db"]                # start after these services (and stop before them)
     stop_timeout = 30             # seconds of clean stop before a kill (the agent's stop_timeout)
+    source = "/srv/tupper"        # streams and packages each node fetches the spec's image and components from
 
 Every object tupper makes in the CIB has an id starting with PREFIX ("tupper."; service names have no
 dots), so that applying a file touches nothing else and finds what an earlier file made.
@@ -43,6 +44,7 @@ class Service:
     prefer: tuple[tuple[str, int | None], ...] = ()  # (node, score); None: never
     after: tuple[str, ...] = ()
     stop_timeout: float | None = None
+    source: str | None = None  # the agent's source: a directory of IMAGE.timg and NAME-VERSION.tupper
 
     @property
     def clone_id(self) -> str:
@@ -97,8 +99,12 @@ def from_document(doc: dict, display: str) -> Fleet:
         stop = t.get("stop_timeout", (int, float), None)
         if stop is not None and stop <= 0:
             raise t.error("stop_timeout", f"must be more than 0 seconds, got {stop}")
+        source = t.get("source", str, None)
+        if source is not None and not source.startswith("/"):
+            raise t.error("source", f"{source!r}: an absolute path (the same on every node)")
         t.check_unknown()
-        services.append(Service(name, spec, replicas, anti, tuple(prefer), tuple(after), float(stop) if stop is not None else None))
+        services.append(Service(name, spec, replicas, anti, tuple(prefer), tuple(after), float(stop) if stop is not None else None,
+                                source))
     top.check_unknown()
     names = [s.name for s in services]
     for s in services:
@@ -147,6 +153,8 @@ def resource(service: Service) -> ET.Element:
     _nv(params, service.primitive_id, "name", service.name)
     if service.stop_timeout is not None:
         _nv(params, service.primitive_id, "stop_timeout", f"{service.stop_timeout:g}")
+    if service.source is not None:
+        _nv(params, service.primitive_id, "source", service.source)
     ops = ET.SubElement(prim, "operations")
     for op, timeout, interval in OPS:
         ET.SubElement(ops, "op", id=f"{service.primitive_id}.{op}.{interval}", name=op, interval=interval, timeout=timeout)

@@ -93,6 +93,41 @@ def load(path: Path, name: str | None = None, resolve: Resolver = _no_store) -> 
                          defaults=config.current().defaults)
 
 
+def _image(t: tomlfile.Table) -> str:
+    image = t.get("image", str, DEFAULT_IMAGE)
+    # fullmatch, not match: `$` would let a trailing newline through.
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}", image):
+        raise t.error("image", f"invalid image name {image!r}")
+    return image
+
+
+@attrs.frozen
+class Needed:
+    """An installed component a spec names (`name`, and `version` or None for the newest), and where."""
+
+    name: str
+    version: str | None
+    where: str
+
+
+def needs(path: Path) -> tuple[str, list[Needed]]:
+    """The image and the installed components the spec at `path` names, read from those keys alone
+    (what must be in the store before the spec can load; everything else is checked by load())."""
+    doc, display = tomlfile.load(path, "spec file")
+    t = tomlfile.Table(doc, display)
+    out = []
+    for entry in t.tables("components"):
+        name, version = entry.get("name", str), entry.get("version", str)
+        if name is None:
+            continue
+        if not comp.NAME_RE.fullmatch(name):
+            raise entry.error("name", f"invalid component name {name!r}")
+        if version is not None and not comp.VERSION_RE.fullmatch(version):
+            raise entry.error("version", f"invalid version {version!r}")
+        out.append(Needed(name, version, entry.where("name")))
+    return _image(t), out
+
+
 def from_text(text: str, base_dir: Path, display: str = "<spec>", name: str | None = None, resolve: Resolver = _no_store) -> Spec:
     doc = tomlfile.parse(text, display)
     return from_document(doc, display, base_dir, default_name=None, name=name, resolve=resolve, defaults=config.current().defaults)
@@ -103,10 +138,7 @@ def from_document(doc: dict, display: str, base_dir: Path, *, default_name: str 
     """The spec a parsed document describes; `defaults` (the config file's [defaults]) fill in what it leaves out."""
     t = tomlfile.Table(doc, display)
     file_name = t.get("name", str, default_name)
-    image = t.get("image", str, DEFAULT_IMAGE)
-    # fullmatch, not match: `$` would let a trailing newline through.
-    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}", image):
-        raise t.error("image", f"invalid image name {image!r}")
+    image = _image(t)
     uses: list[ComponentUse] = []
     entries = t.tables("components")
     stop = t.table("stop")

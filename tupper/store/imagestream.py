@@ -290,6 +290,11 @@ def read_header(reader: _Reader) -> dict:
     return header
 
 
+def peek_header(stream: BinaryIO, where: str) -> dict:
+    """The checked header of the stream at its start (what image, on which parent), without reading on."""
+    return read_header(_Reader(stream, where))
+
+
 def import_stream(images: Images, stream: BinaryIO, where: str, *, verify: Callable[[dict, dict], str | None] | None = None,
                   progress: Progress = SILENT) -> Image:
     """Receive the image a stream carries into the store; `where` names the stream in messages.
@@ -301,7 +306,7 @@ def import_stream(images: Images, stream: BinaryIO, where: str, *, verify: Calla
     name, parent = header["name"], header["parent"]
     if images.exists(name):
         existing = images.get(name)
-        if existing.tree_digest == header["tree_digest"]:
+        if ensure_tree_digest(images, existing) == header["tree_digest"]:
             return existing  # the same image: nothing to do
         raise Exists(f"{where}: image {name!r} is already in the store with other contents",
                      hint=f"remove it first (tupper image rm {name}) if the stream's should replace it")

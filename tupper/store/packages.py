@@ -421,3 +421,13 @@ def _version_key(version: str) -> tuple:
     import re
 
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+_-]", version))
+
+
+def read_meta(pkg: Path) -> dict:
+    """A package's metadata (name, version, digest), from its first member alone: its content is checked on install."""
+    with _open(pkg) as tar:
+        return _meta(pkg, tar)
+
+
+def version_key(version: str) -> tuple:
+    return _version_key(version)
