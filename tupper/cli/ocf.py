@@ -6,7 +6,8 @@ variables. Pacemaker decides where a container runs; this agent only runs, stops
 its node, through the node's tupper CLI (and so its tupperd, or `--direct` where asked), the way the
 podman agent of resource-agents drives podman:
 
-- start: the spec is checked with tupper's own validator, then `tupper run SPEC --name NAME`, which
+- start: the spec is checked with tupper's own validator, what it needs is fetched from the `source`
+  directory where one is given (`tupper fetch`), then `tupper run SPEC --name NAME`, which
   returns once every unit is active; a container of that name already running is left as it is (start
   twice succeeds), one that is stopped or failed is removed first.
 - stop: `tupper stop NAME` (PowerOff, SIGKILL after the stop timeout), `tupper kill` where that fails,
@@ -14,7 +15,8 @@ podman agent of resource-agents drives podman:
 - monitor: tupper's state: running → running (0); starting → running; degraded, failed, crash-loop,
   stopping → failed (1, with the reason Pacemaker shows); stopped, exited, created, absent → not
   running (7).
-- validate-all: the spec is parsed and validated as `tupper run` would.
+- validate-all: the spec is parsed and validated as `tupper run` would; its image and installed
+  components must be in the node's store or in `source` (else 5, ERR_INSTALLED: not on this node).
 
 Exit codes exactly as OCF defines them (OcfCode). Where the agent cannot tell (tupper's CLI gives no
 answer it understands), it says why on stderr as an `ocf-exit-reason:` line and fails generically.
