@@ -28,41 +28,24 @@ import statistics
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = [sys.executable, str(REPO / "tests/cluster/testcluster.py")]
+sys.path.insert(0, str(REPO / "tests/cluster"))
+import clusterkit  # noqa: E402
+
 RESULTS_DIR = REPO / "bench/results"
 SPEC = REPO / "examples/hello.toml"
 TARGET = 10.0
 
 
 def cluster(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([*SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def clone(rsc: str, agent: str, params: dict[str, str]) -> str:
-    provider, kind = agent.split(":")
-    nv = "".join(f'<nvpair id="{rsc}-p-{k}" name="{k}" value="{v}"/>' for k, v in params.items())
-    return (f'<clone id="{rsc}-clone"><meta_attributes id="{rsc}-clone-meta">'
-            f'<nvpair id="{rsc}-clone-max" name="clone-max" value="2"/>'
-            f'<nvpair id="{rsc}-clone-node-max" name="clone-node-max" value="1"/></meta_attributes>'
-            f'<primitive id="{rsc}" class="ocf" provider="{provider}" type="{kind}">'
-            + (f'<instance_attributes id="{rsc}-params">{nv}</instance_attributes>' if nv else "")
-            + f'<operations><op id="{rsc}-start" name="start" interval="0s" timeout="120s"/>'
-            f'<op id="{rsc}-stop" name="stop" interval="0s" timeout="90s"/>'
-            f'<op id="{rsc}-mon" name="monitor" interval="2s" timeout="30s"/></operations></primitive></clone>')
+    return clusterkit.cluster("b", *args, timeout=timeout, env=env)
 
 
 def placement(env: dict[str, str], node: int) -> dict[str, list[str]]:
     p = cluster(env, "run", str(node), "crm_mon", "--output-as=xml", timeout=30)
-    if p.returncode != 0:
-        return {}
-    root = ET.fromstring(p.stdout)
-    return {c.get("id", ""): sorted(n.get("name", "") for r in c.iterfind("resource")
-                                    if r.get("active") == "true" and r.get("role") == "Started" for n in r.iterfind("node"))
-            for c in root.iterfind("resources/clone")}
+    return clusterkit.started(p.stdout) if p.returncode == 0 else {}
 
 
 def one_round(env: dict[str, str], say) -> dict:
@@ -70,7 +53,7 @@ def one_round(env: dict[str, str], say) -> dict:
     if up.returncode != 0:
         raise SystemExit(f"failover: the test cluster did not come up: {up.stdout}{up.stderr}")
     try:
-        for xml in (clone("web", "tupper:container", {"spec": str(SPEC)}), clone("d", "pacemaker:Dummy", {})):
+        for xml in (clusterkit.clone_xml("web", "tupper:container", {"spec": str(SPEC)}), clusterkit.clone_xml("d", "pacemaker:Dummy", {})):
             p = cluster(env, "run", "1", "cibadmin", "--create", "--scope", "resources", "--xml-text", xml)
             if p.returncode != 0:
                 raise SystemExit(f"failover: cibadmin: {p.stderr}")
@@ -116,7 +99,7 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("failover: needs root")
-    env = {**os.environ, "TUPPER_CLUSTER": "b"}
+    env: dict[str, str] = {}
     if args.image_store:
         env["TUPPER_CLUSTER_IMAGE_STORE"] = args.image_store
 

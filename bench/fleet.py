@@ -30,15 +30,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests/cluster"))
+import clusterkit  # noqa: E402
+
 from tupper.model import fleet as fleetmod  # noqa: E402
 
-SCRIPT = [sys.executable, str(REPO / "tests/cluster/testcluster.py")]
 RESULTS_DIR = REPO / "bench/results"
 SPEC = REPO / "examples/hello.toml"
 
 
 def cluster(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return clusterkit.cluster("b", *args, timeout=timeout, env=env)
 
 
 def timed(env: dict[str, str], *args: str) -> float:
@@ -65,7 +67,7 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("fleet bench: needs root")
-    env = {**os.environ, "TUPPER_CLUSTER": "b"}
+    env: dict[str, str] = {}
     if args.image_store:
         env["TUPPER_CLUSTER_IMAGE_STORE"] = args.image_store
     started = datetime.datetime.now()

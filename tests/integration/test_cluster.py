@@ -16,8 +16,9 @@ import xml.etree.ElementTree as ET
 import pytest
 from helpers import BACKENDS, IMAGE, REPO, DirectStore, write_component
 
-SCRIPT = [sys.executable, str(REPO / "tests/cluster/testcluster.py")]
-ENV = {**os.environ, "TUPPER_CLUSTER": "t"}
+sys.path.insert(0, str(REPO / "tests/cluster"))
+import clusterkit  # noqa: E402
+
 FIRST_BACKEND = (os.environ.get("TUPPER_TEST_BACKENDS") or ",".join(BACKENDS)).split(",")[0].strip()
 
 pytestmark = pytest.mark.skipif(shutil.which("corosync") is None or shutil.which("pacemakerd") is None,
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(shutil.which("corosync") is None or shutil.which
 
 
 def cluster(*args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*SCRIPT, *args], capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
+    return clusterkit.cluster("t", *args, timeout=timeout, env=env)
 
 
 def tupper_on(node: int, *args: str) -> subprocess.CompletedProcess:
@@ -40,11 +41,7 @@ def crm(node: int, *argv: str) -> subprocess.CompletedProcess:
 def placement(node: int, rsc: str) -> list[str]:
     """The nodes where the instances of clone `rsc` run, as node `node` sees it (crm_mon's XML)."""
     p = crm(node, "crm_mon", "--output-as=xml")
-    if p.returncode != 0:
-        return []
-    root = ET.fromstring(p.stdout)
-    return sorted(n.get("name", "") for r in root.iterfind(f"resources/clone[@id='{rsc}']/resource")
-                  if r.get("active") == "true" and r.get("role") == "Started" for n in r.iterfind("node"))
+    return clusterkit.started(p.stdout).get(rsc, []) if p.returncode == 0 else []
 
 
 def wait_for(check, timeout: float, what: str):
@@ -80,20 +77,6 @@ def test_three_nodes_in_namespaces_form_a_quorate_cluster_without_fencing(up):
     assert "10.99.19.2/24" in crm(2, "ip", "-br", "addr", "show", "eth0").stdout
 
 
-def clone_xml(rsc: str, agent: str, params: dict[str, str], replicas: int = 2) -> str:
-    """A clone of `replicas` instances, at most one per node (anti-affinity), of an OCF agent."""
-    provider, kind = agent.split(":")
-    nv = "".join(f'<nvpair id="{rsc}-p-{k}" name="{k}" value="{v}"/>' for k, v in params.items())
-    return (f'<clone id="{rsc}-clone"><meta_attributes id="{rsc}-clone-meta">'
-            f'<nvpair id="{rsc}-clone-max" name="clone-max" value="{replicas}"/>'
-            f'<nvpair id="{rsc}-clone-node-max" name="clone-node-max" value="1"/></meta_attributes>'
-            f'<primitive id="{rsc}" class="ocf" provider="{provider}" type="{kind}">'
-            + (f'<instance_attributes id="{rsc}-params">{nv}</instance_attributes>' if nv else "")
-            + f'<operations><op id="{rsc}-start" name="start" interval="0s" timeout="120s"/>'
-            f'<op id="{rsc}-stop" name="stop" interval="0s" timeout="90s"/>'
-            f'<op id="{rsc}-mon" name="monitor" interval="2s" timeout="30s"/></operations></primitive></clone>')
-
-
 def remove_clone(node: int, rsc: str) -> None:
     assert crm(node, "crm_resource", "--resource", f"{rsc}-clone", "--meta", "--set-parameter", "target-role",
                "--parameter-value", "Stopped").returncode == 0
@@ -102,7 +85,7 @@ def remove_clone(node: int, rsc: str) -> None:
 
 
 def test_a_clone_of_two_replicas_runs_them_on_two_nodes(up):
-    assert crm(1, "cibadmin", "--create", "--scope", "resources", "--xml-text", clone_xml("d", "pacemaker:Dummy", {})).returncode == 0
+    assert crm(1, "cibadmin", "--create", "--scope", "resources", "--xml-text", clusterkit.clone_xml("d", "pacemaker:Dummy", {})).returncode == 0
     nodes = wait_for(lambda: (n := placement(1, "d-clone")) and len(n) == 2 and n, 60, "two replicas")
     assert len(set(nodes)) == 2  # one per node: the clone's anti-affinity
     remove_clone(1, "d")
@@ -203,7 +186,7 @@ def test_a_lost_nodes_tupper_container_is_started_on_the_third_node(up, capsys):
     through its node's tupperd; node loss (its cluster stack, tupperd and containers SIGKILLed) makes
     Pacemaker start the lost replica on the third node, its units active."""
     spec = REPO / "examples/hello.toml"
-    p = crm(1, "cibadmin", "--create", "--scope", "resources", "--xml-text", clone_xml("web", "tupper:container", {"spec": str(spec)}))
+    p = crm(1, "cibadmin", "--create", "--scope", "resources", "--xml-text", clusterkit.clone_xml("web", "tupper:container", {"spec": str(spec)}))
     assert p.returncode == 0, p.stderr
     first = wait_for(lambda: (n := placement(1, "web-clone")) and len(n) == 2 and n, 120, "two replicas of web")
     for name in first:
