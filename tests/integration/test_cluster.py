@@ -108,9 +108,11 @@ def epoch() -> str:
 
 def test_fleet_apply_is_idempotent_changes_only_what_changed_and_rm_removes(up, tmp_path):
     spec = REPO / "examples/hello.toml"
+    web_spec = tmp_path / "web.toml"
+    web_spec.write_text(f'image = "{IMAGE}"\n[[components]]\npath = "{REPO}/services/hello"\n')
     path = tmp_path / "fleet.toml"
     text = (f'[[service]]\nname = "db"\nspec = "{spec}"\n\n'
-            f'[[service]]\nname = "web"\nspec = "{spec}"\nreplicas = 2\nafter = ["db"]\n')
+            f'[[service]]\nname = "web"\nspec = "{web_spec}"\nreplicas = 2\nafter = ["db"]\n')
     path.write_text(text)
     first = tupper_on(1, "fleet", "apply", str(path), "--json")
     assert first.returncode == 0, first.stderr
@@ -135,6 +137,24 @@ def test_fleet_apply_is_idempotent_changes_only_what_changed_and_rm_removes(up, 
     kept = next(n for n in web_nodes if "web" in containers(n))
     assert containers(kept)["web"] == leaders[kept]  # the other one was not touched
     assert fleet_status()["db"]["running"] == 1
+
+    # The spec's content changes, its path does not: web's clone alone is replaced (its spec_digest), and
+    # Pacemaker restarts web's replica with the new spec; db is not touched.
+    db_node = int(fleet_status()["db"]["nodes"][0][-1])
+    db_leader = containers(db_node)["db"]
+    web_spec.write_text(web_spec.read_text() + '[labels]\nrev = "2"\n')
+    changed = tupper_on(1, "fleet", "apply", str(path), "--json")
+    assert [(c["action"], c["id"]) for c in json.loads(changed.stdout)] == [("replace", "tupper.web.clone")]
+
+    def relabelled():
+        s = fleet_status()["web"]
+        if s["running"] != 1:
+            return None
+        n = int(s["nodes"][0][-1])
+        st = tupper_on(n, "status", "web", "--json")
+        return st.returncode == 0 and json.loads(st.stdout).get("labels") == {"rev": "2"} and json.loads(st.stdout)["state"] == "running"
+    wait_for(relabelled, 120, "web's replica to restart with the changed spec")
+    assert containers(db_node)["db"] == db_leader
 
     gone = tupper_on(1, "fleet", "rm", str(path))
     assert gone.returncode == 0, gone.stderr

@@ -118,3 +118,20 @@ def test_plan_replaces_only_what_changed_and_removes_only_its_services_stale_obj
         ("delete", "constraints", "tupper.web.on.node3"),
     ]
     assert fleet.service_of("tupper.web.on.node3") == "web" and fleet.service_of("tupper.a-b.clone") == "a-b"
+
+
+def test_apply_puts_each_specs_digest_in_its_resource_so_a_changed_spec_replaces_it(tmp_path):
+    spec = tmp_path / "web.toml"
+    spec.write_text('image = "debian-bookworm"\n')
+    text = f'[[service]]\nname = "web"\nspec = "{spec}"\n'
+    first = fleet.with_spec_digests(parse(text), "f.toml")
+    params = {nv.get("name"): nv.get("value") for nv in fleet.resource(first.services[0]).iterfind("primitive/instance_attributes/nvpair")}
+    assert params["spec_digest"].startswith("sha256:") and len(params["spec_digest"]) == 71
+    have = _as_in_the_cib(fleet.desired(first))
+    assert fleet.plan(fleet.desired(fleet.with_spec_digests(parse(text), "f.toml")), have) == []  # same bytes: nothing
+    spec.write_text('image = "debian-bookworm"\n[labels]\ntier = "new"\n')
+    changes = fleet.plan(fleet.desired(fleet.with_spec_digests(parse(text), "f.toml")), have)
+    assert [(c.action, c.id) for c in changes] == [("replace", "tupper.web.clone")]
+    with pytest.raises(InvalidInput) as exc:
+        fleet.with_spec_digests(parse(text.replace(str(spec), str(tmp_path / "gone.toml"))), "f.toml")
+    assert exc.value.message.startswith("f.toml: service[0].spec: ") and "No such file" in exc.value.message

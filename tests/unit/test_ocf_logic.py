@@ -65,7 +65,7 @@ def test_meta_data_names_every_parameter_and_action_in_ocf_1_0_order():
     assert root.tag == "resource-agent" and root.get("name") == "container"
     assert [c.tag for c in root] == ["version", "longdesc", "shortdesc", "parameters", "actions"]  # the DTD's order
     params = {p.get("name"): p for p in root.find("parameters")}
-    assert set(params) == {"spec", "name", "stop_timeout", "source", "root", "direct"}
+    assert set(params) == {"spec", "name", "stop_timeout", "source", "spec_digest", "root", "direct"}
     assert params["spec"].get("required") == "1"
     for p in params.values():
         assert [c.tag for c in p] == ["longdesc", "shortdesc", "content"]
@@ -196,6 +196,20 @@ def test_validate_says_what_this_node_lacks_and_what_the_source_brings(tmp_path)
     fake = FakeTupper(store="lacking")
     assert agent(fake, **source).validate().code == OcfCode.SUCCESS  # the source has the rest
     assert fake.looks == [(HELLO, Path("/srv/tupper"))] and fake.calls == []  # looked, nothing fetched
+
+
+def test_a_spec_that_differs_from_the_fleets_is_not_installed_here(tmp_path):
+    import hashlib
+
+    spec = tmp_path / "web.toml"
+    spec.write_text('image = "debian-bookworm"\n')
+    digest = "sha256:" + hashlib.sha256(spec.read_bytes()).hexdigest()
+    assert agent(FakeTupper(), spec, OCF_RESKEY_spec_digest=digest).validate().code == OcfCode.SUCCESS
+    spec.write_text('image = "debian-bookworm"\n[labels]\ntier = "new"\n')  # edited here, not (yet) where apply ran
+    fake = FakeTupper()
+    verdict = agent(fake, spec, OCF_RESKEY_spec_digest=digest).start()
+    assert verdict.code == OcfCode.ERR_INSTALLED and "is not the one the fleet was applied with" in verdict.reason
+    assert not any(c[0] == "run" for c in fake.calls)
 
 
 def test_start_with_a_source_fetches_before_it_runs():

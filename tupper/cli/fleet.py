@@ -135,7 +135,7 @@ def _report(args, changes: list[fleetmod.Change], dry: bool = False) -> None:
 
 
 def _apply(args) -> int:
-    fleet = fleetmod.load(Path(args.file))
+    fleet = fleetmod.with_spec_digests(fleetmod.load(Path(args.file)), args.file)
     changes = fleetmod.plan(fleetmod.desired(fleet), cib_objects(), only=set(fleet.names()))
     if not args.dry_run:
         for change in changes:

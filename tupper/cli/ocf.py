@@ -25,6 +25,7 @@ answer it understands), it says why on stderr as an `ocf-exit-reason:` line and 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import subprocess
@@ -75,6 +76,10 @@ PARAMETERS = (
           "export) and component packages (NAME-VERSION.tupper). Before a start, what the spec needs and the node's store "
           "lacks is imported or installed from it, and what the store has is compared with it by digest (tupper fetch). "
           "Default: none; the node's store must hold the image and the components already."),
+    Param("spec_digest", "string", "spec file digest",
+          "sha256:HEX of the spec file's bytes as `tupper fleet apply` read them: a node whose spec file differs "
+          "(a shared directory not yet in sync) refuses to start it (not installed here). A changed spec changes this "
+          "parameter, and Pacemaker restarts the replicas with the new spec. Default: not checked."),
     Param("root", "string", "store root",
           "The tupper store on the node (tupper --root). Default: tupper's own default."),
     Param("direct", "boolean", "without tupperd",
@@ -254,6 +259,14 @@ class Agent:
         if not path.is_file():
             # Not here, maybe elsewhere: a hard error on this node only (ERR_INSTALLED), not everywhere.
             return Verdict(OcfCode.ERR_INSTALLED, f"spec {spec} is not on this node")
+        want = self.env.get("OCF_RESKEY_spec_digest", "")
+        if want:
+            try:
+                here = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError as exc:
+                return Verdict(OcfCode.ERR_INSTALLED, f"spec {spec}: {exc.strerror}")
+            if here != want:
+                return Verdict(OcfCode.ERR_INSTALLED, f"spec {spec} on this node ({here}) is not the one the fleet was applied with ({want})")
         source = self.env.get("OCF_RESKEY_source", "")
         try:
             if self.look(path, Path(source) if source else None, self.cli.root):

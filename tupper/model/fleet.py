@@ -20,6 +20,7 @@ dots), so that applying a file touches nothing else and finds what an earlier fi
 
 from __future__ import annotations
 
+import hashlib
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -45,6 +46,7 @@ class Service:
     after: tuple[str, ...] = ()
     stop_timeout: float | None = None
     source: str | None = None  # the agent's source: a directory of IMAGE.timg and NAME-VERSION.tupper
+    spec_digest: str | None = None  # sha256 of the spec file's bytes where apply read it (with_spec_digests)
 
     @property
     def clone_id(self) -> str:
@@ -66,6 +68,20 @@ class Fleet:
 def load(path: Path) -> Fleet:
     doc, display = tomlfile.load(path, "fleet file")
     return from_document(doc, display)
+
+
+def with_spec_digests(fleet: Fleet, display: str) -> Fleet:
+    """The fleet with each service's spec digest, read from the spec files here (the same path on every
+    node): a changed spec changes its service's resource, and Pacemaker restarts its replicas with it."""
+    out = []
+    for i, s in enumerate(fleet.services):
+        try:
+            data = Path(s.spec).read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"{display}: service[{i}].spec: {s.spec}: {exc.strerror}",
+                               hint="the spec must be at this path on the node where `fleet apply` runs, as on every node") from None
+        out.append(attrs.evolve(s, spec_digest="sha256:" + hashlib.sha256(data).hexdigest()))
+    return Fleet(tuple(out))
 
 
 def from_document(doc: dict, display: str) -> Fleet:
@@ -155,6 +171,8 @@ def resource(service: Service) -> ET.Element:
         _nv(params, service.primitive_id, "stop_timeout", f"{service.stop_timeout:g}")
     if service.source is not None:
         _nv(params, service.primitive_id, "source", service.source)
+    if service.spec_digest is not None:
+        _nv(params, service.primitive_id, "spec_digest", service.spec_digest)
     ops = ET.SubElement(prim, "operations")
     for op, timeout, interval in OPS:
         ET.SubElement(ops, "op", id=f"{service.primitive_id}.{op}.{interval}", name=op, interval=interval, timeout=timeout)
