@@ -136,7 +136,7 @@ bench: setup
 soak: setup
 	$(PY) bench/soak.py
 
-cluster: setup
+cluster: image
 	$(PY) tests/cluster/testcluster.py up
 
 cluster-down:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from helpers import BACKENDS, IMAGE, DirectStore, write_component
+from helpers import BACKENDS, IMAGE, REPO, DirectStore, _clean_env, write_component
 
 FIRST_BACKEND = (os.environ.get("TUPPER_TEST_BACKENDS") or ",".join(BACKENDS)).split(",")[0].strip()
 
@@ -121,3 +123,15 @@ def test_what_differs_from_the_source_or_is_missing_is_refused_and_leaves_nothin
     # No such directory on this host.
     rc, _, err = fetch(node, {**source, "dir": tmp_path / "absent"})
     assert rc == 2 and "no such directory on this host" in err, err
+
+
+def test_two_fetches_at_once_import_once(node, source):
+    """Two services starting on one node at once: the fetch lock makes the second find what the first brought."""
+    argv = [sys.executable, "-m", "tupper", "--direct", "--root", str(node.root), "fetch", str(source["spec"]), "--source",
+            str(source["dir"]), "--json"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=_clean_env()) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err.decode() for _, err in outs]
+    actions = sorted(tuple(b["action"] for b in json.loads(out)) for out, _ in outs)
+    assert actions == [("installed", "imported", "imported"), ("present", "present")]
+    assert set(node.images()) == {IMAGE, source["layer"]} and node.leftovers() == []

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,26 @@ def test_validate_all_uses_tuppers_validator(agent_path, tupper, tmp_path):
     assert "bad.toml" in invalid.stderr and "memory_max" in invalid.stderr
     assert run_agent(agent_path, tupper, "meta-data").stdout.startswith("<?xml")
     assert run_agent(agent_path, tupper, "reload").returncode == 3
+
+
+def test_a_set_of_installed_components_runs_without_a_spec_file(agent_path, tupper, names, tmp_path):
+    """components=NAME=VERSION instead of spec: the agent writes the spec it means and runs it; a component
+    this store lacks is not installed here (5), on this node only."""
+    name, comp = names(), f"set{uuid.uuid4().hex[:6]}"
+    d = write_component(tmp_path / comp, comp, {f"{comp}.service": "[Service]\nExecStart=/bin/sleep infinity\n"})
+    pkg = tupper("sdk", "build", d, "-o", tmp_path, check=True).stdout.split()[0]
+    missing = run_agent(agent_path, tupper, "validate-all", components=f"{comp}=1.0.0", name=name)
+    assert missing.returncode == 5 and "is not installed here" in missing.stderr, missing.stderr
+    tupper("component", "install", pkg, check=True)
+    try:
+        start = run_agent(agent_path, tupper, "start", components=f"{comp}=1.0.0", name=name)
+        assert start.returncode == 0, start.stderr
+        status = tupper.json("status", name)
+        assert status["state"] == "running" and [(u["name"], u["active_state"]) for u in status["units"]] == [(f"{comp}.service", "active")]
+        written = Path(f"/run/tupper-ocf/{name}.toml")
+        assert f'name = "{comp}"' in written.read_text()
+        assert run_agent(agent_path, tupper, "stop", components=f"{comp}=1.0.0", name=name).returncode == 0
+        assert tupper("status", name).returncode == 2 and not written.exists()  # the spec went with its container
+    finally:
+        tupper("rm", "--force", name)
+        tupper("component", "rm", comp, "1.0.0")

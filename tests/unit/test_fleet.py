@@ -59,6 +59,10 @@ def test_a_fleet_file_gives_services_with_their_defaults():
     ('[[service]]\nname = "a"\nspec = "/s.toml"\n[[service]]\nname = "a"\nspec = "/t.toml"\n', "named twice"),
     ('[[services]]\nname = "a"\n', "f.toml: services: unknown key"),
     ('[[service]]\nname = "web"\nspec = "/s.toml"\nsource = "srv"\n', "f.toml: service[0].source: 'srv': an absolute path"),
+    ('[[service]]\nname = "web"\n', "f.toml: service[0]: give `spec` (a spec file) or `components`"),
+    ('[[service]]\nname = "web"\nspec = "/s.toml"\ncomponents = ["web"]\n', "f.toml: service[0].components: only without `spec`"),
+    ('[[service]]\nname = "web"\ncomponents = ["Web!"]\n', "f.toml: service[0].components: 'Web!' is not NAME or NAME=VERSION"),
+    ('[[service]]\nname = "web"\ncomponents = ["web"]\nimage = "../x"\n', "f.toml: service[0].image: invalid image name"),
 ])
 def test_bad_fleet_files_name_the_file_and_the_key(text, where):
     with pytest.raises(InvalidInput) as exc:
@@ -135,3 +139,12 @@ def test_apply_puts_each_specs_digest_in_its_resource_so_a_changed_spec_replaces
     with pytest.raises(InvalidInput) as exc:
         fleet.with_spec_digests(parse(text.replace(str(spec), str(tmp_path / "gone.toml"))), "f.toml")
     assert exc.value.message.startswith("f.toml: service[0].spec: ") and "No such file" in exc.value.message
+
+
+def test_a_service_may_be_a_set_of_installed_components_instead_of_a_spec():
+    f = parse('[[service]]\nname = "web"\ncomponents = ["web=1.2.0", "db"]\nimage = "web-layer"\n')
+    svc = f.services[0]
+    assert (svc.spec, svc.components, svc.image) == (None, ("web=1.2.0", "db"), "web-layer")
+    params = {nv.get("name"): nv.get("value") for nv in fleet.resource(svc).iterfind("primitive/instance_attributes/nvpair")}
+    assert params == {"components": "web=1.2.0 db", "image": "web-layer", "name": "web"}
+    assert fleet.with_spec_digests(f, "f.toml") == f  # no spec file to read

@@ -65,8 +65,8 @@ def test_meta_data_names_every_parameter_and_action_in_ocf_1_0_order():
     assert root.tag == "resource-agent" and root.get("name") == "container"
     assert [c.tag for c in root] == ["version", "longdesc", "shortdesc", "parameters", "actions"]  # the DTD's order
     params = {p.get("name"): p for p in root.find("parameters")}
-    assert set(params) == {"spec", "name", "stop_timeout", "source", "spec_digest", "root", "direct"}
-    assert params["spec"].get("required") == "1"
+    assert set(params) == {"spec", "components", "image", "name", "stop_timeout", "source", "spec_digest", "root", "direct"}
+    assert params["spec"].get("required") == "0"  # spec or components
     for p in params.values():
         assert [c.tag for c in p] == ["longdesc", "shortdesc", "content"]
     actions = {a.get("name"): a for a in root.find("actions")}
@@ -210,6 +210,21 @@ def test_a_spec_that_differs_from_the_fleets_is_not_installed_here(tmp_path):
     verdict = agent(fake, spec, OCF_RESKEY_spec_digest=digest).start()
     assert verdict.code == OcfCode.ERR_INSTALLED and "is not the one the fleet was applied with" in verdict.reason
     assert not any(c[0] == "run" for c in fake.calls)
+
+
+def test_a_component_set_runs_the_spec_the_agent_writes_for_it(tmp_path):
+    fake = FakeTupper()
+    env = {"OCF_RESOURCE_INSTANCE": "web", "OCF_RESKEY_components": "hello=1.0.0, db", "OCF_RESKEY_image": "web-layer"}
+    a = Agent(env, Cli(run=fake), look=lambda spec, source, root: True, spec_dir=tmp_path / "ocf")  # the store lacks them: not loaded
+    assert a.start().code == OcfCode.SUCCESS
+    written = tmp_path / "ocf/web.toml"
+    assert ["run", str(written), "--name", "web", "--json"] in fake.calls
+    assert written.read_text() == 'image = "web-layer"\n[[components]]\nname = "hello"\nversion = "1.0.0"\n[[components]]\nname = "db"\n'
+    assert a.stop().code == OcfCode.SUCCESS and not written.exists()  # it goes with its container
+    for extra, message in (({"OCF_RESKEY_spec": str(HELLO)}, "give one of them, not both"), ({"OCF_RESKEY_components": "a=b=c"}, "is not NAME"),
+                           ({"OCF_RESKEY_components": ""}, "parameter spec (or components) is required")):
+        verdict = Agent({**env, **extra}, Cli(run=fake), look=fake.look, spec_dir=tmp_path / "ocf").validate()
+        assert verdict.code == OcfCode.ERR_CONFIGURED and message in verdict.reason
 
 
 def test_start_with_a_source_fetches_before_it_runs():

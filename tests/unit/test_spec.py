@@ -383,3 +383,20 @@ def test_needs_refuses_what_load_would(tmp_path, text, where):
     with pytest.raises(InvalidInput) as info:
         specmod.needs(spec_file(tmp_path, text))
     assert where in info.value.message
+
+
+def test_a_component_set_is_the_spec_of_installed_components_on_an_image(tmp_path):
+    text = specmod.component_set("web-layer", ["web=1.2.0", "db"], "image", "components")
+    dirs = {"web": component(tmp_path, "web"), "db": component(tmp_path, "db")}
+    asked = []
+
+    def resolve(name, version, where):
+        asked.append((name, version))
+        return dirs[name]
+
+    spec = specmod.from_text(text, tmp_path, "<set>", name="svc", resolve=resolve)
+    assert spec.image == "web-layer" and [u.component.name for u in spec.components] == ["web", "db"]
+    assert asked == [("web", "1.2.0"), ("db", None)]
+    for tokens, message in ((["web="], "'web=' is not NAME or NAME=VERSION"), (["db", "db"], "db is named twice"), ([], "no component named")):
+        with pytest.raises(InvalidInput, match=message):
+            specmod.component_set("debian-bookworm", tokens, "image", "components")

@@ -28,6 +28,7 @@ import enum
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -65,7 +66,12 @@ class Param:
 PARAMETERS = (
     Param("spec", "string", "spec file",
           "Path of the tupper spec (TOML) the container runs, the same path on every node that may run it "
-          "(see docs/fleet.md: how specs and their components reach the nodes).", required=True),
+          "(see docs/fleet.md: how specs and their components reach the nodes). Either spec or components is required."),
+    Param("components", "string", "installed component set",
+          "Instead of a spec: the installed components the container runs, NAME or NAME=VERSION separated by spaces "
+          "or commas (`web=1.2.0 db`), on the image given by `image`; everything else at tupper's defaults. The agent "
+          "writes the spec this means to /run/tupper-ocf/NAME.toml on the node."),
+    Param("image", "string", "image", "The image of a component set (with `components`).", default="debian-bookworm"),
     Param("name", "string", "container name",
           "The container's name on its node. Default: the resource's instance name, ':' replaced by '-'."),
     Param("stop_timeout", "integer", "stop timeout (s)",
@@ -216,6 +222,16 @@ def exit_reason(text: str) -> None:
     print(f"{prefix}{text}", file=sys.stderr, flush=True)
 
 
+SPEC_DIR = Path("/run/tupper-ocf")  # where a component set's spec is written on the node
+
+
+def component_set_spec(image: str, components: str) -> str:
+    """The spec (TOML) a component set means: `web=1.2.0 db` on `image`. InvalidInput names the parameter."""
+    from tupper.model.spec import component_set
+
+    return component_set(image, [t for t in re.split(r"[\s,]+", components.strip()) if t], "parameter image", "parameter components")
+
+
 def look_in_store(spec: Path, source: Path | None, root: str | None) -> bool:
     """Whether `source` has something the spec needs that the node's store lacks (looked at, not fetched:
     validate-all changes nothing); NotFound where neither has it (without a source: where the store lacks
@@ -232,6 +248,29 @@ class Agent:
     env: Mapping[str, str]
     cli: Cli
     look: Callable[[Path, Path | None, str | None], bool] = look_in_store
+    spec_dir: Path = SPEC_DIR
+
+    def spec_path(self) -> Path:
+        """The spec file: the parameter, or the one written for the component set (InvalidInput: neither,
+        both, or a bad set)."""
+        from tupper.errors import InvalidInput
+
+        spec, components = self.env.get("OCF_RESKEY_spec", ""), self.env.get("OCF_RESKEY_components", "")
+        if spec and components:
+            raise InvalidInput("parameters spec and components: give one of them, not both")
+        if spec:
+            return Path(spec)
+        if not components:
+            raise InvalidInput("parameter spec (or components) is required")
+        from tupper import durable
+        from tupper.model.spec import DEFAULT_IMAGE
+
+        text = component_set_spec(self.env.get("OCF_RESKEY_image") or DEFAULT_IMAGE, components)
+        self.spec_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path = self.spec_dir / f"{self.name}.toml"
+        if not path.is_file() or path.read_text() != text:
+            durable.write_bytes(path, text.encode(), sync=False)  # /run: gone with a reboot, as the container
+        return path
 
     @property
     def name(self) -> str:
@@ -242,20 +281,18 @@ class Agent:
         from tupper.errors import Exists, NotFound, TupperError
         from tupper.model import spec as specmod
 
-        spec = self.env.get("OCF_RESKEY_spec", "")
-        if not spec:
-            return Verdict(OcfCode.ERR_CONFIGURED, "parameter spec is required")
         try:
             specmod.check_name(self.name, "parameter name")
+            path = self.spec_path()
         except TupperError as exc:
             return Verdict(OcfCode.ERR_CONFIGURED, exc.message)
+        spec = str(path)
         if self.env.get("OCF_RESKEY_stop_timeout"):
             try:
                 if float(self.env["OCF_RESKEY_stop_timeout"]) <= 0:
                     raise ValueError
             except ValueError:
                 return Verdict(OcfCode.ERR_CONFIGURED, f"parameter stop_timeout: not a positive number of seconds: {self.env['OCF_RESKEY_stop_timeout']!r}")
-        path = Path(spec)
         if not path.is_file():
             # Not here, maybe elsewhere: a hard error on this node only (ERR_INSTALLED), not everywhere.
             return Verdict(OcfCode.ERR_INSTALLED, f"spec {spec} is not on this node")
@@ -301,11 +338,11 @@ class Agent:
         if state is not None:  # stopped, failed, crash-looping: what Pacemaker starts is a fresh one
             self.cli.call("rm", "--force", self.name, timeout=120)
         if self.env.get("OCF_RESKEY_source"):
-            p = self.cli.call("fetch", self.env["OCF_RESKEY_spec"], "--source", self.env["OCF_RESKEY_source"], "--json", timeout=None)
+            p = self.cli.call("fetch", str(self.spec_path()), "--source", self.env["OCF_RESKEY_source"], "--json", timeout=None)
             if p.returncode != 0:  # 2: the source lacks it or differs from this store (this node only); else try again
                 reason = _last_line(p.stderr) or f"`tupper fetch` exited with {p.returncode}"
                 return Verdict(OcfCode.ERR_INSTALLED if p.returncode == 2 else OcfCode.ERR_GENERIC, reason)
-        p = self.cli.call("run", self.env["OCF_RESKEY_spec"], "--name", self.name, "--json", timeout=None)
+        p = self.cli.call("run", str(self.spec_path()), "--name", self.name, "--json", timeout=None)
         if p.returncode != 0:
             reason = _last_line(p.stderr) or f"`tupper run` exited with {p.returncode}"
             return Verdict(OcfCode.ERR_CONFIGURED if p.returncode == 2 else OcfCode.ERR_GENERIC, reason)
@@ -317,6 +354,7 @@ class Agent:
     def stop(self) -> Verdict:
         state, _ = self.cli.state(self.name)
         if state is None:
+            self._forget_spec()
             return Verdict(OcfCode.SUCCESS)
         timeout = stop_timeout(self.env)
         if state not in ("stopped", "exited", "created", "failed", "crash-loop"):
@@ -327,7 +365,13 @@ class Agent:
         state, _ = self.cli.state(self.name)
         if state is not None:
             return Verdict(OcfCode.ERR_GENERIC, f"container is still {state} after its stop: {_last_line(p.stderr)}")
+        self._forget_spec()
         return Verdict(OcfCode.SUCCESS)
+
+    def _forget_spec(self) -> None:
+        """A component set's written spec goes with its container."""
+        if self.env.get("OCF_RESKEY_components") and not self.env.get("OCF_RESKEY_spec"):
+            (self.spec_dir / f"{self.name}.toml").unlink(missing_ok=True)
 
 
 USAGE = f"usage: {AGENT} {{start|stop|monitor|validate-all|meta-data}}"

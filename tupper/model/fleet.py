@@ -6,7 +6,9 @@ this module only says what the CIB should hold; tupper.cli.fleet puts it there w
 
     [[service]]
     name = "web"                  # the service, and its containers' name on every node
-    spec = "/srv/specs/web.toml"  # the spec, at this path on every node that may run it
+    spec = "/srv/specs/web.toml"  # the spec, at this path on every node that may run it; or, instead:
+    # components = ["web=1.2.0", "db"]   installed components (NAME or NAME=VERSION) on
+    # image = "debian-bookworm"          this image, everything else at its default
     replicas = 2                  # containers across the cluster (default 1)
     anti_affinity = true          # at most one per node (default); false: Pacemaker may stack them
     prefer = { node1 = 100 }      # node preferences: a score per node, or "never"
@@ -29,6 +31,7 @@ import attrs
 
 from tupper import tomlfile
 from tupper.errors import InvalidInput
+from tupper.model import spec as specmod
 
 PREFIX = "tupper."
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
@@ -39,7 +42,7 @@ OPS = (("start", "120s", "0s"), ("stop", "90s", "0s"), ("monitor", "30s", "10s")
 @attrs.frozen
 class Service:
     name: str
-    spec: str
+    spec: str | None  # None: a component set (components, image)
     replicas: int = 1
     anti_affinity: bool = True
     prefer: tuple[tuple[str, int | None], ...] = ()  # (node, score); None: never
@@ -47,6 +50,8 @@ class Service:
     stop_timeout: float | None = None
     source: str | None = None  # the agent's source: a directory of IMAGE.timg and NAME-VERSION.tupper
     spec_digest: str | None = None  # sha256 of the spec file's bytes where apply read it (with_spec_digests)
+    components: tuple[str, ...] = ()  # NAME or NAME=VERSION, instead of a spec
+    image: str | None = None  # the component set's image (None: the default)
 
     @property
     def clone_id(self) -> str:
@@ -75,6 +80,9 @@ def with_spec_digests(fleet: Fleet, display: str) -> Fleet:
     node): a changed spec changes its service's resource, and Pacemaker restarts its replicas with it."""
     out = []
     for i, s in enumerate(fleet.services):
+        if s.spec is None:
+            out.append(s)
+            continue
         try:
             data = Path(s.spec).read_bytes()
         except OSError as exc:
@@ -91,9 +99,17 @@ def from_document(doc: dict, display: str) -> Fleet:
         name = t.get("name", str, required=True)
         if not NAME.match(name):
             raise t.error("name", f"{name!r}: lower-case letters, digits and '-', at most 41, starting with a letter or digit")
-        spec = t.get("spec", str, required=True)
-        if not spec.startswith("/"):
+        spec = t.get("spec", str)
+        components = t.str_list("components")
+        image = t.get("image", str)
+        if spec is None and not components:
+            raise t.error(None, "give `spec` (a spec file) or `components` (installed components, NAME or NAME=VERSION)")
+        if spec is not None and (components or image is not None):
+            raise t.error("components" if components else "image", "only without `spec`: a spec file names its own image and components")
+        if spec is not None and not spec.startswith("/"):
             raise t.error("spec", f"{spec!r}: an absolute path (the same on every node)")
+        if components:
+            specmod.component_set(image or specmod.DEFAULT_IMAGE, components, t.where("image"), t.where("components"))
         replicas = t.get("replicas", int, 1)
         if replicas < 1:
             raise t.error("replicas", f"must be 1 or more, got {replicas} (`tupper fleet rm` removes a service)")
@@ -120,7 +136,7 @@ def from_document(doc: dict, display: str) -> Fleet:
             raise t.error("source", f"{source!r}: an absolute path (the same on every node)")
         t.check_unknown()
         services.append(Service(name, spec, replicas, anti, tuple(prefer), tuple(after), float(stop) if stop is not None else None,
-                                source))
+                                source, components=tuple(components), image=image))
     top.check_unknown()
     names = [s.name for s in services]
     for s in services:
@@ -165,7 +181,12 @@ def resource(service: Service) -> ET.Element:
     _nv(meta, service.clone_id, "clone-node-max", "1" if service.anti_affinity else str(max(1, service.replicas)))
     prim = ET.SubElement(clone, "primitive", {"id": service.primitive_id, "class": "ocf", "provider": "tupper", "type": "container"})
     params = ET.SubElement(prim, "instance_attributes", id=f"{service.primitive_id}.params")
-    _nv(params, service.primitive_id, "spec", service.spec)
+    if service.spec is not None:
+        _nv(params, service.primitive_id, "spec", service.spec)
+    else:
+        _nv(params, service.primitive_id, "components", " ".join(service.components))
+        if service.image is not None:
+            _nv(params, service.primitive_id, "image", service.image)
     _nv(params, service.primitive_id, "name", service.name)
     if service.stop_timeout is not None:
         _nv(params, service.primitive_id, "stop_timeout", f"{service.stop_timeout:g}")

@@ -93,10 +93,13 @@ def load(path: Path, name: str | None = None, resolve: Resolver = _no_store) -> 
                          defaults=config.current().defaults)
 
 
+IMAGE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
+
+
 def _image(t: tomlfile.Table) -> str:
     image = t.get("image", str, DEFAULT_IMAGE)
     # fullmatch, not match: `$` would let a trailing newline through.
-    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}", image):
+    if not IMAGE_RE.fullmatch(image):
         raise t.error("image", f"invalid image name {image!r}")
     return image
 
@@ -126,6 +129,26 @@ def needs(path: Path) -> tuple[str, list[Needed]]:
             raise entry.error("version", f"invalid version {version!r}")
         out.append(Needed(name, version, entry.where("name")))
     return _image(t), out
+
+
+def component_set(image: str, tokens: list[str], image_where: str, where: str) -> str:
+    """The spec (TOML) that runs installed components NAME or NAME=VERSION (`tokens`) on `image`, every
+    other key at its default: what a Pacemaker resource or a fleet service gives instead of a spec file."""
+    if not IMAGE_RE.fullmatch(image):
+        raise InvalidInput(f"{image_where}: invalid image name {image!r}")
+    lines = [f'image = "{image}"']
+    names: list[str] = []
+    for token in tokens:
+        name, eq, version = token.partition("=")
+        if not comp.NAME_RE.fullmatch(name) or (eq and not comp.VERSION_RE.fullmatch(version)):
+            raise InvalidInput(f"{where}: {token!r} is not NAME or NAME=VERSION of an installed component")
+        if name in names:
+            raise InvalidInput(f"{where}: {name} is named twice")
+        names.append(name)
+        lines += ["[[components]]", f'name = "{name}"'] + ([f'version = "{version}"'] if eq else [])
+    if not names:
+        raise InvalidInput(f"{where}: no component named")
+    return "\n".join(lines) + "\n"
 
 
 def from_text(text: str, base_dir: Path, display: str = "<spec>", name: str | None = None, resolve: Resolver = _no_store) -> Spec:

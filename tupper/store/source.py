@@ -98,14 +98,21 @@ class Source:
     # ---- components -------------------------------------------------------------------------------
 
     def packages_of(self, name: str) -> dict[str, Path]:
-        """{version: package path} of component `name` in the source (files named NAME-VERSION.tupper)."""
+        """{version: package path} of component `name` in the source (files named NAME-VERSION.tupper; a
+        file name alone is ambiguous, web-cache-1.0 being web's or web-cache's: the package's metadata says)."""
         out: dict[str, Path] = {}
         if self.directory is None:
             return out
         for p in self.directory.glob(f"{name}-*{PACKAGE_SUFFIX}"):
             version = p.name[len(name) + 1:-len(PACKAGE_SUFFIX)]
-            if comp.VERSION_RE.fullmatch(version) and p.is_file():
-                out[version] = p
+            if not comp.VERSION_RE.fullmatch(version) or not p.is_file():
+                continue
+            try:
+                if packages.read_meta(p)["name"] != name:
+                    continue  # another component's, whose name starts with this one's and a '-'
+            except InvalidInput:
+                pass  # unreadable: kept, so that fetching it says what is wrong with it
+            out[version] = p
         return out
 
     def component(self, name: str, version: str | None, where: str) -> None:
