@@ -283,7 +283,7 @@ def down(quiet: bool = False) -> None:
     if left:
         raise SystemExit(f"the test cluster left: {left}")
     if not quiet:
-        print("test cluster removed: no process, namespace, link or state left")
+        print("test cluster removed: no process, namespace, link, cgroup, mount or state left")
 
 
 def kill(n: int) -> int:
@@ -352,12 +352,15 @@ def _in_spaces(spaces: set[int]) -> list[int]:
 
 def leftovers(spaces: set[int]) -> dict:
     """What of this test cluster is on the machine: processes in its namespaces (`spaces`: their inode
-    numbers), its namespaces, links and state."""
+    numbers), its namespaces, links, its stores' cgroups, mounts under its state directory (its stores'
+    container roots, where one reached the host's mount namespace), and the state directory."""
     netns = [x for x in sh("ip", "netns", "list", check=False).stdout.split("\n") if x.startswith(NETNS.format(""))]
     links = [x.split()[0] for x in sh("ip", "-br", "link", check=False).stdout.split("\n") if x.startswith((HOST_VETH.format(""), BRIDGE))]
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if line.split()[4].startswith(str(STATE))]
     out = {"processes": _in_spaces(spaces), "netns": netns, "links": links,
            "cgroups": [str(c) for n in range(1, NODES + 1) for c in store_cgroups(n)],
-           "state": STATE.exists()}
+           "mounts": mounts, "state": STATE.exists()}
     return {k: v for k, v in out.items() if v}
 
 

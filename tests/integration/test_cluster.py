@@ -232,6 +232,11 @@ def test_down_leaves_no_process_namespace_link_or_state(up):
     p = cluster("down")
     up["up"] = False
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "no process, namespace, link or state left" in p.stdout
+    assert "no process, namespace, link, cgroup, mount or state left" in p.stdout
     assert not [x for x in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n") if x.startswith("tupper-tn")]
     assert "tupper-tbr" not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    state = "/var/tmp/tupper-cluster-t"
+    assert not os.path.exists(state)  # the nodes' stores and configuration
+    with open("/proc/self/mountinfo") as f:
+        assert [line for line in f if state in line] == []
+    assert subprocess.run(["pgrep", "-f", state], capture_output=True).returncode == 1  # no node process
