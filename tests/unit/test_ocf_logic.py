@@ -256,3 +256,11 @@ def test_actions_and_exit_codes_of_main(capsys):
     assert ocf.main(["monitor"], {**missing, "OCF_RESKEY_CRM_meta_interval": "0"}) == OcfCode.NOT_RUNNING
     assert ocf.main(["monitor"], {**missing, "OCF_RESKEY_CRM_meta_interval": "10000"}) == OcfCode.ERR_INSTALLED
     assert "ocf-exit-reason:tupper did not answer" in capsys.readouterr().err
+
+
+def test_a_node_without_a_store_cannot_run_it_but_others_may(tmp_path):
+    with pytest.raises(NotFound, match="no tupper store"):
+        ocf.look_in_store(HELLO, None, str(tmp_path / "nostore"))
+    verdict = Agent({"OCF_RESOURCE_INSTANCE": "web", "OCF_RESKEY_spec": str(HELLO), "OCF_RESKEY_root": str(tmp_path / "nostore")},
+                    Cli(root=str(tmp_path / "nostore"), run=FakeTupper())).validate()
+    assert verdict.code == OcfCode.ERR_INSTALLED and "no tupper store" in verdict.reason

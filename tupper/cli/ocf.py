@@ -236,10 +236,14 @@ def look_in_store(spec: Path, source: Path | None, root: str | None) -> bool:
     """Whether `source` has something the spec needs that the node's store lacks (looked at, not fetched:
     validate-all changes nothing); NotFound where neither has it (without a source: where the store lacks
     the image or a component), Exists where they differ (tupper.store.source)."""
+    from tupper.errors import Failed, NotFound
     from tupper.store.source import Source
     from tupper.store.store import Store
 
-    store = Store.open(Path(root) if root else None, create=False)
+    try:
+        store = Store.open(Path(root) if root else None, create=False)
+    except Failed as exc:  # no store on this node, or it cannot be mounted here: this node's trouble alone
+        raise NotFound(exc.message, hint=exc.hint) from None
     return any(b.action != "present" for b in Source(store, source, fetch=False).spec(spec))
 
 
