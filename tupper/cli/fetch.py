@@ -3,9 +3,10 @@ into this store, each checked by digest (tupper.store.source; the Pacemaker agen
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from tupper.cli.helptext import examples
 
 
 def add_fetch(sub) -> None:
@@ -16,9 +17,8 @@ def add_fetch(sub) -> None:
                     "`component install` and `image import` check them; where the store has it, compare its digest with "
                     "the source's and refuse a difference. Without a version, the source's newest package is the one. "
                     "Exit 2 when the source lacks something the spec needs or holds something else than this store.",
-        epilog="examples:\n  tupper fetch /srv/specs/web.toml --source /srv/tupper\n"
-               "  tupper fetch /srv/specs/web.toml --source /srv/tupper --dry-run --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        **examples("tupper fetch /srv/specs/web.toml --source /srv/tupper",
+                   "tupper fetch /srv/specs/web.toml --source /srv/tupper --dry-run --json"))
     f.add_argument("spec", help="spec file (TOML)")
     f.add_argument("--source", required=True, metavar="DIR",
                    help="directory of image streams (IMAGE.timg, from `image export`) and packages (NAME-VERSION.tupper)")

@@ -8,21 +8,17 @@ tupper.model.fleet's; here it is compared with what the CIB holds and only the d
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from tupper import proc
+from tupper.cli.helptext import examples as _examples
 from tupper.errors import Failed
 from tupper.model import fleet as fleetmod
 
 SCOPES = ("resources", "constraints")
-
-
-def _examples(*lines: str) -> dict:
-    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def add_fleet(sub) -> None:

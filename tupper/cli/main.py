@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from tupper.cli.helptext import Formatter, RawFormatter
+from tupper.cli.helptext import examples as _examples
 from tupper.errors import InvalidInput, NotFound, TupperError
 
 # Imports are deferred to where they are needed: every command pays for what the module imports, and
@@ -40,37 +42,11 @@ def _path(text: str):
     return Path(text)
 
 
-def _columns() -> int:
-    """shutil.get_terminal_size().columns, without importing shutil (and with it bz2, lzma and zlib)."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
-
-
-class _Formatter(argparse.HelpFormatter):
-    """argparse's own, except that it sizes help to the terminal without importing shutil: argparse makes a
-    formatter for every argument it adds, and that import alone cost each command 2-3 ms."""
-
-    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None) -> None:
-        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
-
-
-class _RawDescriptionFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose formatter is _Formatter by default; subparsers are of the same class."""
+    """An ArgumentParser whose formatter is helptext.Formatter by default; subparsers are of the same class."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("formatter_class", Formatter)
         super().__init__(*args, **kwargs)
 
 
@@ -81,7 +57,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="tupper",
         description="tupper: containers that boot systemd in a btrfs snapshot, with self-contained service components.",
         epilog=EPILOG,
-        formatter_class=_RawDescriptionFormatter,
+        formatter_class=RawFormatter,
     )
     from tupper import __version__
 
@@ -95,11 +71,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is None or name == only:
             add(sub)
     return p
-
-
-def _examples(*lines: str) -> dict:
-    """add_parser keywords for an epilog of examples, kept as written."""
-    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": _RawDescriptionFormatter}
 
 
 def _add_run(sub) -> None:
@@ -420,7 +391,7 @@ def _add_store(sub) -> None:
                          **_examples("tupper store unmount", "tupper --root /var/lib/tupper-test store unmount --json"))
     su.add_argument("--json", action="store_true", help="JSON object {root, state}")
     sc = ssub.add_parser("check", help="find what a crash or a manual change left inconsistent; --repair fixes it",
-                         formatter_class=_RawDescriptionFormatter,
+                         formatter_class=RawFormatter,
                          description="Orphan roots, records without roots, operations interrupted by a crash, scratch space of dead "
                                      "processes, stale cgroups, nspawn runtime dirs and agent dirs, half-built images and "
                                      "half-installed components. Exit 0 when the store is consistent (or was repaired), 1 otherwise.",

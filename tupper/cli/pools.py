@@ -7,9 +7,7 @@ import argparse
 import json
 import sys
 
-
-def _examples(*lines: str) -> dict:
-    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": argparse.RawDescriptionHelpFormatter}
+from tupper.cli.helptext import examples as _examples
 
 
 def _size(text: str) -> int:

@@ -8,12 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from tupper.cli.helptext import examples as _examples
 from tupper.errors import InvalidInput
-
-
-def _examples(*lines: str) -> dict:
-    """add_parser keywords for an epilog of examples, kept as written (as tupper.cli.main._examples)."""
-    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def add_sdk(sub) -> None:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-
-def _examples(*lines: str) -> dict:
-    """add_parser keywords for an epilog of examples, kept as written (as tupper.cli.main._examples)."""
-    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": argparse.RawDescriptionHelpFormatter}
+from tupper.cli.helptext import examples as _examples
 
 
 def add_secret(sub) -> None:

@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from tupper.cli.helptext import examples as _examples
 from tupper.errors import InvalidInput, TupperError
 
 
@@ -17,11 +17,6 @@ def _wrap(text: str) -> str:
     import textwrap
 
     return textwrap.fill(text, width=100)
-
-
-def _examples(*lines: str) -> dict:
-    """add_parser keywords for an epilog of examples, kept as written (as tupper.cli.main._examples)."""
-    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 # ---- parsers -----------------------------------------------------------------------------------------
